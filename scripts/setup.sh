@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh 2-core CPU machine (registries only, no GPU):
+#   .venv with the project, the real tritonserver binary under .triton/, and Debian's
+#   Fashion-MNIST under /usr/share/datasets/fashion-mnist/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+VENV=.venv
+TRITON_DIR=.triton
+
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the Triton backend stub is built for it), found " + sys.version'
+
+# Python environment: reinstall only when pyproject.toml changed since the last set-up.
+stamp=$VENV/.pyproject.sha256
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] creating $VENV and installing the project"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  # torch first and pinned: this picks the local CPU build instead of CUDA wheels.
+  "$VENV/bin/pip" install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -c 'import torch, numpy, onnxruntime, tritonclient.grpc'
+  echo "$want" > "$stamp"
+else
+  echo "[setup] $VENV is up to date"
+fi
+
+# Real Triton server: only the tritonserver binary bundled in the nvidia-pytriton wheel is used.
+TS=$TRITON_DIR/pytriton/tritonserver
+if [ ! -x "$TS/bin/tritonserver" ]; then
+  echo "[setup] installing tritonserver (nvidia-pytriton 0.7.0 wheel) into $TRITON_DIR"
+  rm -rf "$TRITON_DIR"
+  "$VENV/bin/pip" install -q --no-deps --target "$TRITON_DIR" nvidia-pytriton==0.7.0 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if [ ! -x "$TS/backends/python/triton_python_backend_stub" ]; then
+  # The backend looks for the stub beside itself; the wheel keeps it per Python version.
+  cp "$TS/python_backend_stubs/3.11/triton_python_backend_stub" "$TS/backends/python/"
+fi
+[ -x "$TS/bin/tritonserver" ] || { echo "[setup] tritonserver binary missing after install" >&2; exit 1; }
+
+# Data: Debian ships Fashion-MNIST as IDX files; nothing is downloaded at run time.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+echo "[setup] done"
