@@ -8,10 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 from training.models.base import ImageModel, ModelConfig
+from training.models.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from training.models.multiscale import MultiScale, MultiScaleConfig
 from training.models.pixelcnn import PixelCNN, PixelCNNConfig
 
 ARCHITECTURES: dict[str, tuple[type[ModelConfig], type[ImageModel]]] = {
     "pixelcnn": (PixelCNNConfig, PixelCNN),
+    "gated_pixelcnn": (GatedPixelCNNConfig, GatedPixelCNN),
+    "multiscale": (MultiScaleConfig, MultiScale),
 }
 
 

@@ -34,6 +34,10 @@ class ModelConfig:
 
 class ImageModel(nn.Module):
     config: ModelConfig
+    # > 0: forward(x, labels, condition=...) accepts a feature map (B, condition_channels, H, W)
+    # computed from an input known before x (the multi-scale model's small image) and adds it to
+    # its first layer's features; it must not be computed from x itself.
+    condition_channels: int = 0
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -37,10 +37,13 @@ class PixelCNN(ImageModel):
         self.blocks = nn.ModuleList(MaskedConv2d(h, h, config.kernel, "B", colour_groups=g) for _ in range(config.layers))
         self.head1 = MaskedConv2d(h, h, 1, "B", colour_groups=g)
         self.head2 = MaskedConv2d(h, c * self.k, 1, "B", colour_groups=g)
+        self.condition_channels = h  # added to the first layer's features
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, labels)
         h = self.input_conv(self.preprocess(x))  # (B, h, H, W)
+        if condition is not None:
+            h = h + condition
         for block in self.blocks:
             h = h + block(F.relu(h))
         out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
