@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 
 from training.models.base import ImageModel, ModelConfig
+from training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMConfig
 from training.models.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from training.models.multiscale import MultiScale, MultiScaleConfig
 from training.models.pixelcnn import PixelCNN, PixelCNNConfig
+from training.models.row_lstm import RowLSTM, RowLSTMConfig
 
 ARCHITECTURES: dict[str, tuple[type[ModelConfig], type[ImageModel]]] = {
     "pixelcnn": (PixelCNNConfig, PixelCNN),
+    "row_lstm": (RowLSTMConfig, RowLSTM),
+    "diagonal_bilstm": (DiagonalBiLSTMConfig, DiagonalBiLSTM),
     "gated_pixelcnn": (GatedPixelCNNConfig, GatedPixelCNN),
     "multiscale": (MultiScaleConfig, MultiScale),
 }
