@@ -5,12 +5,18 @@ import numpy as np
 import torch
 
 from export.cells.base import RowCell
+from export.cells.gated_pixelcnn import GatedPixelCNNCell
+from export.cells.multiscale import MultiScaleSampler
 from export.cells.pixelcnn import PixelCNNCell
 from training import distributions
+from training.models.gated_pixelcnn import GatedPixelCNN
+from training.models.multiscale import MultiScale
 from training.models.pixelcnn import PixelCNN
 
 CELLS: dict[type, type[RowCell]] = {
     PixelCNN: PixelCNNCell,
+    GatedPixelCNN: GatedPixelCNNCell,
+    MultiScale: MultiScaleSampler,  # two cells, not a RowCell: dispatched below
 }
 
 
@@ -24,6 +30,8 @@ def build_cell(model) -> RowCell:
 @torch.no_grad()
 def teacher_forced_logits(cell: RowCell, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the cell over known images x (B, C, H, W): logits (B, C, K, H, W) and log p(x) (B,)."""
+    if isinstance(cell, MultiScaleSampler):
+        return cell.teacher_forced(x, labels)
     b = x.shape[0]
     state = cell.initial_state(b, x.device)
     uniforms = torch.zeros(cell.width, cell.channels, b, dtype=torch.float64, device=x.device)
@@ -50,6 +58,8 @@ def sample_cached(
     progress=None,
 ) -> np.ndarray:
     """Sample n images row by row with the cell; the same seed gives the reference sampler's image."""
+    if isinstance(cell, MultiScaleSampler):
+        return cell.sample(n, seed, temperature, labels, known, known_rows, device, progress)
     rng = distributions.sampling_rng(seed)
     state = cell.initial_state(n, device)
     temp = torch.full((n,), float(temperature), dtype=torch.float64, device=device)
