@@ -1,0 +1,117 @@
+"""Image grids (PNG) for samples and completions, and reading images back for clients.
+
+Images inside the project are integer levels in [0, levels) shaped (N, C, H, W); only here are
+they scaled to 0..255 for viewing (and back, when a PNG is read for a model with fewer levels).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PAD_VALUE = 255  # white separators between grid cells
+
+
+def to_display(images: np.ndarray, levels: int) -> np.ndarray:
+    """Levels (N, C, H, W) -> uint8 0..255 (N, C, H, W); levels == 256 is the identity."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (N, C, H, W) with C 1 or 3, got shape {images.shape}")
+    if levels < 2 or levels > 256:
+        raise ValueError(f"levels must be in [2, 256], got {levels}")
+    if images.size and (images.min() < 0 or images.max() >= levels):
+        raise ValueError(f"image values must be in [0, {levels}), found {images.min()}..{images.max()}")
+    return np.rint(images.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
+
+
+def grid_array(images: np.ndarray, levels: int, nrow: int, pad: int = 2) -> np.ndarray:
+    """Tile images row-major, `nrow` per grid row, into (H', W', C) uint8.
+
+    Size: W' = nrow * (W + pad) + pad and H' = rows * (H + pad) + pad.
+    """
+    shown = to_display(images, levels)
+    n, c, h, w = shown.shape
+    if nrow < 1:
+        raise ValueError(f"nrow must be at least 1, got {nrow}")
+    rows = max(1, math.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), PAD_VALUE, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = shown[k].transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    return grid
+
+
+def save_grid(images: np.ndarray, levels: int, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
+    """Write a PNG grid of `images` (uint8 levels (N, C, H, W)); nrow defaults to ~sqrt(N)."""
+    images = np.asarray(images)
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    grid = grid_array(images, levels, nrow, pad)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(path)
+    return path
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                arr = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            else:
+                arr = np.asarray(img.convert("L"))[None]  # (1, H, W)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return arr[None].astype(np.uint8)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if arr.ndim == 2:
+        arr = arr[None, None]  # (H, W) -> (1, 1, H, W)
+    elif arr.ndim == 3:
+        arr = arr[None]  # (C, H, W) -> (1, C, H, W)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: expected (H, W), (C, H, W) or (N, C, H, W) with C 1 or 3, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr)):
+        raise ValueError(f"{path}: values must be integers")
+    return arr.astype(np.int64)
+
+
+def load_images(paths, levels: int | None = None) -> np.ndarray:
+    """Read PNG / .npy files into one uint8 array (N, C, H, W).
+
+    PNGs hold 0..255 display values: with `levels` they are mapped to [0, levels) (the inverse of
+    `to_display`). .npy files are taken to hold levels already and are only range-checked.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    arrays = []
+    for p in map(Path, paths):
+        if p.suffix.lower() == ".npy":
+            arr = _read_npy(p)
+            if levels is not None and arr.size and (arr.min() < 0 or arr.max() >= levels):
+                raise ValueError(f"{p}: values {arr.min()}..{arr.max()} are outside [0, {levels})")
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise ValueError(f"{p}: values {arr.min()}..{arr.max()} do not fit uint8")
+        else:
+            arr = _read_png(p)
+            if levels is not None:
+                arr = np.rint(arr.astype(np.float64) * (levels - 1) / 255.0)
+        arrays.append(arr.astype(np.uint8))
+    if not arrays:
+        raise ValueError("no image files given")
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images differ in shape: {', '.join(str(s) for s in sorted(shapes))}")
+    return np.concatenate(arrays)

@@ -1,0 +1,504 @@
+"""Train any registered architecture on a named data set.
+
+    python -m training.train --arch pixelcnn --data binarized-mnist --out runs/pixelcnn --epochs 10
+    torchrun --standalone --nproc_per_node=2 -m training.train ...   # DDP (gloo on CPU)
+
+Writes, from rank 0 only and always atomically: DIR/last.pt (every --checkpoint-every steps
+and when the run ends or stops), DIR/best.pt (the best validation NLL so far),
+DIR/loss_curve.png and DIR/metrics.json. `--resume` continues from DIR/last.pt with model,
+optimizer, step, history and RNG state; the data order is a pure function of (seed, epoch), so a
+resumed run sees the same batches, and reaches the same weights, as an uninterrupted one.
+
+The loss is the model's own `nll` (multi-scale overrides it) divided by C*H*W, i.e. nats per
+sub-pixel, so the learning rate does not depend on the image size.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from training import distributions
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data import DataSpec, ImageSet, load
+from training.models import ARCHITECTURES, build_model, config_class
+
+IMAGE_FIELDS = ("in_channels", "height", "width", "levels")  # fixed by the data, not by flags
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def parse_key_values(pairs: list[str] | None, flag: str) -> dict:
+    """["hidden=24", "small_config={'layers': 1}"] -> {"hidden": 24, ...} (Python literals, else str)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects key=value, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="data set: binarized-mnist, fashion-mnist, fashion-mnist-binary, rgb-patches, synthetic")
+    p.add_argument("--data-dir", help="directory of the data files (default: the source's own)")
+    p.add_argument("--bits", type=int, help="quantization of grey/colour data: levels = 2**bits (default 8)")
+    p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="other DataSpec field (size, channels, count, binarize, seed); repeatable")
+
+
+def data_spec_from_args(args: argparse.Namespace, base: dict | None = None) -> DataSpec:
+    """The DataSpec named by the flags; `base` (e.g. a checkpoint's spec) fills what they leave out."""
+    if args.data is None and base is None:
+        raise ValueError("--data is required")
+    same = base is not None and args.data in (None, base.get("name"))
+    fields = dict(base) if same else {"name": args.data}
+    if args.data_dir is not None:
+        fields["data_dir"] = args.data_dir
+    if args.bits is not None:
+        fields["bits"] = args.bits
+    extra = parse_key_values(args.data_arg, "--data-arg")
+    known = {f.name for f in dataclasses.fields(DataSpec)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"--data-arg: DataSpec has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    fields.update(extra)
+    return DataSpec(**fields)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="architecture (optional with --resume)")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, curve, metrics)")
+    p.add_argument("--epochs", type=float, help="passes over the training set (default 1)")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step, split across processes")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 0")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 disables)")
+    p.add_argument("--hidden", type=int, help="features per layer (arch field 'hidden')")
+    p.add_argument("--layers", type=int, help="depth (arch field 'layers')")
+    p.add_argument("--conditional", action="store_true", help="condition on the data's class labels")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="other config field; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT/last.pt exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--valid-every", type=int, default=500, help="validate every N steps (and at the end)")
+    p.add_argument("--valid-images", type=int, default=2000, help="validation subset size (0 = all)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="write OUT/last.pt every N steps")
+    p.add_argument("--log-every", type=int, default=50, help="record the mean train loss every N steps")
+    p.add_argument("--max-minutes", type=float, help="stop cleanly (with a checkpoint) after M minutes")
+    p.add_argument("--stop-at", type=int, help="stop cleanly after step N, as if the job ended there")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    if args.arch is None and not args.resume:
+        p.error("--arch is required (unless --resume)")
+    if args.data is None and not args.resume:
+        p.error("--data is required (unless --resume)")
+    for name in ("batch_size", "valid_every", "checkpoint_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- setup
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), dev)
+
+
+def model_fields(arch: str, args: argparse.Namespace, data: ImageSet) -> dict:
+    """Config fields for a fresh model: image spec from the data, the rest from the flags."""
+    known = {f.name for f in dataclasses.fields(config_class(arch))}
+    c, h, w = data.shape
+    fields = dict(in_channels=c, height=h, width=w, levels=data.levels)
+    for flag in ("hidden", "layers"):
+        value = getattr(args, flag)
+        if value is not None:
+            if flag not in known:
+                raise ValueError(f"--{flag}: architecture {arch} has no {flag!r} field")
+            fields[flag] = value
+    if args.conditional:
+        if data.labels is None or not data.num_classes:
+            raise ValueError(f"--conditional: data set {data.description} has no class labels")
+        fields["num_classes"] = data.num_classes
+    extra = parse_key_values(args.model_arg, "--model-arg")
+    for key in IMAGE_FIELDS:
+        if key in extra and extra[key] != fields[key]:
+            raise ValueError(f"--model-arg {key}={extra[key]} contradicts the data ({key} = {fields[key]})")
+    fields.update(extra)
+    return fields
+
+
+def check_data_fits(model, data: ImageSet) -> torch.Tensor | None:
+    """Raise if `data` cannot feed `model`; return its labels as a tensor when the model needs them."""
+    cfg = model.config
+    if data.shape != (cfg.in_channels, cfg.height, cfg.width) or data.levels != cfg.levels:
+        raise ValueError(f"{data.description}: images {data.shape} with {data.levels} levels do not fit the model "
+                         f"({cfg.in_channels}, {cfg.height}, {cfg.width}) with {cfg.levels} levels")
+    if not cfg.num_classes:
+        return None
+    if data.labels is None:
+        raise ValueError(f"{data.description}: the model is class-conditional but the data has no labels")
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    if len(labels) and int(labels.max()) >= cfg.num_classes:
+        raise ValueError(f"{data.description}: label {int(labels.max())} is out of range for {cfg.num_classes} classes")
+    return labels
+
+
+# ---------------------------------------------------------------------------- data order and schedule
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    return max(1, n_images // batch_size)  # the incomplete last batch is dropped
+
+
+def batch_indices(step: int, n_images: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's image indices for global `step`: a pure function, so resuming needs no sampler state.
+
+    Every rank draws the same per-epoch permutation, takes the same global batch, and keeps every
+    world-th image of it.
+    """
+    per_epoch = steps_per_epoch(n_images, batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    batch = order[k * batch_size:(k + 1) * batch_size]
+    return batch[rank::world]
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+# ---------------------------------------------------------------------------- loss and evaluation
+
+class NLLObjective(torch.nn.Module):
+    """Wraps a model so DDP's forward hook sees the whole `nll` computation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.model.nll(x, labels)  # (B,) nats per image
+
+
+def all_sum(values: list[float], dist: Dist) -> list[float]:
+    if dist.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def mean_nll(model, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, dist: Dist) -> float:
+    """Mean NLL in nats per image over `images`, each rank scoring every world-th image."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    mine = torch.arange(dist.rank, len(images), dist.world)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        y = labels[idx].to(dist.device) if labels is not None else None
+        total += float(model.nll(images[idx].to(dist.device).long(), y).double().sum())
+        count += len(idx)
+    model.train(was_training)
+    total, count = all_sum([total, float(count)], dist)
+    return total / max(count, 1)
+
+
+def train_step(objective, optimizer, x: torch.Tensor, labels: torch.Tensor | None, dims: int, grad_clip: float) -> float:
+    """One optimizer step; returns the batch's mean NLL in nats per image."""
+    nll = objective(x, labels)  # (B,)
+    loss = nll.mean() / dims
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
+    optimizer.step()
+    return float(nll.detach().mean())
+
+
+def has_unused_parameters(objective, x: torch.Tensor, labels: torch.Tensor | None) -> bool:
+    """DDP must be told if some parameters get no gradient (it would hang otherwise)."""
+    objective(x, labels).mean().backward()
+    unused = any(p.grad is None for p in objective.parameters() if p.requires_grad)
+    objective.zero_grad(set_to_none=True)
+    return unused
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def nll_units(levels: int, nats: float, dims: int) -> tuple[str, float]:
+    """The customary unit: nats per image for binary data, bits per dimension otherwise."""
+    return ("nats", nats) if levels == 2 else ("bits/dim", float(distributions.nats_to_bits_per_dim(nats, dims)))
+
+
+def plot_loss_curve(history: list[dict], path: Path, levels: int, dims: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, style in (("train", "-"), ("valid", "o-")):
+        points = [(h["step"], h[f"{kind}_nll_nats"]) for h in history if f"{kind}_nll_nats" in h]
+        if points:
+            steps, nats = zip(*points)
+            ax.plot(steps, [nll_units(levels, v, dims)[1] for v in nats], style, label=kind, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"NLL ({nll_units(levels, 0.0, dims)[0]})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- the run
+
+@dataclass
+class RunState:
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    metrics: dict = dataclasses.field(default_factory=dict)  # latest validation and best so far
+    train_sum: float = 0.0  # nats summed over the steps since the last history entry
+    train_steps: int = 0
+
+
+def flush_train_loss(state: RunState, dist: Dist, dims: int) -> None:
+    """Append the mean train NLL since the last entry (averaged over ranks) to the history."""
+    total, steps = all_sum([state.train_sum, float(state.train_steps)], dist)
+    if steps:
+        nats = total / steps
+        state.history.append({"step": state.step, "train_nll_nats": nats,
+                              "train_bits_per_dim": float(distributions.nats_to_bits_per_dim(nats, dims))})
+        state.metrics.update(train_nll_nats=nats, train_bits_per_dim=state.history[-1]["train_bits_per_dim"])
+    state.train_sum, state.train_steps = 0.0, 0
+
+
+def validate(model, valid: tuple, state: RunState, args, dist: Dist) -> bool:
+    """Score the validation subset, record it, and return whether it is the best so far."""
+    nats = mean_nll(model, valid[0], valid[1], args.batch_size, dist)
+    bpd = float(distributions.nats_to_bits_per_dim(nats, model.dims))
+    state.history.append({"step": state.step, "valid_nll_nats": nats, "valid_bits_per_dim": bpd})
+    best = nats < state.metrics.get("best_nll_nats", math.inf)
+    state.metrics.update(split="valid", nll_nats=nats, bits_per_dim=bpd, valid_images=len(valid[0]), step=state.step)
+    if best:
+        state.metrics.update(best_nll_nats=nats, best_bits_per_dim=bpd, best_step=state.step)
+    return best
+
+
+def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: DataSpec, args, per_epoch: int) -> None:
+    save_checkpoint(path, {
+        "arch": arch,
+        "config": dataclasses.asdict(model.config),
+        "data": spec.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": state.step,
+        "epoch": state.step / per_epoch,
+        "metrics": dict(state.metrics),
+        "history": list(state.history),
+        "train_args": vars(args),
+        "rng": {"torch": torch.get_rng_state()},
+    })
+
+
+def total_steps(args, per_epoch: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    return max(1, round((args.epochs if args.epochs is not None else 1) * per_epoch))
+
+
+def open_run(args, last: Path) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh run (never silently clobbering one)."""
+    if not args.resume:
+        if last.exists() and not args.overwrite:
+            raise ValueError(f"{last} exists: pass --resume to continue that run or --overwrite to start afresh")
+        return None
+    if not last.exists():
+        raise ValueError(f"--resume: {last} does not exist")
+    ckpt = load_checkpoint(last)
+    if args.arch is not None and args.arch != ckpt["arch"]:
+        raise ValueError(f"--resume: {last} holds a {ckpt['arch']} model, not {args.arch}")
+    return ckpt
+
+
+def restore(ckpt: dict | None, model, optimizer) -> RunState:
+    if ckpt is None:
+        return RunState()
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return RunState(step=ckpt["step"], history=list(ckpt["history"]), metrics=dict(ckpt["metrics"]))
+
+
+def distribute(objective, images: torch.Tensor, labels: torch.Tensor | None, dist: Dist):
+    if dist.world == 1:
+        return objective
+    probe_y = labels[:2].to(dist.device) if labels is not None else None
+    unused = has_unused_parameters(objective, images[:2].to(dist.device).long(), probe_y)
+    return torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=unused)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run (or continue) training as described by `args`; returns the final metrics."""
+    dist = setup_distributed(args.device)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_world))
+    out = Path(args.out)
+    last = out / "last.pt"
+    ckpt = open_run(args, last)
+
+    # Data and model: a resumed run takes its architecture, config and data spec from the file.
+    spec = data_spec_from_args(args, base=ckpt["data"] if ckpt else None)
+    train_set, valid_set = load(spec, "train"), load(spec, "valid")
+    arch = ckpt["arch"] if ckpt else args.arch
+    torch.manual_seed(args.seed)
+    model = build_model(arch, dict(ckpt["config"]) if ckpt else model_fields(arch, args, train_set)).to(dist.device)
+    images, labels = torch.as_tensor(train_set.images), check_data_fits(model, train_set)
+    n_valid = args.valid_images or len(valid_set)
+    valid_labels = check_data_fits(model, valid_set)
+    valid = (torch.as_tensor(valid_set.images[:n_valid]), valid_labels[:n_valid] if valid_labels is not None else None)
+    if args.batch_size < dist.world or len(images) < dist.world:
+        raise ValueError(f"--batch-size {args.batch_size} and the {len(images)} training images must cover {dist.world} processes")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    objective = distribute(NLLObjective(model), images, labels, dist)
+    state = restore(ckpt, model, optimizer)
+    per_epoch = steps_per_epoch(len(images), args.batch_size)
+    total = total_steps(args, per_epoch)
+    dims, levels = model.dims, model.config.levels
+    save = lambda path: save_run(path, model, optimizer, state, arch, spec, args, per_epoch)  # noqa: E731
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{arch}: {n_params:,} parameters; {train_set.description}: {len(images)} images, "
+              f"{per_epoch} steps/epoch, {total} steps, {dist.world} process(es) on {dist.device}", file=sys.stderr)
+    bar = tqdm(total=total, initial=min(state.step, total), desc=arch, disable=not dist.is_main, dynamic_ncols=True)
+    log = lambda msg: dist.is_main and bar.write(msg)  # noqa: E731
+    started = time.monotonic()
+    validated_at = state.metrics.get("step")
+
+    model.train()
+    while state.step < total:
+        idx = batch_indices(state.step, len(images), args.batch_size, args.seed, dist.rank, dist.world)
+        x = images[idx].to(dist.device).long()
+        y = labels[idx].to(dist.device) if labels is not None else None
+        lr = cosine_lr(state.step, total, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        nats = train_step(objective, optimizer, x, y, dims, args.grad_clip)
+        state.step += 1
+        state.train_sum, state.train_steps = state.train_sum + nats, state.train_steps + 1
+        unit, value = nll_units(levels, nats, dims)
+        bar.update(1)
+        bar.set_postfix_str(f"{unit} {value:.4f} lr {lr:.2e}", refresh=False)
+
+        stopping = should_stop(args, state.step, started, dist)
+        if state.step % args.log_every == 0:
+            flush_train_loss(state, dist, dims)
+        if state.step % args.valid_every == 0 or state.step == total or stopping:
+            best = validate(model, valid, state, args, dist)
+            validated_at = state.step
+            unit, value = nll_units(levels, state.metrics["nll_nats"], dims)
+            log(f"step {state.step}: valid {unit} {value:.4f}" + (" (best)" if best else ""))
+            if best and dist.is_main:
+                save(out / "best.pt")
+        if state.step % args.checkpoint_every == 0 or state.step == total or stopping:
+            flush_train_loss(state, dist, dims)  # a checkpoint carries every step's loss
+            if dist.is_main:
+                save(last)
+        if stopping:
+            log(f"stopping cleanly at step {state.step} of {total}; continue with --resume")
+            break
+    bar.close()
+
+    if validated_at != state.step:  # e.g. --resume with fewer --steps than the file already has
+        validate(model, valid, state, args, dist)
+        if dist.is_main:
+            save(last)
+    metrics = {"arch": arch, "data": spec.to_dict(), "step": state.step, "total_steps": total,
+               "epoch": state.step / per_epoch, "finished": state.step >= total,
+               "minutes": (time.monotonic() - started) / 60, **state.metrics}
+    if dist.is_main:
+        plot_loss_curve(state.history, out / "loss_curve.png", levels, dims)
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def should_stop(args, step: int, started: float, dist: Dist) -> bool:
+    """--stop-at / --max-minutes; rank 0's clock decides so that all ranks stop at the same step."""
+    if args.stop_at is not None and step >= args.stop_at:
+        return True
+    if args.max_minutes is None:
+        return False
+    flag = [1.0 if time.monotonic() - started >= args.max_minutes * 60 else 0.0]
+    if dist.world > 1:
+        t = torch.tensor(flag, device=dist.device)
+        torch_dist.broadcast(t, 0)
+        flag = t.tolist()
+    return flag[0] > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        metrics = train(args)
+    except ValueError as e:  # DataError, CheckpointError and bad flags: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: metrics.get(k) for k in ("step", "nll_nats", "bits_per_dim", "best_nll_nats")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
