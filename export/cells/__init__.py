@@ -1,6 +1,8 @@
 """Incremental row cells for every architecture, and the cached samplers built on them."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -27,8 +29,14 @@ def build_cell(model) -> RowCell:
     raise ValueError(f"no row cell for {type(model).__name__}")
 
 
+def no_row_inputs(i: int) -> dict:
+    return {}
+
+
 @torch.no_grad()
-def teacher_forced_logits(cell: RowCell, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_logits(
+    cell: RowCell, x: torch.Tensor, labels: torch.Tensor | None = None, row_inputs: Callable[[int], dict] = no_row_inputs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the cell over known images x (B, C, H, W): logits (B, C, K, H, W) and log p(x) (B,)."""
     if isinstance(cell, MultiScaleSampler):
         return cell.teacher_forced(x, labels)
@@ -39,10 +47,36 @@ def teacher_forced_logits(cell: RowCell, x: torch.Tensor, labels: torch.Tensor |
     force = torch.ones(b, dtype=torch.bool, device=x.device)
     rows, total = [], torch.zeros(b, device=x.device)
     for i in range(cell.height):
-        _, logprob, logits, state = cell.run_row(state, uniforms, temperature, x[:, :, i].long(), force, labels)
+        _, logprob, logits, state = cell.run_row(state, uniforms, temperature, x[:, :, i].long(), force, labels, **row_inputs(i))
         rows.append(logits)
         total = total + logprob
     return torch.stack(rows, dim=3), total
+
+
+@torch.no_grad()
+def run_rows(
+    cell: RowCell,
+    rng: np.random.Generator,
+    canvas: torch.Tensor,
+    known_rows: int,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    row_inputs: Callable[[int], dict] = no_row_inputs,
+    progress=None,
+) -> torch.Tensor:
+    """Fill canvas (B, C, H, W) int64 row by row: rows < known_rows (and fixed pixels) are kept,
+    the others sampled with one row of uniforms from `rng` per row, copied rows included."""
+    n, dev = canvas.shape[0], canvas.device
+    state = cell.initial_state(n, dev)
+    temp = torch.full((n,), float(temperature), dtype=torch.float64, device=dev)
+    for i in range(cell.height):
+        u = torch.from_numpy(distributions.draw_row_uniforms(rng, n, cell.channels, cell.width)).to(dev)
+        force = torch.full((n,), i < known_rows, dtype=torch.bool, device=dev)
+        row, _, _, state = cell.run_row(state, u, temp, canvas[:, :, i], force, labels, **row_inputs(i))
+        canvas[:, :, i] = row
+        if progress is not None:
+            progress(i)
+    return canvas
 
 
 @torch.no_grad()
@@ -60,19 +94,10 @@ def sample_cached(
     """Sample n images row by row with the cell; the same seed gives the reference sampler's image."""
     if isinstance(cell, MultiScaleSampler):
         return cell.sample(n, seed, temperature, labels, known, known_rows, device, progress)
-    rng = distributions.sampling_rng(seed)
-    state = cell.initial_state(n, device)
-    temp = torch.full((n,), float(temperature), dtype=torch.float64, device=device)
-    forced = torch.zeros(n, cell.channels, cell.width, dtype=torch.long, device=device)
-    out = np.zeros((n, cell.channels, cell.height, cell.width), dtype=np.uint8)
-    for i in range(cell.height):
-        u = torch.from_numpy(distributions.draw_row_uniforms(rng, n, cell.channels, cell.width)).to(device)
-        is_known = known is not None and i < known_rows
-        if is_known:
-            forced = torch.from_numpy(np.asarray(known[:, :, i], dtype=np.int64)).to(device)
-        force = torch.full((n,), is_known, dtype=torch.bool, device=device)
-        row, _, _, state = cell.run_row(state, u, temp, forced, force, labels)
-        out[:, :, i] = row.cpu().numpy().astype(np.uint8)
-        if progress is not None:
-            progress(i)
-    return out
+    canvas = torch.zeros(n, cell.channels, cell.height, cell.width, dtype=torch.long, device=device)
+    if known is not None and known_rows:
+        canvas[:, :, :known_rows] = torch.from_numpy(np.asarray(known[:, :, :known_rows], dtype=np.int64)).to(device)
+    else:
+        known_rows = 0
+    run_rows(cell, distributions.sampling_rng(seed), canvas, known_rows, temperature, labels, progress=progress)
+    return canvas.cpu().numpy().astype(np.uint8)

@@ -96,15 +96,21 @@ class RowCell(nn.Module):
         state: tuple[torch.Tensor, ...],
         uniforms: torch.Tensor,  # (W, C, B) float64
         temperature: torch.Tensor,  # (B,) float64; <= 0 means greedy
-        forced: torch.Tensor,  # (B, C, W) int64, used where force is set
+        forced: torch.Tensor,  # (B, C, W) int64, used where force is set (and at fixed columns)
         force: torch.Tensor,  # (B,) bool
         labels: torch.Tensor | None = None,  # (B,) int64 for class-conditional models
+        condition: torch.Tensor | None = None,  # (B, cond, W) first-layer bias for this row
+        fixed: torch.Tensor | None = None,  # (W,) bool: columns copied from `forced` and left
+        # out of the row's log-probability (the multi-scale grid pixels, see MultiScale.nll)
     ):
         ctx = self.begin_row(state, labels)
+        if condition is not None:
+            ctx.condition = condition
         batch = forced.shape[0]
         row_values, row_logits = [], []
         logprob = torch.zeros(batch, dtype=torch.float32, device=forced.device)
         for j in range(self.width):
+            copy = force if fixed is None else force | fixed[j]  # (B,)
             known: list[torch.Tensor] = []
             pix_logits = []
             for c in range(self.channels):
@@ -113,8 +119,9 @@ class RowCell(nn.Module):
                 x_pix = torch.stack(known + pad, dim=1)  # (B, C)
                 logits = self.pixel(ctx, j, x_pix)  # (B, C, K)
                 v = sample_torch(logits[:, c], uniforms[j, c], temperature, self.levels)
-                v = torch.where(force, forced[:, c, j], v)
-                logprob = logprob + log_prob_torch(logits[:, c].float(), v, self.levels)
+                v = torch.where(copy, forced[:, c, j], v)
+                lp = log_prob_torch(logits[:, c].float(), v, self.levels)
+                logprob = logprob + (lp if fixed is None else torch.where(fixed[j], torch.zeros_like(lp), lp))
                 known.append(v)
                 pix_logits.append(logits[:, c])
             x_pix = torch.stack(known, dim=1)  # (B, C)
