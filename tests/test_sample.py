@@ -212,3 +212,23 @@ def test_cli_bad_checkpoint(tmp_path, capsys):
 def test_grid_array_pads_between_cells():
     g = grid_array(np.zeros((2, 1, 3, 3), np.uint8), 2, nrow=2, pad=1)
     assert g.shape == (5, 9, 1) and (g[:, 4] == 255).all() and (g[1:4, 1:4] == 0).all()
+
+
+def test_cached_and_reference_cli_paths_draw_the_same_images(tmp_path):
+    from training import sample
+    from training.checkpoint import save_checkpoint
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, hidden=6, layers=1))
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, {"format": "pixelrnn-checkpoint/1", "arch": "pixelcnn", "config": vars(model.config),
+                           "data": {"name": "synthetic", "size": 6, "bits": 2}, "model": model.state_dict(),
+                           "optimizer": None, "step": 0, "epoch": 0, "metrics": {}, "history": [], "train_args": {}})
+    out = {}
+    for which in ("cached", "reference"):
+        code = sample.main(["--checkpoint", str(ckpt), "--n", "3", "--seed", "4", "--sampler", which,
+                            "--out", str(tmp_path / f"{which}.png"), "--npy", str(tmp_path / f"{which}.npy")])
+        assert code == 0
+        out[which] = np.load(tmp_path / f"{which}.npy")
+    assert np.array_equal(out["cached"], out["reference"])

@@ -155,6 +155,30 @@ def sample_reference(model, n: int, seed: int, temperature: float = 1.0, labels=
     return x.cpu().numpy().astype(np.uint8)
 
 
+def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=None, known=None,
+                  known_rows: int = 0, sampler: str = "auto", device: str = "cpu", progress: bool = False) -> np.ndarray:
+    """Sample with the cached row cells (export/cells) when the architecture has them, else (or
+    with sampler="reference") with the reference sampler. Both draw the same image per seed."""
+    if sampler not in ("auto", "cached", "reference"):
+        raise ValueError(f"sampler must be auto, cached or reference, got {sampler!r}")
+    model.to(device)
+    if sampler != "reference":
+        from export.cells import build_cell, sample_cached
+
+        try:
+            cell = build_cell(model)
+        except ValueError:
+            if sampler == "cached":
+                raise
+        else:
+            labels = _labels(model, n, labels)
+            _start(model, n, known, known_rows)  # validates the known rows
+            rows = getattr(cell, "height", model.config.height) + getattr(getattr(cell, "small", None), "height", 0)
+            with tqdm(total=rows, desc="rows", unit="row", disable=not progress) as bar:
+                return sample_cached(cell, n, seed, temperature, labels, known, known_rows, device, lambda i: bar.update(1))
+    return sample_reference(model, n, seed, temperature, labels, known, known_rows, progress)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def completion_grid(originals: np.ndarray, completions: np.ndarray, levels: int, known_rows: int, k: int) -> np.ndarray:
@@ -184,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--known-rows", type=int, help="rows given to the model (default: half the image)")
     p.add_argument("--k", type=int, default=3, help="completions per example")
+    p.add_argument("--sampler", choices=("auto", "cached", "reference"), default="auto",
+                   help="cached row cells (fast) or one full pass per sub-pixel (reference); auto = cached where available")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return p.parse_args(argv)
 
 
@@ -203,7 +230,8 @@ def run(args: argparse.Namespace) -> dict:
         originals = data.images[:args.n]
         known = np.repeat(originals, args.k, axis=0)  # each example k times, consecutively
         labels = None if data_labels is None else np.repeat(data_labels[:args.n].numpy(), args.k)
-        samples = sample_reference(model, len(known), args.seed, args.temperature, labels, known, known_rows, progress=True)
+        samples = sample_images(model, len(known), args.seed, args.temperature, labels, known, known_rows,
+                                args.sampler, args.device, progress=True)
         save_grid(completion_grid(originals, samples, cfg.levels, known_rows, args.k), 256, args.out, nrow=args.k + 2)
     else:
         labels = None
@@ -211,7 +239,8 @@ def run(args: argparse.Namespace) -> dict:
             labels = np.full(args.n, args.label) if args.label is not None else np.arange(args.n) % cfg.num_classes
         elif args.label is not None:
             raise ValueError("--label: this model is not class-conditional")
-        samples = sample_reference(model, args.n, args.seed, args.temperature, labels, progress=True)
+        samples = sample_images(model, args.n, args.seed, args.temperature, labels, sampler=args.sampler,
+                                device=args.device, progress=True)
         save_grid(samples, cfg.levels, args.out, nrow=args.nrow)
     if args.npy:
         np.save(args.npy, samples)
