@@ -7,17 +7,23 @@ import numpy as np
 import torch
 
 from export.cells.base import RowCell
+from export.cells.diagonal_bilstm import DiagonalBiLSTMCell
 from export.cells.gated_pixelcnn import GatedPixelCNNCell
 from export.cells.multiscale import MultiScaleSampler
 from export.cells.pixelcnn import PixelCNNCell
+from export.cells.row_lstm import RowLSTMCell
 from training import distributions
+from training.models.diagonal_bilstm import DiagonalBiLSTM
 from training.models.gated_pixelcnn import GatedPixelCNN
 from training.models.multiscale import MultiScale
 from training.models.pixelcnn import PixelCNN
+from training.models.row_lstm import RowLSTM
 
 CELLS: dict[type, type[RowCell]] = {
     PixelCNN: PixelCNNCell,
     GatedPixelCNN: GatedPixelCNNCell,
+    RowLSTM: RowLSTMCell,
+    DiagonalBiLSTM: DiagonalBiLSTMCell,
     MultiScale: MultiScaleSampler,  # two cells, not a RowCell: dispatched below
 }
 
