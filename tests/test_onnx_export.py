@@ -1,0 +1,225 @@
+"""Exported ONNX graphs (export/onnx_export.py) run in onnxruntime exactly like the torch cells
+and the torch model: teacher-forced logits and log-probabilities, sampled images from the same
+seed, batch sizes 1 and 3 on one file, and the scorer's NLL."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import onnx_export as ox
+from export import tensor_names as tn
+from export.cells import CELLS, build_cell, sample_cached, teacher_forced_logits
+from export.cells.multiscale import MultiScaleSampler
+from training import distributions
+from training.models import ARCHITECTURES, build_model
+
+H = W = 6
+# One or more tiny cases per registered architecture (test_cases_cover_every_architecture).
+CASES = {
+    "pixelcnn-grey-bernoulli": ("pixelcnn", dict(hidden=6, layers=2), 1, 2, 0),
+    "pixelcnn-rgb-4": ("pixelcnn", dict(hidden=6, layers=1, input_kernel=3), 3, 4, 0),
+    "row_lstm-grey-4": ("row_lstm", dict(hidden=6, layers=1), 1, 4, 0),
+    "diagonal_bilstm-grey-bernoulli": ("diagonal_bilstm", dict(hidden=6, layers=1), 1, 2, 0),
+    "gated-grey-4-labels": ("gated_pixelcnn", dict(hidden=6, layers=2, kernel=3), 1, 4, 3),
+    "multiscale-gated-labels": ("multiscale", dict(base_arch="gated_pixelcnn", hidden=6, layers=2, small_config=dict(kernel=3), big_config=dict(kernel=3)), 1, 4, 2),
+    "multiscale-pixelcnn-bernoulli": ("multiscale", dict(base_arch="pixelcnn", hidden=6, layers=1, small_config=dict(input_kernel=3), big_config=dict(input_kernel=3)), 1, 2, 0),
+}
+
+
+def make(case):
+    arch, fields, channels, levels, classes = CASES[case]
+    torch.manual_seed(0)
+    cfg = dict(in_channels=channels, height=H, width=W, levels=levels, num_classes=classes, **fields)
+    return build_model(arch, cfg).eval()
+
+
+def labels_for(model, n):
+    k = model.config.num_classes
+    return np.arange(n) % k if k else None
+
+
+def torch_labels(labels):
+    return None if labels is None else torch.from_numpy(labels)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """case -> (model, {artifact: path}), each exported once."""
+    done = {}
+
+    def get(case):
+        if case not in done:
+            model, out = make(case), tmp_path_factory.mktemp(case)
+            paths = {}
+            for art in ox.artifacts(model):
+                art.export(out / art.file)
+                paths[art.name] = out / art.file
+            done[case] = (model, paths)
+        return done[case]
+
+    return get
+
+
+def test_cases_cover_every_architecture():
+    assert {arch for arch, *_ in CASES.values()} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_exports_or_says_it_has_no_cell(arch, exported):
+    case = next(c for c, (a, *_) in CASES.items() if a == arch)
+    model = make(case)
+    if type(model) not in CELLS:
+        with pytest.raises(ValueError):
+            build_cell(model)
+        with pytest.raises(ValueError):
+            ox.artifacts(model)
+        return
+    _, paths = exported(case)
+    expected = {"small_cell", "big_cell", "condition", "scorer"} if arch == "multiscale" else {"cell", "scorer"}
+    assert set(paths) == expected
+    for path in paths.values():
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+        assert proto.opset_import[0].version == ox.OPSET
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["format"] == ox.FORMAT and meta["levels"] == str(model.config.levels)
+
+
+def cells_of(case, exported):
+    """(torch cells, onnx cells, condition runner) in stage order."""
+    model, paths = exported(case)
+    cell = build_cell(model)
+    if isinstance(cell, MultiScaleSampler):
+        return model, [cell.small, cell.big], [ox.OnnxCell(paths["small_cell"]), ox.OnnxCell(paths["big_cell"])], ox.OnnxCondition(paths["condition"])
+    return model, [cell], [ox.OnnxCell(paths["cell"])], None
+
+
+def big_row_inputs(model, condition_map, i):
+    return dict(condition=condition_map[:, :, i], fixed=model.grid_mask()[i].numpy())
+
+
+def onnx_teacher_forced(model, cells, condition, x, labels):
+    """Run the exported cells over known images x (n, C, H, W): (last stage's logits (n, C, K, H, W), log p(x))."""
+    n = x.shape[0]
+    images = [model.subsample(torch.from_numpy(x)).numpy(), x] if condition is not None else [x]
+    cond_map = condition(images[0]) if condition is not None else None
+    total = np.zeros(n, np.float32)
+    for stage, (cell, img) in enumerate(zip(cells, images)):
+        state, rows = cell.initial_state(n), []
+        u = np.zeros((cell.width, cell.channels, n))
+        for i in range(cell.height):
+            extra = big_row_inputs(model, cond_map, i) if stage == 1 else {}
+            _, logprob, logits, state = cell.run_row(state, u, np.ones(n), img[:, :, i], np.ones(n, bool), labels, **extra)
+            rows.append(logits)
+            total += logprob
+    return np.stack(rows, axis=3), total
+
+
+def onnx_sample(model, cells, condition, n, seed, labels, temperature=1.0):
+    """The same uniform stream as sample_cached: every row of every stage draws one (W, C, n) row."""
+    rng = distributions.sampling_rng(seed)
+    temp, force = np.full(n, temperature), np.zeros(n, bool)
+    canvases = []
+    for stage, cell in enumerate(cells):
+        canvas = np.zeros((n, cell.channels, cell.height, cell.width), np.int64)
+        if stage == 1:
+            f = model.config.factor
+            canvas[:, :, ::f, ::f] = canvases[0]
+            cond_map = condition(canvases[0])
+        state = cell.initial_state(n)
+        for i in range(cell.height):
+            u = distributions.draw_row_uniforms(rng, n, cell.channels, cell.width)
+            extra = big_row_inputs(model, cond_map, i) if stage == 1 else {}
+            canvas[:, :, i], _, _, state = cell.run_row(state, u, temp, canvas[:, :, i], force, labels, **extra)
+        canvases.append(canvas)
+    return canvases[-1].astype(np.uint8)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n", [1, 3])
+def test_teacher_forced_rows_match_torch(case, n, exported):
+    model, torch_cells, cells, condition = cells_of(case, exported)
+    x = np.random.default_rng(n).integers(0, model.config.levels, (n, model.config.in_channels, H, W))
+    labels = labels_for(model, n)
+    logits, logprob = onnx_teacher_forced(model, cells, condition, x, labels)
+    want_logits, want_logprob = teacher_forced_logits(build_cell(model), torch.from_numpy(x), torch_labels(labels))
+    assert np.abs(logits - want_logits.numpy()).max() < 1e-4
+    assert np.abs(logprob - want_logprob.numpy()).max() < 1e-4
+    with torch.no_grad():
+        nll = model.nll(torch.from_numpy(x), torch_labels(labels)).numpy()
+    assert np.abs(-logprob - nll).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n, temperature", [(1, 0.0), (3, 1.0)])
+def test_sampled_images_match_the_torch_cells(case, n, temperature, exported):
+    model, _, cells, condition = cells_of(case, exported)
+    labels = labels_for(model, n)
+    got = onnx_sample(model, cells, condition, n, seed=7, labels=labels, temperature=temperature)
+    want = sample_cached(build_cell(model), n, seed=7, temperature=temperature, labels=torch_labels(labels))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["pixelcnn-rgb-4", "gated-grey-4-labels", "multiscale-gated-labels"])
+def test_one_row_with_mixed_force_matches_torch_outputs_and_state(case, exported):
+    """Every output of the flat forward, state included, through the shared parity check."""
+    model, paths = exported(case)
+    cell = build_cell(model)
+    cells = [cell.small, cell.big] if isinstance(cell, MultiScaleSampler) else [cell]
+    names = ["small_cell", "big_cell"] if len(cells) == 2 else ["cell"]
+    for torch_cell, name in zip(cells, names):
+        assert ox.verify_cell(torch_cell, paths[name], batches=(1, 3, 4)) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["pixelcnn-grey-bernoulli", "pixelcnn-rgb-4", "gated-grey-4-labels", "multiscale-gated-labels", "multiscale-pixelcnn-bernoulli"])
+def test_scorer_matches_model_nll(case, exported):
+    model, paths = exported(case)
+    scorer = ox.OnnxScorer(paths["scorer"])
+    for n in (1, 3):
+        x = np.random.default_rng(n).integers(0, model.config.levels, (n, model.config.in_channels, H, W)).astype(np.uint8)
+        labels = labels_for(model, n)
+        nll, bpd = scorer.score(x, labels)
+        with torch.no_grad():
+            want = model.nll(torch.from_numpy(x).long(), torch_labels(labels)).numpy()
+        assert nll.shape == (n,) and nll.dtype == np.float32
+        assert np.abs(nll - want).max() < 1e-4
+        assert np.allclose(bpd, want / (model.dims * np.log(2)), rtol=1e-5)
+
+
+def test_graph_interface_uses_the_shared_names(exported):
+    model, paths = exported("multiscale-gated-labels")
+    big = onnx.load(str(paths["big_cell"])).graph
+    names = [i.name for i in big.input]
+    state = [tn.state_in(n) for n in build_cell(model).big.state_names]
+    assert names == state + [tn.UNIFORMS, tn.TEMPERATURE, tn.FORCED, tn.FORCE, tn.CONDITION, tn.FIXED, tn.LABELS]
+    assert [o.name for o in big.output][:3] == [tn.ROW, tn.LOGPROB, tn.LOGITS]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in big.input}
+    assert dims[tn.UNIFORMS] == [W, 1, "batch"] and dims[tn.FIXED] == [W] and dims[tn.FORCE] == ["batch"]
+    scorer = onnx.load(str(paths["scorer"])).graph
+    assert [i.name for i in scorer.input] == [tn.IMAGES, tn.LABELS]
+    assert [o.name for o in scorer.output] == [tn.NLL_NATS, tn.BITS_PER_DIM]
+    assert scorer.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_runner_requires_labels_and_condition(exported):
+    model, paths = exported("multiscale-gated-labels")
+    big = ox.OnnxCell(paths["big_cell"])
+    assert big.conditioned and big.num_classes == 2 and (big.height, big.width) == (H, W)
+    args = (big.initial_state(1), np.zeros((W, 1, 1)), np.ones(1), np.zeros((1, 1, W), np.int64), np.zeros(1, bool))
+    with pytest.raises(ValueError, match="condition"):
+        big.run_row(*args, labels=np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="labels"):
+        big.run_row(*args, condition=np.zeros((1, model.big_model.condition_channels, W), np.float32), fixed=np.zeros(W, bool))
+    with pytest.raises(ValueError, match="labels"):
+        ox.OnnxScorer(paths["scorer"]).score(np.zeros((1, 1, H, W), np.uint8))
+
+
+def test_parity_check_catches_a_different_model(exported, tmp_path):
+    model, paths = exported("pixelcnn-grey-bernoulli")
+    other = make("pixelcnn-grey-bernoulli")
+    with torch.no_grad():
+        other.head2.bias.add_(0.5)
+    with pytest.raises(ox.ParityError, match="LOGITS|ROW|LOGPROB"):
+        ox.verify_cell(build_cell(other), paths["cell"])
+    with pytest.raises(ox.ParityError, match="NLL_NATS"):
+        ox.verify_scorer(other, paths["scorer"])
