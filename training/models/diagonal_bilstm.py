@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.masks import MaskedConv2d
-from training.models.base import ImageModel, ModelConfig
+from training.models.base import ModelConfig
+from training.models.pixelrnn import PixelRNN
 from training.models.row_lstm import gate_groups, lstm_update
 
 
@@ -123,21 +124,6 @@ class DiagonalBiLSTMLayer(nn.Module):
         return x + self.residual(ltr + shift_down(rtl))
 
 
-class DiagonalBiLSTM(ImageModel):
-    def __init__(self, config: DiagonalBiLSTMConfig):
-        super().__init__(config)
-        if config.num_classes:
-            raise ValueError("diagonal_bilstm is unconditional; use gated_pixelcnn for class labels")
-        c, h, g = config.in_channels, config.hidden, config.in_channels
-        self.input_conv = MaskedConv2d(c, h, 7, "A", colour_groups=g)
-        self.layers = nn.ModuleList(DiagonalBiLSTMLayer(h, g) for _ in range(config.layers))
-        self.head1 = MaskedConv2d(h, h, 1, "B", colour_groups=g)
-        self.head2 = MaskedConv2d(h, c * self.k, 1, "B", colour_groups=g)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x, labels)
-        h = self.input_conv(self.preprocess(x))  # (B, h, H, W)
-        for layer in self.layers:
-            h = layer(h)
-        out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
-        return self.to_logits(out)
+class DiagonalBiLSTM(PixelRNN):
+    def make_layer(self, hidden: int, colour_groups: int) -> nn.Module:
+        return DiagonalBiLSTMLayer(hidden, colour_groups)

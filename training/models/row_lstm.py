@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from training.masks import MaskedConv1dRow, MaskedConv2d, channel_groups
-from training.models.base import ImageModel, ModelConfig
+from training.models.base import ModelConfig
+from training.models.pixelrnn import PixelRNN
 
 
 @dataclass
@@ -83,21 +83,6 @@ class RowLSTMLayer(nn.Module):
         return x + self.residual(out)
 
 
-class RowLSTM(ImageModel):
-    def __init__(self, config: RowLSTMConfig):
-        super().__init__(config)
-        if config.num_classes:
-            raise ValueError("row_lstm is unconditional; use gated_pixelcnn for class labels")
-        c, h, g = config.in_channels, config.hidden, config.in_channels
-        self.input_conv = MaskedConv2d(c, h, 7, "A", colour_groups=g)
-        self.layers = nn.ModuleList(RowLSTMLayer(h, g) for _ in range(config.layers))
-        self.head1 = MaskedConv2d(h, h, 1, "B", colour_groups=g)
-        self.head2 = MaskedConv2d(h, c * self.k, 1, "B", colour_groups=g)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x, labels)
-        h = self.input_conv(self.preprocess(x))  # (B, h, H, W)
-        for layer in self.layers:
-            h = layer(h)
-        out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
-        return self.to_logits(out)
+class RowLSTM(PixelRNN):
+    def make_layer(self, hidden: int, colour_groups: int) -> nn.Module:
+        return RowLSTMLayer(hidden, colour_groups)

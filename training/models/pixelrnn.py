@@ -1,0 +1,35 @@
+"""The PixelRNN stack shared by the Row LSTM and the Diagonal BiLSTM (paper, table 1):
+7x7 mask-A convolution, residual recurrent layers, then ReLU + 1x1 mask-B convolution twice."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.masks import MaskedConv2d
+from training.models.base import ImageModel, ModelConfig
+
+
+class PixelRNN(ImageModel):
+    """Subclasses name their recurrent layer: `make_layer(hidden, colour_groups) -> nn.Module`."""
+
+    def make_layer(self, hidden: int, colour_groups: int) -> nn.Module:
+        raise NotImplementedError
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.num_classes:
+            raise ValueError(f"{type(self).__name__} is unconditional; use gated_pixelcnn for class labels")
+        c, h, g = config.in_channels, config.hidden, config.in_channels
+        self.input_conv = MaskedConv2d(c, h, 7, "A", colour_groups=g)
+        self.layers = nn.ModuleList(self.make_layer(h, g) for _ in range(config.layers))
+        self.head1 = MaskedConv2d(h, h, 1, "B", colour_groups=g)
+        self.head2 = MaskedConv2d(h, c * self.k, 1, "B", colour_groups=g)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, labels)
+        h = self.input_conv(self.preprocess(x))  # (B, h, H, W)
+        for layer in self.layers:
+            h = layer(h)
+        out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
+        return self.to_logits(out)
