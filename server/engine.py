@@ -1,0 +1,387 @@
+"""Cross-sequence sampling engine: every active sequence advances one row per step, in one
+batched cell call per step (per stage), whatever request each sequence came from.
+
+Knows nothing of Triton. The caller supplies
+    a runner   the cells (server/runner.py runs the exported ONNX graphs; tests use a fake):
+               `stages`, `factor`, `levels`, `num_classes`, `initial_state(stage, batch)`,
+               `run_row(stage, state, uniforms, temperature, forced, force, labels, condition,
+               fixed) -> (row (B, C, W), logprob (B,), new state)` and, for multi-scale models,
+               `condition(small images) -> (B, cond, H, W)`;
+    a sink     per request: where its rows go (`row(event)`, `done()`, `error(message)`,
+               `cancelled()`); the Triton glue wraps a response sender in one.
+
+A sequence is one sampling job (B images, one seed) keyed by the caller's id (Triton's
+correlation id). `start` opens it (replacing one with the same key), `resume` adds a request
+to it; each request asks for up to `max_rows` more rows (None: to the end) and may `end` the
+sequence when its rows are done. Rows go to the oldest open request of the sequence. The
+sequence's state is freed when its image is complete, at an `end`, on an error, when the
+client is gone, or after `idle_timeout` seconds without an open request (Triton forgets idle
+sequences without telling the model, so the engine must expire its own).
+
+Randomness is the project-wide stream (training.distributions): one `draw_row_uniforms` per
+row of every stage, known rows included, so a sequence gives exactly the image that
+export.cells.sample_cached gives with the same seed, also after a resume from known rows.
+
+Threading: `start`/`resume` only validate and queue; everything else (the sequences, the
+runner, every sink call) happens on one worker thread (`start_worker`), or on the caller's
+thread when a test drives `step()` itself.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol
+
+import numpy as np
+
+from training.distributions import draw_row_uniforms, sampling_rng
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    channels: int
+    height: int
+    width: int
+    conditioned: bool = False  # the multi-scale big cell: condition rows and grid columns as inputs
+
+
+@dataclass
+class RowEvent:
+    key: Hashable  # the sequence
+    stage: int  # index into runner.stages
+    index: int  # row index within the stage
+    row: np.ndarray  # (B, C, W) uint8
+    logprob: np.ndarray  # (B,) float32, log p of the row (grid columns left out in the big stage)
+    active: int  # sequences held by the engine after this step
+
+
+class Sink(Protocol):
+    def row(self, event: RowEvent) -> None: ...
+
+    def done(self) -> None: ...  # the request's last message
+
+    def error(self, message: str) -> None: ...  # also the request's last message
+
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class SampleSpec:
+    """What a START request asks for; `Engine.validate` checks it against the model."""
+
+    batch: int = 1
+    temperature: float = 1.0  # <= 0 is greedy
+    seed: int = 0
+    labels: np.ndarray | None = None  # (B,) int64, class-conditional models only
+    known: np.ndarray | None = None  # (B, C, R, W) uint8: the first R rows are kept as given
+
+
+@dataclass
+class _Request:
+    sink: Sink
+    rows_left: int | None  # None: until the image is complete
+    end: bool
+
+
+@dataclass
+class _Sequence:
+    key: Hashable
+    spec: SampleSpec
+    rng: np.random.Generator
+    canvases: list[np.ndarray]  # per stage (B, C, H_s, W_s) int64, known values filled in
+    known_rows: list[int]  # per stage
+    state: tuple = ()
+    stage: int = 0
+    row: int = 0
+    condition: np.ndarray | None = None  # big stage: (B, cond, H, W)
+    requests: deque = field(default_factory=deque)
+    last_active: float = 0.0
+
+
+class Engine:
+    def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5):
+        self.runner = runner
+        self.stages: list[Stage] = list(runner.stages)
+        self.factor = int(getattr(runner, "factor", 1) or 1)
+        self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
+        self._sequences: dict[Hashable, _Sequence] = {}  # worker thread only
+        self._inbox: deque = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.calls = 0  # batched cell calls so far (tests, metrics)
+
+    # -- any thread ------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        last = self.stages[-1]
+        return last.channels, last.height, last.width
+
+    def validate(self, spec: SampleSpec) -> SampleSpec:
+        """Check a START request's parameters; raises ValueError with a message for the client."""
+        c, h, w = self.shape
+        levels, classes = self.runner.levels, self.runner.num_classes
+        if not 1 <= spec.batch <= self.max_batch:
+            raise ValueError(f"BATCH_SIZE must be in [1, {self.max_batch}], got {spec.batch}")
+        if not (math.isfinite(spec.temperature) and spec.temperature >= 0):
+            raise ValueError(f"TEMPERATURE must be a finite number >= 0 (0 = greedy), got {spec.temperature}")
+        if not 0 <= spec.seed < 2**64:
+            raise ValueError(f"SEED must be in [0, 2**64), got {spec.seed}")
+        if classes:
+            if spec.labels is None:
+                raise ValueError(f"this model is class-conditional: LABELS (1 or {spec.batch} class ids) is required")
+            labels = np.asarray(spec.labels, np.int64).reshape(-1)
+            if labels.size == 1:
+                labels = np.repeat(labels, spec.batch)
+            if labels.shape != (spec.batch,):
+                raise ValueError(f"LABELS must hold 1 or {spec.batch} class ids, got {labels.size}")
+            if labels.min() < 0 or labels.max() >= classes:
+                raise ValueError(f"LABELS must be in [0, {classes}), got {labels.tolist()}")
+            spec.labels = labels
+        elif spec.labels is not None:
+            raise ValueError("this model is not class-conditional: do not send LABELS")
+        if spec.known is not None:
+            known = np.asarray(spec.known)
+            if known.ndim != 4 or known.shape[0] != spec.batch or known.shape[1] != c or known.shape[3] != w or known.shape[2] > h:
+                raise ValueError(f"KNOWN must be {spec.batch} x {c} x R x {w} (R <= {h} known rows), got {' x '.join(map(str, known.shape))}")
+            if known.size and int(known.max()) >= levels:
+                raise ValueError(f"KNOWN values must be < {levels} (the model's levels), got {int(known.max())}")
+            spec.known = known.astype(np.int64)
+        return spec
+
+    def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True) -> None:
+        """Open sequence `key` (replacing an open one); raises ValueError for bad parameters."""
+        self._check_rows(max_rows)
+        self.validate(spec)
+        self._post(("start", key, spec, _Request(sink, max_rows, end)))
+
+    def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False) -> None:
+        """Ask an open sequence for more rows (all remaining when max_rows is None)."""
+        self._check_rows(max_rows)
+        self._post(("resume", key, None, _Request(sink, max_rows, end)))
+
+    @staticmethod
+    def _check_rows(max_rows):
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"MAX_ROWS must be >= 0, got {max_rows}")
+
+    def _post(self, item) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the sampler is shutting down")
+            self._inbox.append(item)
+            self._cv.notify()
+
+    def start_worker(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="row-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; open requests get an error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._drain_inbox()
+        for seq in list(self._sequences.values()):
+            self._drop(seq, "the sampler is shutting down")
+
+    # -- worker ----------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._sequences)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopping:
+                    return
+                if not self._inbox and not self._ready():
+                    self._cv.wait(self.poll)
+            self.step()
+
+    def _ready(self) -> list[_Sequence]:
+        return [s for s in self._sequences.values() if s.requests and s.requests[0].rows_left != 0]
+
+    def step(self) -> bool:
+        """Take queued requests, tidy up, then one row for every sequence that has a request
+        waiting for rows. Returns whether any row was made."""
+        self._drain_inbox()
+        self._housekeeping()
+        ready = self._ready()
+        groups: dict[Any, list[_Sequence]] = defaultdict(list)
+        for seq in ready:
+            groups[(seq.stage, self._fixed(seq).tobytes() if self.stages[seq.stage].conditioned else None)].append(seq)
+        for seqs in groups.values():
+            chunk, size = [], 0
+            for seq in seqs:  # at most max_batch images per call; each sequence has <= max_batch
+                if chunk and size + seq.spec.batch > self.max_batch:
+                    self._run(chunk)
+                    chunk, size = [], 0
+                chunk.append(seq)
+                size += seq.spec.batch
+            if chunk:
+                self._run(chunk)
+        self._housekeeping()
+        return bool(ready)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._cv:
+                if not self._inbox:
+                    return
+                kind, key, spec, request = self._inbox.popleft()
+            if self._stopping:
+                _safe(request.sink.error, "the sampler is shutting down")
+                continue
+            if kind == "start":
+                old = self._sequences.pop(key, None)
+                if old is not None:
+                    self._drop(old, f"sequence {key} was restarted by a new START request")
+                try:
+                    seq = self._open(key, spec)
+                except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+                    _safe(request.sink.error, f"cannot start sequence {key}: {e}")
+                    continue
+                self._sequences[key] = seq
+            else:
+                seq = self._sequences.get(key)
+                if seq is None:
+                    _safe(request.sink.error, f"sequence {key} is not active (finished, cancelled, expired after "
+                                              f"{self.idle_timeout:g} s idle, or never started): send a START request")
+                    continue
+            seq.requests.append(request)
+            seq.last_active = self.clock()
+
+    def _open(self, key, spec: SampleSpec) -> _Sequence:
+        b = spec.batch
+        canvases, known_rows = [], []
+        for st in self.stages:
+            canvases.append(np.zeros((b, st.channels, st.height, st.width), np.int64))
+        r = 0 if spec.known is None else spec.known.shape[2]
+        if len(self.stages) == 1:
+            known_rows = [r]
+        else:  # multi-scale: the small image's known rows are the grid rows among them
+            f = self.factor
+            known_rows = [math.ceil(r / f), r]
+            if r:
+                canvases[0][:, :, :known_rows[0]] = spec.known[:, :, ::f, ::f]
+        if r:
+            canvases[-1][:, :, :r] = spec.known
+        seq = _Sequence(key, spec, sampling_rng(spec.seed), canvases, known_rows, last_active=self.clock())
+        seq.state = self.runner.initial_state(0, b)
+        return seq
+
+    def _fixed(self, seq: _Sequence) -> np.ndarray:
+        """(W,) bool: the big stage's columns of this row that belong to the small image."""
+        w, f = self.stages[seq.stage].width, self.factor
+        return (np.arange(w) % f == 0) & (seq.row % f == 0)
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        for seq in list(self._sequences.values()):
+            while seq.requests and seq.requests[0].rows_left == 0:  # a request's rows are all sent
+                request = seq.requests.popleft()
+                _safe(request.sink.done)
+                seq.last_active = now
+                if request.end:
+                    self._free(seq)
+                    break
+            if seq.key not in self._sequences:
+                continue
+            if seq.requests and _safe(seq.requests[0].sink.cancelled, default=False):
+                self._drop(seq, "cancelled")
+            elif not seq.requests and now - seq.last_active > self.idle_timeout:
+                self._free(seq)
+
+    def _run(self, seqs: list[_Sequence]) -> None:
+        """One batched cell call for these sequences (same stage, same grid columns)."""
+        stage_index = seqs[0].stage
+        st = self.stages[stage_index]
+        sizes = [s.spec.batch for s in seqs]
+        try:
+            state = tuple(np.concatenate(parts, axis=0) for parts in zip(*(s.state for s in seqs)))
+            uniforms = np.concatenate([draw_row_uniforms(s.rng, s.spec.batch, st.channels, st.width) for s in seqs], axis=2)
+            temperature = np.concatenate([np.full(s.spec.batch, s.spec.temperature, np.float64) for s in seqs])
+            forced = np.concatenate([s.canvases[stage_index][:, :, s.row] for s in seqs], axis=0)
+            force = np.concatenate([np.full(s.spec.batch, s.row < s.known_rows[stage_index]) for s in seqs])
+            labels = np.concatenate([s.spec.labels for s in seqs]) if self.runner.num_classes else None
+            condition = fixed = None
+            if st.conditioned:
+                condition = np.concatenate([s.condition[:, :, s.row] for s in seqs], axis=0)
+                fixed = self._fixed(seqs[0])
+            self.calls += 1
+            row, logprob, new_state = self.runner.run_row(stage_index, state, uniforms, temperature, forced, force,
+                                                          labels, condition, fixed)
+        except Exception as e:  # noqa: BLE001 - every sequence in the call gets the error
+            for seq in seqs:
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}")
+            return
+        offsets = np.cumsum([0] + sizes)
+        active = len(self._sequences)
+        for seq, a, b in zip(seqs, offsets[:-1], offsets[1:]):
+            seq.state = tuple(s[a:b] for s in new_state)
+            values = np.asarray(row[a:b], np.int64)
+            seq.canvases[stage_index][:, :, seq.row] = values
+            event = RowEvent(seq.key, stage_index, seq.row, values.astype(np.uint8), np.asarray(logprob[a:b], np.float32), active)
+            try:
+                self._advance(seq)
+            except Exception as e:  # noqa: BLE001 - the multi-scale condition graph failed
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}")
+                continue
+            request = seq.requests[0]
+            try:
+                request.sink.row(event)
+            except Exception as e:  # noqa: BLE001 - the client is gone: free its state
+                self._drop(seq, f"cannot send: {e}")
+                continue
+            if request.rows_left is not None:
+                request.rows_left -= 1
+            if seq.stage == len(self.stages):  # image complete: every open request is done
+                for r in seq.requests:
+                    _safe(r.sink.done)
+                seq.requests.clear()
+                self._free(seq)
+
+    def _advance(self, seq: _Sequence) -> None:
+        seq.row += 1
+        seq.last_active = self.clock()
+        if seq.row < self.stages[seq.stage].height:
+            return
+        seq.stage, seq.row = seq.stage + 1, 0
+        if seq.stage == len(self.stages):
+            return
+        # Multi-scale: the small image is complete; it conditions the big stage and fills its grid.
+        small = seq.canvases[seq.stage - 1]
+        seq.condition = np.asarray(self.runner.condition(small), np.float32)
+        f, big = self.factor, seq.canvases[seq.stage]
+        big[:, :, ::f, ::f] = small
+        r = seq.known_rows[seq.stage]
+        if r:
+            big[:, :, :r] = seq.spec.known
+        seq.state = self.runner.initial_state(seq.stage, seq.spec.batch)
+
+    def _free(self, seq: _Sequence) -> None:
+        self._sequences.pop(seq.key, None)
+
+    def _drop(self, seq: _Sequence, message: str) -> None:
+        """Free the sequence; each of its open requests gets `message` as an error."""
+        if self._sequences.get(seq.key) is seq:
+            self._free(seq)
+        for request in seq.requests:
+            _safe(request.sink.error, message)
+        seq.requests.clear()
+
+
+def _safe(fn, *args, default=None):
+    """Call a sink method; a sink that fails (client gone) must not stop the worker."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        return default

@@ -1,0 +1,316 @@
+"""server/engine.py without Triton: a fake runner checks the batching and bookkeeping; the real
+ONNX runner checks that the engine's images are export.cells.sample_cached's images."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from export import build_engine
+from export.cells import build_cell, sample_cached
+from server.engine import Engine, SampleSpec, Stage
+from server.runner import OnnxRunner, read_manifest
+from training.checkpoint import save_checkpoint
+from training.distributions import draw_row_uniforms, sampling_rng
+from training.models import build_model
+
+
+class FakeRunner:
+    """Row values from the uniforms, offset by a per-image row counter kept in the state, so a
+    state that is split or concatenated wrongly shows in the values."""
+
+    levels, num_classes, factor = 4, 0, 1
+
+    def __init__(self, c=1, h=4, w=3, fail_calls=()):
+        self.stages = [Stage("cell", c, h, w)]
+        self.calls = []  # (stage, batch)
+        self.fail_calls = set(fail_calls)
+
+    def initial_state(self, stage, batch):
+        return (np.zeros((batch, 1), np.float32),)
+
+    def run_row(self, stage, state, uniforms, temperature, forced, force, labels=None, condition=None, fixed=None):
+        self.calls.append((stage, forced.shape[0]))
+        if len(self.calls) in self.fail_calls:
+            raise RuntimeError("boom")
+        (count,) = state
+        w, c, b = uniforms.shape
+        drawn = (np.floor(uniforms * self.levels).astype(np.int64).transpose(2, 1, 0) + count[:, :, None].astype(np.int64)) % self.levels
+        row = np.where(force[:, None, None], forced, drawn)  # (B, C, W)
+        return row, -count[:, 0], (count + 1,)
+
+
+def solo(runner, spec: SampleSpec) -> np.ndarray:
+    """The image one sequence should get: the runner on its own, row by row, same uniform stream."""
+    st = runner.stages[0]
+    rng = sampling_rng(spec.seed)
+    canvas = np.zeros((spec.batch, st.channels, st.height, st.width), np.int64)
+    r = 0 if spec.known is None else spec.known.shape[2]
+    if r:
+        canvas[:, :, :r] = spec.known
+    state = runner.initial_state(0, spec.batch)
+    for i in range(st.height):
+        u = draw_row_uniforms(rng, spec.batch, st.channels, st.width)
+        row, _, state = runner.run_row(0, state, u, np.full(spec.batch, 1.0), canvas[:, :, i], np.full(spec.batch, i < r))
+        canvas[:, :, i] = row
+    return canvas
+
+
+class Sink:
+    def __init__(self):
+        self.rows, self.errors, self.finished, self.is_cancelled = [], [], threading.Event(), False
+
+    def row(self, event):
+        assert not self.finished.is_set(), "row after the final message"
+        self.rows.append(event)
+
+    def done(self):
+        assert not self.finished.is_set(), "two final messages"
+        self.finished.set()
+
+    def error(self, message):
+        self.errors.append(message)
+        self.finished.set()
+
+    def cancelled(self):
+        return self.is_cancelled
+
+    def image(self, stage=0):
+        rows = [e for e in self.rows if e.stage == stage]
+        assert [e.index for e in rows] == list(range(len(rows)))
+        return np.stack([e.row for e in rows], axis=2)  # (B, C, H, W)
+
+
+def drain(engine, limit=100):
+    for _ in range(limit):
+        if not engine.step():
+            return
+    raise AssertionError("engine did not settle")
+
+
+def test_all_sequences_advance_in_one_batched_call_per_step():
+    runner = FakeRunner()
+    engine = Engine(runner, max_batch=16)
+    specs = {7: SampleSpec(batch=1, seed=1), 8: SampleSpec(batch=2, seed=2), 9: SampleSpec(batch=3, seed=3, temperature=0.5)}
+    sinks = {k: Sink() for k in specs}
+    for k, spec in specs.items():
+        engine.start(k, spec, sinks[k])
+    drain(engine)
+    assert runner.calls == [(0, 6)] * 4  # 4 rows, all three sequences in every call
+    for k, spec in specs.items():
+        assert sinks[k].finished.is_set() and not sinks[k].errors
+        np.testing.assert_array_equal(sinks[k].image(), solo(FakeRunner(), spec))
+        assert all(e.row.dtype == np.uint8 and e.row.shape == (spec.batch, 1, 3) and e.logprob.shape == (spec.batch,) for e in sinks[k].rows)
+    assert engine.active == 0
+
+
+def test_calls_hold_at_most_max_batch_images_and_late_sequences_join():
+    runner = FakeRunner()
+    engine = Engine(runner, max_batch=4)
+    a, b, c = Sink(), Sink(), Sink()
+    engine.start(1, SampleSpec(batch=3, seed=1), a)
+    engine.start(2, SampleSpec(batch=3, seed=2), b)
+    engine.step()
+    assert runner.calls == [(0, 3), (0, 3)]
+    engine.start(3, SampleSpec(batch=1, seed=3), c)  # joins the running ones at its own row 0
+    engine.step()
+    assert runner.calls[2:] == [(0, 3), (0, 4)]
+    drain(engine)
+    for sink, spec in ((a, SampleSpec(batch=3, seed=1)), (b, SampleSpec(batch=3, seed=2)), (c, SampleSpec(batch=1, seed=3))):
+        np.testing.assert_array_equal(sink.image(), solo(FakeRunner(), spec))
+
+
+def test_known_rows_are_kept_and_still_consume_their_uniforms():
+    known = np.random.default_rng(0).integers(0, 4, (2, 1, 2, 3))
+    spec = SampleSpec(batch=2, seed=5, known=known)
+    sink = Sink()
+    engine = Engine(FakeRunner())
+    engine.start(1, spec, sink)
+    drain(engine)
+    image = sink.image()
+    np.testing.assert_array_equal(image[:, :, :2], known)
+    np.testing.assert_array_equal(image, solo(FakeRunner(), SampleSpec(batch=2, seed=5, known=known)))
+
+
+def test_rows_are_handed_out_per_request_and_end_frees_the_state():
+    engine = Engine(FakeRunner())
+    first, second, third = Sink(), Sink(), Sink()
+    engine.start(1, SampleSpec(seed=4), first, max_rows=1, end=False)
+    engine.resume(1, second, max_rows=2)
+    drain(engine)
+    assert [e.index for e in first.rows] == [0] and [e.index for e in second.rows] == [1, 2]
+    assert first.finished.is_set() and second.finished.is_set() and engine.active == 1
+    engine.resume(1, third, max_rows=0, end=True)  # a cancel: no rows, state freed
+    drain(engine)
+    assert third.finished.is_set() and not third.rows and engine.active == 0
+    late = Sink()
+    engine.resume(1, late)
+    engine.step()
+    assert late.errors and "not active" in late.errors[0]
+
+
+def test_resumed_rows_continue_the_same_image():
+    engine = Engine(FakeRunner())
+    a, b = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=9), a, max_rows=2, end=False)
+    drain(engine)
+    engine.resume(1, b, max_rows=None, end=True)
+    drain(engine)
+    events = a.rows + b.rows
+    assert [e.index for e in events] == [0, 1, 2, 3] and engine.active == 0
+    np.testing.assert_array_equal(np.stack([e.row for e in events], axis=2), solo(FakeRunner(), SampleSpec(seed=9)))
+
+
+def test_idle_sequences_expire():
+    now = [0.0]
+    engine = Engine(FakeRunner(), idle_timeout=5.0, clock=lambda: now[0])
+    engine.start(1, SampleSpec(), Sink(), max_rows=1, end=False)
+    engine.start(2, SampleSpec(), Sink(), max_rows=1, end=False)
+    drain(engine)
+    assert engine.active == 2
+    now[0] = 4.0
+    engine.resume(2, Sink(), max_rows=1)  # activity keeps sequence 2
+    drain(engine)
+    now[0] = 6.0
+    engine.step()
+    assert engine.active == 1
+    now[0] = 9.5
+    engine.step()
+    assert engine.active == 0
+
+
+def test_a_failing_call_fails_only_its_sequences_and_the_engine_goes_on():
+    runner = FakeRunner(fail_calls={2})
+    engine = Engine(runner)
+    a, b = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=1), a)
+    engine.start(2, SampleSpec(seed=2), b)
+    drain(engine)
+    for sink in (a, b):
+        assert len(sink.rows) == 1 and sink.errors and "boom" in sink.errors[0]
+    assert engine.active == 0
+    c = Sink()
+    engine.start(3, SampleSpec(seed=3), c)
+    drain(engine)
+    assert len(c.rows) == 4 and not c.errors
+
+
+def test_cancelled_and_failing_sinks_free_their_sequences():
+    class Broken(Sink):
+        def row(self, event):
+            raise ConnectionError("gone")
+
+    engine = Engine(FakeRunner())
+    a, broken, ok = Sink(), Broken(), Sink()
+    engine.start(1, SampleSpec(), a)
+    engine.start(2, SampleSpec(), broken)
+    engine.start(3, SampleSpec(), ok)
+    engine.step()
+    a.is_cancelled = True
+    drain(engine)
+    assert len(a.rows) == 1 and engine.active == 0 and len(ok.rows) == 4 and ok.finished.is_set()
+
+
+def test_a_new_start_replaces_the_open_sequence():
+    engine = Engine(FakeRunner())
+    old, new = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=1), old)
+    engine.step()
+    engine.start(1, SampleSpec(seed=2), new)
+    drain(engine)
+    assert len(old.rows) == 1 and "restarted" in old.errors[0]
+    np.testing.assert_array_equal(new.image(), solo(FakeRunner(), SampleSpec(seed=2)))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (SampleSpec(batch=0), "BATCH_SIZE"), (SampleSpec(batch=99), "BATCH_SIZE"),
+    (SampleSpec(temperature=-1.0), "TEMPERATURE"), (SampleSpec(temperature=float("nan")), "TEMPERATURE"),
+    (SampleSpec(seed=-1), "SEED"), (SampleSpec(labels=np.array([1])), "not class-conditional"),
+    (SampleSpec(known=np.zeros((1, 1, 2, 5), np.uint8)), "KNOWN must be 1 x 1 x R x 3"),
+    (SampleSpec(known=np.zeros((1, 1, 5, 3), np.uint8)), "R <= 4"),
+    (SampleSpec(known=np.full((1, 1, 2, 3), 4, np.uint8)), "must be < 4"),
+])
+def test_bad_parameters_are_refused_with_a_message(spec, message):
+    engine = Engine(FakeRunner(), max_batch=8)
+    with pytest.raises(ValueError, match=message):
+        engine.start(1, spec, Sink())
+    with pytest.raises(ValueError, match="MAX_ROWS"):
+        engine.resume(1, Sink(), max_rows=-1)
+
+
+def test_class_labels_are_required_and_broadcast():
+    runner = FakeRunner()
+    runner.num_classes = 3
+    engine = Engine(runner)
+    with pytest.raises(ValueError, match="LABELS"):
+        engine.start(1, SampleSpec(batch=2), Sink())
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        engine.start(1, SampleSpec(batch=2, labels=np.array([3])), Sink())
+    spec = SampleSpec(batch=2, labels=np.array([2]))
+    engine.start(1, spec, Sink())
+    assert spec.labels.tolist() == [2, 2]
+
+
+def test_the_worker_thread_serves_sequences_and_stops_cleanly():
+    engine = Engine(FakeRunner(h=6), poll=0.05)
+    engine.start_worker()
+    sinks = [Sink() for _ in range(3)]
+    for k, sink in enumerate(sinks):
+        engine.start(k + 1, SampleSpec(seed=k), sink)
+    for sink in sinks:
+        assert sink.finished.wait(10) and len(sink.rows) == 6
+    pending = Sink()
+    engine.start(9, SampleSpec(), pending, max_rows=0, end=False)
+    engine.resume(9, pending2 := Sink(), max_rows=None)
+    engine.stop()
+    assert pending2.finished.is_set()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.start(10, SampleSpec(), Sink())
+
+
+# ------------------------------------------------------------------------------ real ONNX cells
+
+GATED = dict(in_channels=1, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
+MULTISCALE = dict(in_channels=1, height=6, width=4, levels=3, num_classes=0, base_arch="gated_pixelcnn", hidden=6, layers=1,
+                  small_config=dict(kernel=3), big_config=dict(kernel=3))
+
+
+@pytest.fixture(scope="module", params=[("gated_pixelcnn", GATED), ("multiscale", MULTISCALE)], ids=["gated", "multiscale"])
+def exported(request, tmp_path_factory):
+    arch, config = request.param
+    folder = tmp_path_factory.mktemp(arch)
+    torch.manual_seed(0)
+    model = build_model(arch, dict(config))
+    save_checkpoint(folder / "tiny.pt", {"arch": arch, "config": config, "model": model.state_dict(), "step": 1})
+    assert build_engine.main(["--checkpoint", str(folder / "tiny.pt"), "--out", str(folder / "out"), "--tensorrt", "off"]) == 0
+    return model, read_manifest(folder / "out"), folder / "out"
+
+
+def test_engine_images_are_sample_cached_images(exported):
+    model, manifest, folder = exported
+    runner = OnnxRunner(manifest, folder)
+    engine = Engine(runner)
+    c, h, w = manifest["shape"]
+    conditional = manifest["num_classes"] > 0
+    known = np.random.default_rng(1).integers(0, manifest["levels"], (2, c, 3, w)).astype(np.uint8)
+    jobs = {
+        1: dict(n=2, seed=11, temperature=1.0, labels=[0, 1] if conditional else None, known=None),
+        2: dict(n=1, seed=12, temperature=0.0, labels=[1] if conditional else None, known=None),
+        3: dict(n=2, seed=13, temperature=0.8, labels=[1, 1] if conditional else None, known=known),
+    }
+    sinks = {k: Sink() for k in jobs}
+    for k, j in jobs.items():
+        spec = SampleSpec(j["n"], j["temperature"], j["seed"], None if j["labels"] is None else np.array(j["labels"]), j["known"])
+        engine.start(k, spec, sinks[k])
+    drain(engine)
+    cell = build_cell(model)
+    for k, j in jobs.items():
+        labels = None if j["labels"] is None else torch.tensor(j["labels"])
+        want = sample_cached(cell, j["n"], j["seed"], j["temperature"], labels, j["known"], 0 if j["known"] is None else 3)
+        sink = sinks[k]
+        assert not sink.errors
+        np.testing.assert_array_equal(sink.image(len(runner.stages) - 1), want)
+        if j["known"] is not None:
+            np.testing.assert_array_equal(want[:, :, :3], known)
+    # The three sequences run in step: one call per row of each stage.
+    assert engine.calls == sum(st.height for st in runner.stages)
