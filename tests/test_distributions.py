@@ -61,3 +61,12 @@ def test_row_uniforms_are_a_reproducible_stream():
     first = D.draw_row_uniforms(a, 4, 3, 5)
     assert first.shape == (5, 3, 4)
     assert np.array_equal(first, D.draw_row_uniforms(b, 4, 3, 5))
+
+
+def test_bernoulli_log_prob_is_finite_for_extreme_logits():
+    logits = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0])
+    for v in (0, 1):
+        value = torch.full_like(logits, v, dtype=torch.long)
+        got = D.bernoulli_log_prob(logits, value)
+        want = -torch.nn.functional.binary_cross_entropy_with_logits(logits, value.float(), reduction="none")
+        assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)

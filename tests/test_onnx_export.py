@@ -245,3 +245,22 @@ def test_parity_check_catches_a_different_model(exported, tmp_path):
         ox.verify_cell(build_cell(other), paths["cell"])
     with pytest.raises(ox.ParityError, match="NLL_NATS"):
         ox.verify_scorer(other, paths["scorer"])
+
+
+def test_confident_bernoulli_model_keeps_finite_log_probs_in_onnx(tmp_path):
+    # A trained binary model puts logits far from 0; an exported BCE once turned those into
+    # log(0) * 0 = NaN. Scale the last layer up so the logits reach hundreds.
+    from export.cells import build_cell
+    from export.onnx_export import export_cell, export_scorer, verify_cell, verify_scorer
+
+    torch.manual_seed(0)
+    model = build_model("pixelcnn", dict(in_channels=1, height=5, width=5, levels=2, hidden=6, layers=1)).eval()
+    with torch.no_grad():
+        model.head2.weight.mul_(300.0)
+        model.head2.bias.mul_(300.0)
+    cell = build_cell(model)
+    export_cell(cell, tmp_path / "cell.onnx")
+    export_scorer(model, tmp_path / "scorer.onnx")
+    # verify_* raise when outputs differ beyond tolerance; a NaN never passes.
+    assert np.isfinite(verify_cell(cell, tmp_path / "cell.onnx"))
+    assert np.isfinite(verify_scorer(model, tmp_path / "scorer.onnx"))

@@ -25,13 +25,19 @@ def logits_per_channel(levels: int) -> int:
     return 1 if levels == 2 else levels
 
 
+def bernoulli_log_prob(logit: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """log p(value) with p(1) = sigmoid(logit), as -softplus(+-logit) written out so that it
+    stays finite for large logits in every backend (an exported BCE can turn into log(0) * 0)."""
+    z = torch.where(value.bool(), -logit, logit)
+    return -(F.relu(z) + torch.log1p(torch.exp(-z.abs())))
+
+
 def log_prob(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
     """log p(x) per sub-pixel: logits (B, C, K, H, W), x (B, C, H, W) integers -> (B, C, H, W)."""
     if logits.dim() != 5 or logits.shape[2] != logits_per_channel(levels):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {levels} levels")
     if levels == 2:
-        target = x.to(logits.dtype)
-        return -F.binary_cross_entropy_with_logits(logits[:, :, 0], target, reduction="none")
+        return bernoulli_log_prob(logits[:, :, 0], x)
     return torch.gather(F.log_softmax(logits, dim=2), 2, x.long().unsqueeze(2)).squeeze(2)
 
 

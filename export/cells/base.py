@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.distributions import bernoulli_log_prob
 from training.models.base import ImageModel
 
 
@@ -51,8 +52,7 @@ def sample_torch(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tenso
 def log_prob_torch(logits: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
     """log p(v) for one sub-pixel: logits (B, K), v (B,) -> (B,)."""
     if levels == 2:
-        l = logits[:, 0]
-        return -F.binary_cross_entropy_with_logits(l, v.to(l.dtype), reduction="none")
+        return bernoulli_log_prob(logits[:, 0], v)
     return torch.gather(F.log_softmax(logits, dim=1), 1, v[:, None]).squeeze(1)
 
 
