@@ -1,0 +1,267 @@
+"""Start and stop the real tritonserver (Triton 2.51 from the nvidia-pytriton wheel that `make
+setup` installs under .triton/) on loopback, for `python -m server` and for tests:
+
+    with TritonServer("model_repository") as server:   # free ports unless given
+        server.grpc_url                                  # "127.0.0.1:PORT"
+
+Start-up waits until the server and every model of the repository are ready. Whatever goes
+wrong comes back as a ServerError that says what: no binary, a port in use, a model that failed
+to load (Triton then exits 1; the message carries the model's error from the log).
+
+The models' Python (the backend stub) is the project venv: its bin/ goes first on PATH (the stub
+takes sys.prefix from the first python3 there) and LD_LIBRARY_PATH gets the venv's base
+interpreter's LIBDIR, so the stub's libpython matches the venv's standard library.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TRITON_HOME = PROJECT_ROOT / ".triton" / "pytriton" / "tritonserver"
+HOST = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be started (the message says why)."""
+
+
+def find_tritonserver(path: str | Path | None = None) -> Path:
+    """The binary: `path`, else $TRITONSERVER, else the one `make setup` installs."""
+    binary = Path(path or os.environ.get("TRITONSERVER") or TRITON_HOME / "bin" / "tritonserver")
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ServerError(f"tritonserver not found at {binary}: run `make setup` (or set TRITONSERVER)")
+    stub = binary.parent.parent / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the Python backend stub is missing ({stub}): run `make setup`")
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def check_port(port: int, what: str) -> int:
+    if not 0 < port < 65536:
+        raise ServerError(f"{what} port {port} is not a valid port")
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            raise ServerError(f"{what} port {port} on {HOST} is already in use ({e.strerror})") from None
+    return port
+
+
+def model_names(repository: Path) -> list[str]:
+    return sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file() and not d.name.startswith("."))
+
+
+def python_env(venv: Path) -> dict[str, str]:
+    """Environment for the server: the venv's Python for the backend stub (see the module notes)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise ServerError(f"no Python environment for the models at {venv}: run `make setup`")
+    env = dict(os.environ)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    libdir = subprocess.run([str(python), "-c", "import sysconfig as s; print(s.get_config_var('LIBDIR') or '')"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if libdir and list(Path(libdir).glob("libpython3*.so*")):
+        env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def load_failures(log: str) -> list[str]:
+    """'model: reason' for each model Triton says it failed to load."""
+    found = {}
+    for m in re.finditer(r"failed to load '([^']+)' version \d+: (.*)", log):
+        found.setdefault(m.group(1), m.group(2).strip())
+    for m in re.finditer(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|\s*$", log, re.M):  # the status table
+        found.setdefault(m.group(1), m.group(2).strip())
+    return [f"{name}: {why}" for name, why in found.items()]
+
+
+class TritonServer:
+    def __init__(self, repository: str | Path, *, grpc_port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None, binary: str | Path | None = None, venv: str | Path | None = None,
+                 log_path: str | Path | None = None, startup_timeout: float = 120.0, extra_args: list[str] = ()):
+        self.repository = Path(repository).resolve()
+        self.binary = binary
+        self.venv = Path(venv) if venv else PROJECT_ROOT / ".venv"
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen | None = None
+        self.models: list[str] = []
+
+    # -- endpoints ---------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports['metrics']}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> "TritonServer":
+        binary = find_tritonserver(self.binary)
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        self.models = model_names(self.repository)
+        if not self.models:
+            raise ServerError(f"model repository {self.repository} holds no model (no */config.pbtxt)")
+        taken = set()
+        for what, port in self.ports.items():
+            if port is None:
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+            elif port in taken:
+                raise ServerError(f"{what} port {port} is given twice")
+            self.ports[what] = check_port(port, what)
+            taken.add(port)
+        env = python_env(self.venv)
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        args = [
+            str(binary), f"--model-repository={self.repository}",
+            f"--backend-directory={binary.parent.parent / 'backends'}",
+            f"--http-address={HOST}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
+            "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10",
+            *self.extra_args,
+        ]
+        with open(self.log_path, "wb") as log:
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, cwd=str(PROJECT_ROOT), start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(self._failure(f"tritonserver exited with code {code} during start-up"))
+            if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
+                return
+            time.sleep(0.1)
+        raise ServerError(self._failure(f"tritonserver was not ready after {self.startup_timeout:g} s"))
+
+    def _failure(self, headline: str) -> str:
+        log = self.log()
+        failures = load_failures(log)
+        if failures:
+            detail = "models that failed to load:\n  " + "\n  ".join(failures)
+        else:
+            detail = "last lines of its log:\n  " + "\n  ".join(log.strip().splitlines()[-15:])
+        return f"{headline}; {detail}\n(full log: {self.log_path})"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for a clean exit (it unloads the models), SIGKILL after `timeout`."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the server and its backend stubs
+                self.process.wait()
+        return self.process.returncode
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def describe(server: TritonServer) -> str:
+    return (f"tritonserver ready: models {', '.join(server.models)}\n"
+            f"  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  {server.metrics_url}\n"
+            f"  log      {server.log_path}")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a Triton model repository on loopback.")
+    parser.add_argument("--repository", required=True, help="model repository (export/build_engine.py --repository)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log", help="tritonserver's log file (default: a temporary file)")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+
+    server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                          log_path=args.log, startup_timeout=args.startup_timeout)
+    stopping = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        stopping.append(signum)
+        server.signal(signal.SIGTERM)  # Triton's clean shutdown: unload models, then exit
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    try:
+        server.start()
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe(server), flush=True)
+    code = server.wait()
+    if stopping:
+        print(f"tritonserver stopped (exit code {code})", flush=True)
+        return 0 if code == 0 else code
+    print(f"error: tritonserver exited unexpectedly with code {code}; last lines of its log:\n  "
+          + "\n  ".join(server.log().strip().splitlines()[-15:]), file=sys.stderr)
+    return code or 1

@@ -1,0 +1,140 @@
+"""Write a Triton model repository for one exported checkpoint (export/build_engine.py calls
+`write_repository` with its manifest):
+
+    REPOSITORY/NAME_score/config.pbtxt    batch likelihood scorer, dynamic batching
+    REPOSITORY/NAME_score/1/              model.py, scorer.onnx, manifest.json
+    REPOSITORY/NAME_sample/config.pbtxt   streaming, stateful row sampler
+    REPOSITORY/NAME_sample/1/             model.py, the cell(s) (+ condition.onnx), manifest.json
+
+Both models run in Triton's Python backend (the wheel's server has no onnxruntime backend),
+which calls onnxruntime; model.py comes from server/triton_models/ and imports the project
+from `project_root`, a config parameter, because the backend's Python ignores PYTHONPATH.
+The request/response protocol is in server/protocol.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from server import protocol as p
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+MANIFEST = "manifest.json"
+VERSION = "1"
+
+
+def _dims(dims) -> str:
+    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+
+
+def _io(name: str, dtype: str, dims, optional: bool = False) -> str:
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(dims)}{" optional: true" if optional else ""} }}'
+
+
+def _block(kind: str, entries: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def _parameters(params: dict[str, str]) -> str:
+    entries = [f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}' for k, v in params.items()]
+    return _block("parameters", entries)
+
+
+def score_config(manifest: dict, max_queue_delay_us: int, instances: int, params: dict) -> str:
+    c, h, w = manifest["shape"]
+    max_batch = int(manifest["max_batch"])
+    inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w])]
+    if manifest["num_classes"]:
+        inputs.append(_io(p.LABELS, "TYPE_INT64", [1], optional=True))  # optional: model.py explains a missing one
+    preferred = [b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [max_batch]
+    return (
+        f'name: "{p.score_model(manifest["name"])}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        + _block("input", inputs)
+        + _block("output", [_io(p.NLL_NATS, "TYPE_FP32", [1]), _io(p.BITS_PER_DIM, "TYPE_FP32", [1])])
+        + f"dynamic_batching {{\n  preferred_batch_size: {_dims(preferred)}\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
+        + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+        + _parameters(params)
+    )
+
+
+def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dict) -> str:
+    c, _, w = manifest["shape"]
+    inputs = [
+        _io(p.BATCH_SIZE, "TYPE_INT32", [1], True),
+        _io(p.TEMPERATURE, "TYPE_FP64", [1], True),  # float64: a float32 0.7 is not the sampler's 0.7
+        _io(p.SEED, "TYPE_UINT64", [1], True),
+        _io(p.KNOWN, "TYPE_UINT8", [-1, c, -1, w], True),
+        _io(p.MAX_ROWS, "TYPE_INT32", [1], True),
+    ]
+    if manifest["num_classes"]:
+        inputs.insert(3, _io(p.LABELS, "TYPE_INT64", [-1], True))
+    outputs = [
+        _io(p.STAGE, "TYPE_INT32", [1]),
+        _io(p.ROW_INDEX, "TYPE_INT32", [1]),
+        _io(p.ROW, "TYPE_UINT8", [-1, c, -1]),  # the width is the stage's (multi-scale: W/f, then W)
+        _io(p.ROW_LOGPROB, "TYPE_FP32", [-1]),
+        _io(p.ACTIVE, "TYPE_INT32", [1]),
+    ]
+    return (
+        f'name: "{p.sample_model(manifest["name"])}"\nbackend: "python"\n'
+        "# Batching happens across sequences inside the model (server/engine.py), not in Triton.\n"
+        "max_batch_size: 0\nmodel_transaction_policy { decoupled: true }\n"
+        + _block("input", inputs) + _block("output", outputs)
+        + "sequence_batching {\n"
+        "  # Triton drops a sequence idle this long without telling the model; the model's engine\n"
+        "  # expires its own state after the same time. Backlog time counts as idle, so keep\n"
+        "  # max_candidate_sequences above the number of concurrent sequences.\n"
+        f"  max_sequence_idle_microseconds: {int(idle_s * 1e6)}\n"
+        f"  oldest {{ max_candidate_sequences: {max_sequences} }}\n}}\n"
+        # One instance: the engine batches across every sequence only if they all reach it.
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _parameters(params)
+    )
+
+
+def _files(manifest: dict, names: list[str]) -> list[str]:
+    return [manifest["artifacts"][n]["file"] for n in names]
+
+
+def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
+                     max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
+                     onnx_threads: int = 1, project_root: str | Path = PROJECT_ROOT) -> list[Path]:
+    """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders."""
+    onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
+    name = manifest["name"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"model name {name!r} is not a plain identifier")
+    if sequence_idle_s <= 0 or max_sequences < 1:
+        raise ValueError("sequence_idle_s must be > 0 and max_sequences >= 1")
+    stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
+    params = {"project_root": str(Path(project_root).resolve()), "onnx_threads": str(onnx_threads)}
+    models = {
+        p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
+                              score_config(manifest, max_queue_delay_us, score_instances, params)),
+        p.sample_model(name): ("sample_model.py", _files(manifest, stages),
+                               sample_config(manifest, sequence_idle_s, max_sequences, params)),
+    }
+    missing = [f for _, files, _ in models.values() for f in files if not (onnx_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{onnx_dir}: missing exported files {missing} (run export/build_engine.py)")
+
+    repository_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model, (template, files, config) in models.items():
+        # Build beside the target, then swap, so a failure leaves the old model in place.
+        tmp = repository_dir / f".{model}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / VERSION).mkdir(parents=True)
+        (tmp / "config.pbtxt").write_text(config)
+        shutil.copyfile(TEMPLATES / template, tmp / VERSION / "model.py")
+        for f in files:
+            shutil.copyfile(onnx_dir / f, tmp / VERSION / f)
+        (tmp / VERSION / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        target = repository_dir / model
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        written.append(target)
+    return written
