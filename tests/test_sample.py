@@ -173,7 +173,8 @@ def test_cli_samples(checkpoint_file, tmp_path, capsys):
     assert sample.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 5
     with Image.open(out) as img:
-        assert img.size == (3 * 8 + 2, 2 * 8 + 2)  # ceil(sqrt(5)) = 3 per row, 6x6 images, pad 2
+        # ceil(sqrt(5)) = 3 per row, 6x6 images, pad 2, enlarged 3x by default
+        assert img.size == (3 * (3 * 8 + 2), 3 * (2 * 8 + 2))
     assert np.array_equal(np.load(npy), sample_reference(model, 5, seed=4))
     assert sample.main(argv + ["--label", "1"]) == 2
     assert "not class-conditional" in capsys.readouterr().err
@@ -183,11 +184,11 @@ def test_cli_completion_grid(checkpoint_file, tmp_path, capsys):
     path, model = checkpoint_file
     out, npy = tmp_path / "c.png", tmp_path / "c.npy"
     argv = ["--checkpoint", str(path), "--complete", "--split", "test", "--known-rows", "2", "--n", "3", "--k", "2",
-            "--out", str(out), "--npy", str(npy)]
+            "--out", str(out), "--npy", str(npy), "--scale", "1"]
     assert sample.main(argv) == 0
     with Image.open(out) as img:
         arr = np.asarray(img)
-    assert arr.shape == (3 * 8 + 2, 4 * 8 + 2)  # rows: original | occluded | 2 completions
+    assert arr.shape == (3 * 8 + 2, 4 * 8 + 2)  # rows: original | occluded | 2 completions (--scale 1)
     from training.data import DataSpec, load
 
     originals = load(DataSpec("synthetic", size=6, bits=1, count=8), "test").images[:3]

@@ -44,11 +44,14 @@ def grid_array(images: np.ndarray, levels: int, nrow: int, pad: int = 2) -> np.n
     return grid
 
 
-def save_grid(images: np.ndarray, levels: int, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Write a PNG grid of `images` (uint8 levels (N, C, H, W)); nrow defaults to ~sqrt(N)."""
+def save_grid(images: np.ndarray, levels: int, path: str | Path, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Path:
+    """Write a PNG grid of `images` (uint8 levels (N, C, H, W)); nrow defaults to ~sqrt(N).
+    `scale` enlarges every grid pixel to scale x scale (28x28 digits are tiny on a screen)."""
     images = np.asarray(images)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     grid = grid_array(images, levels, nrow, pad)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(path)

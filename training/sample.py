@@ -203,6 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--label", type=int, help="class for every sample (conditional models; default cycles)")
     p.add_argument("--nrow", type=int, help="images per grid row")
+    p.add_argument("--scale", type=int, default=3, help="enlarge the PNG grid by this factor")
     p.add_argument("--complete", action="store_true", help="complete images of --split from --known-rows rows")
     add_data_arguments(p)
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         labels = None if data_labels is None else np.repeat(data_labels[:args.n].numpy(), args.k)
         samples = sample_images(model, len(known), args.seed, args.temperature, labels, known, known_rows,
                                 args.sampler, args.device, progress=True)
-        save_grid(completion_grid(originals, samples, cfg.levels, known_rows, args.k), 256, args.out, nrow=args.k + 2)
+        save_grid(completion_grid(originals, samples, cfg.levels, known_rows, args.k), 256, args.out, nrow=args.k + 2, scale=args.scale)
     else:
         labels = None
         if cfg.num_classes:
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("--label: this model is not class-conditional")
         samples = sample_images(model, args.n, args.seed, args.temperature, labels, sampler=args.sampler,
                                 device=args.device, progress=True)
-        save_grid(samples, cfg.levels, args.out, nrow=args.nrow)
+        save_grid(samples, cfg.levels, args.out, nrow=args.nrow, scale=args.scale)
     if args.npy:
         np.save(args.npy, samples)
     return {"out": str(args.out), "images": int(len(samples)), "shape": list(samples.shape[1:]),
