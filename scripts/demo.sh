@@ -25,4 +25,7 @@ echo "== 3. completing 4 validation images from their top half -> $OUT/completio
 $PY -m training.sample --checkpoint "$CKPT" --complete --split valid --n 4 --k 3 --seed 0 \
     --out "$OUT/completions.png"
 
+echo "== 4. exporting the row cell and the scorer to ONNX (checked against torch) -> $OUT/export"
+$PY export/build_engine.py --checkpoint "$CKPT" --out "$OUT/export"
+
 echo "== demo done: see $OUT/"
