@@ -57,6 +57,7 @@ class RowEvent:
     row: np.ndarray  # (B, C, W) uint8
     logprob: np.ndarray  # (B,) float32, log p of the row (grid columns left out in the big stage)
     active: int  # sequences held by the engine after this step
+    batched: int  # images in the cell call that made this row (all sequences in the call)
 
 
 class Sink(Protocol):
@@ -324,12 +325,12 @@ class Engine:
                 self._drop(seq, f"sampling failed: {type(e).__name__}: {e}")
             return
         offsets = np.cumsum([0] + sizes)
-        active = len(self._sequences)
+        active, batched = len(self._sequences), int(offsets[-1])
         for seq, a, b in zip(seqs, offsets[:-1], offsets[1:]):
             seq.state = tuple(s[a:b] for s in new_state)
             values = np.asarray(row[a:b], np.int64)
             seq.canvases[stage_index][:, :, seq.row] = values
-            event = RowEvent(seq.key, stage_index, seq.row, values.astype(np.uint8), np.asarray(logprob[a:b], np.float32), active)
+            event = RowEvent(seq.key, stage_index, seq.row, values.astype(np.uint8), np.asarray(logprob[a:b], np.float32), active, batched)
             try:
                 self._advance(seq)
             except Exception as e:  # noqa: BLE001 - the multi-scale condition graph failed

@@ -26,6 +26,7 @@ unless said otherwise:
          ROW           uint8 B x C x W_stage, the row's values
          ROW_LOGPROB   float32 B, log p of the row (multi-scale full stage: grid pixels left out)
          ACTIVE        int32 [1], sequences the sampler holds
+         CALL_BATCH    int32 [1], images in the cell call that made the row (all sequences in it)
   then an empty response flagged final (tritonclient: enable_empty_final_response=True).
   A sequence is freed when its image is complete, at sequence_end, on an error, when the
   client cancels, or after the idle timeout without a request; errors arrive per request.
@@ -51,6 +52,7 @@ ROW_INDEX = "ROW_INDEX"
 ROW = tn.ROW
 ROW_LOGPROB = "ROW_LOGPROB"
 ACTIVE = "ACTIVE"
+CALL_BATCH = "CALL_BATCH"
 
 
 def score_model(name: str) -> str:

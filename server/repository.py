@@ -77,6 +77,7 @@ def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dic
         _io(p.ROW, "TYPE_UINT8", [-1, c, -1]),  # the width is the stage's (multi-scale: W/f, then W)
         _io(p.ROW_LOGPROB, "TYPE_FP32", [-1]),
         _io(p.ACTIVE, "TYPE_INT32", [1]),
+        _io(p.CALL_BATCH, "TYPE_INT32", [1]),
     ]
     return (
         f'name: "{p.sample_model(manifest["name"])}"\nbackend: "python"\n'

@@ -97,6 +97,7 @@ def test_all_sequences_advance_in_one_batched_call_per_step():
         engine.start(k, spec, sinks[k])
     drain(engine)
     assert runner.calls == [(0, 6)] * 4  # 4 rows, all three sequences in every call
+    assert {e.batched for s in sinks.values() for e in s.rows} == {6}
     for k, spec in specs.items():
         assert sinks[k].finished.is_set() and not sinks[k].errors
         np.testing.assert_array_equal(sinks[k].image(), solo(FakeRunner(), spec))

@@ -44,6 +44,7 @@ class ResponseSink:
             pb_utils.Tensor(p.ROW, np.ascontiguousarray(event.row, np.uint8)),
             pb_utils.Tensor(p.ROW_LOGPROB, np.ascontiguousarray(event.logprob, np.float32)),
             pb_utils.Tensor(p.ACTIVE, np.array([event.active], np.int32)),
+            pb_utils.Tensor(p.CALL_BATCH, np.array([event.batched], np.int32)),
         ]))
 
     def done(self) -> None:

@@ -1,0 +1,95 @@
+"""server/repository.py: the folders and configs it writes (parsed with Triton's own
+ModelConfig protobuf), without starting a server."""
+import json
+
+import pytest
+from google.protobuf import text_format
+
+from server import protocol as p
+from server.repository import write_repository
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+
+def manifest(name="tiny", shape=(3, 8, 6), levels=4, num_classes=0, multiscale=False):
+    stages = ["small_cell", "big_cell"] if multiscale else ["cell"]
+    artifacts = {s: {"file": f"{s}.onnx"} for s in stages + (["condition"] if multiscale else []) + ["scorer"]}
+    return {
+        "format": "pixelrnn-export/1", "name": name, "arch": "multiscale" if multiscale else "pixelcnn", "shape": list(shape),
+        "levels": levels, "num_classes": num_classes, "max_batch": 16, "stages": stages, "artifacts": artifacts,
+        "multiscale": {"factor": 2, "small_shape": [shape[0], shape[1] // 2, shape[2] // 2]} if multiscale else None,
+        "files": [a["file"] for a in artifacts.values()],
+    }
+
+
+def onnx_folder(tmp_path, m):
+    folder = tmp_path / "onnx"
+    folder.mkdir(exist_ok=True)
+    for f in m["files"]:
+        (folder / f).write_bytes(b"onnx " + f.encode())
+    return folder
+
+
+def config(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_score_and_sample_models_are_written(tmp_path):
+    m = manifest(num_classes=3)
+    written = write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo", sequence_idle_s=7.5, max_sequences=99, project_root=tmp_path)
+    assert [d.name for d in written] == ["tiny_score", "tiny_sample"]
+    score, sample = tmp_path / "repo" / "tiny_score", tmp_path / "repo" / "tiny_sample"
+    assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "scorer.onnx"]
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py"]
+    assert json.loads((sample / "1" / "manifest.json").read_text()) == m
+    assert "TritonPythonModel" in (sample / "1" / "model.py").read_text()
+
+    s = config(score / "config.pbtxt")
+    assert s.name == "tiny_score" and s.backend == "python" and s.max_batch_size == 16
+    assert [(i.name, list(i.dims), i.optional) for i in s.input] == [(p.IMAGES, [3, 8, 6], False), (p.LABELS, [1], True)]
+    assert s.input[0].data_type == model_config_pb2.TYPE_UINT8 and s.input[1].data_type == model_config_pb2.TYPE_INT64
+    assert [o.name for o in s.output] == [p.NLL_NATS, p.BITS_PER_DIM]
+    assert list(s.dynamic_batching.preferred_batch_size) == [4, 8, 16] and s.dynamic_batching.max_queue_delay_microseconds > 0
+    assert s.parameters["project_root"].string_value == str(tmp_path)
+
+    q = config(sample / "config.pbtxt")
+    assert q.name == "tiny_sample" and q.max_batch_size == 0 and q.model_transaction_policy.decoupled
+    assert q.sequence_batching.max_sequence_idle_microseconds == 7_500_000
+    assert q.sequence_batching.oldest.max_candidate_sequences == 99
+    inputs = {i.name: i for i in q.input}
+    assert set(inputs) == {p.BATCH_SIZE, p.TEMPERATURE, p.SEED, p.LABELS, p.KNOWN, p.MAX_ROWS}
+    assert all(i.optional for i in q.input)
+    assert inputs[p.TEMPERATURE].data_type == model_config_pb2.TYPE_FP64 and list(inputs[p.KNOWN].dims) == [-1, 3, -1, 6]
+    assert [o.name for o in q.output] == [p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB, p.ACTIVE, p.CALL_BATCH]
+    assert len(q.instance_group) == 1 and q.instance_group[0].count == 1
+
+
+def test_unconditional_and_multiscale_models(tmp_path):
+    m = manifest(name="ms", shape=(1, 8, 8), multiscale=True)
+    write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo")
+    sample = tmp_path / "repo" / "ms_sample"
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "small_cell.onnx"]
+    assert p.LABELS not in {i.name for i in config(sample / "config.pbtxt").input}
+    assert [i.name for i in config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input] == [p.IMAGES]
+
+
+def test_rewriting_replaces_the_old_models(tmp_path):
+    m = manifest()
+    folder = onnx_folder(tmp_path, m)
+    write_repository(m, folder, tmp_path / "repo")
+    (tmp_path / "repo" / "tiny_sample" / "1" / "stale.onnx").write_bytes(b"")
+    write_repository(m, folder, tmp_path / "repo", sequence_idle_s=3)
+    assert not (tmp_path / "repo" / "tiny_sample" / "1" / "stale.onnx").exists()
+    assert config(tmp_path / "repo" / "tiny_sample" / "config.pbtxt").sequence_batching.max_sequence_idle_microseconds == 3_000_000
+    assert sorted(d.name for d in (tmp_path / "repo").iterdir()) == ["tiny_sample", "tiny_score"]
+
+
+def test_missing_files_and_bad_names_are_refused(tmp_path):
+    m = manifest()
+    folder = onnx_folder(tmp_path, m)
+    (folder / "cell.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="cell.onnx"):
+        write_repository(m, folder, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "tiny_score").exists()
+    with pytest.raises(ValueError, match="plain identifier"):
+        write_repository(manifest(name="../x"), folder, tmp_path / "repo")
