@@ -85,8 +85,9 @@ def python_env(venv: Path) -> dict[str, str]:
 def load_failures(log: str) -> list[str]:
     """'model: reason' for each model Triton says it failed to load."""
     found = {}
-    for m in re.finditer(r"failed to load '([^']+)' version \d+: (.*)", log):
-        found.setdefault(m.group(1), m.group(2).strip())
+    for m in re.finditer(r"failed to load '([^']+)' version \d+: (.*)", log):  # one quoted line, \n escaped
+        why = m.group(2).strip().removesuffix('"').replace("\\n", "\n").strip()
+        found.setdefault(m.group(1), "\n    ".join(line.rstrip() for line in why.splitlines() if line.strip()))
     for m in re.finditer(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|\s*$", log, re.M):  # the status table
         found.setdefault(m.group(1), m.group(2).strip())
     return [f"{name}: {why}" for name, why in found.items()]
