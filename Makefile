@@ -20,3 +20,16 @@ demo: setup
 
 clean:
 	rm -rf .venv .triton .pytest_cache runs
+
+# Serve on loopback until Ctrl-C: `make serve CHECKPOINT=checkpoints/X.pt` first exports the
+# checkpoint into REPOSITORY (models NAME_score and NAME_sample, NAME = the architecture unless
+# given); `make serve` alone serves REPOSITORY as it is.
+REPOSITORY ?= model_repository
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+serve: setup
+ifdef CHECKPOINT
+	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
+endif
+	$(PY) -m server --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
