@@ -10,12 +10,18 @@ Both models run in Triton's Python backend (the wheel's server has no onnxruntim
 which calls onnxruntime; model.py comes from server/triton_models/ and imports the project
 from `project_root`, a config parameter, because the backend's Python ignores PYTHONPATH.
 The request/response protocol is in server/protocol.py.
+
+To (re)write a repository from an export folder with other settings than build_engine's:
+    python -m server.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
+        [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from server import protocol as p
@@ -139,3 +145,29 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         tmp.rename(target)
         written.append(target)
     return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.repository", description="Write NAME_score and NAME_sample from an export folder.")
+    parser.add_argument("--export", required=True, help="folder with manifest.json and the ONNX files (export/build_engine.py --out)")
+    parser.add_argument("--repository", required=True)
+    parser.add_argument("--sequence-idle-s", type=float, default=60.0, help="free a sampling sequence idle this long")
+    parser.add_argument("--max-sequences", type=int, default=1024, help="sequences Triton tracks at once")
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="scorer: how long to wait to fill a batch")
+    parser.add_argument("--score-instances", type=int, default=1)
+    parser.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime threads per graph")
+    args = parser.parse_args(argv)
+    try:
+        manifest = json.loads((Path(args.export) / MANIFEST).read_text())
+        written = write_repository(manifest, args.export, args.repository, sequence_idle_s=args.sequence_idle_s,
+                                   max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
+                                   score_instances=args.score_instances, onnx_threads=args.onnx_threads)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(d) for d in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

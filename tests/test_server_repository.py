@@ -93,3 +93,16 @@ def test_missing_files_and_bad_names_are_refused(tmp_path):
     assert not (tmp_path / "repo" / "tiny_score").exists()
     with pytest.raises(ValueError, match="plain identifier"):
         write_repository(manifest(name="../x"), folder, tmp_path / "repo")
+
+
+def test_command_line_rewrites_with_other_settings(tmp_path, capsys):
+    from server.repository import main
+
+    m = manifest()
+    folder = onnx_folder(tmp_path, m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    assert main(["--export", str(folder), "--repository", str(tmp_path / "repo"), "--sequence-idle-s", "5", "--max-sequences", "8"]) == 0
+    q = config(tmp_path / "repo" / "tiny_sample" / "config.pbtxt")
+    assert q.sequence_batching.max_sequence_idle_microseconds == 5_000_000 and q.sequence_batching.oldest.max_candidate_sequences == 8
+    assert main(["--export", str(tmp_path / "nothing"), "--repository", str(tmp_path / "repo")]) == 2
+    assert "error:" in capsys.readouterr().err
