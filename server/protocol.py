@@ -10,7 +10,7 @@ NAME_sample (Python backend, decoupled = streaming, stateful: every request carr
 id, Triton's correlation id; max_batch_size 0). All inputs are optional and hold one value
 unless said otherwise:
   START request (sequence_start=True):
-         BATCH_SIZE    int32, images in this sequence (default 1, at most max_batch)
+         BATCH_SIZE    int32, images in this sequence (default: KNOWN's, else 1; at most max_batch)
          TEMPERATURE   float64, >= 0, 0 = greedy (default 1)
          SEED          uint64 (default: a random one); the same seed gives the same images as
                        export.cells.sample_cached / training.sample.sample_reference

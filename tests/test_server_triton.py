@@ -269,7 +269,7 @@ def test_completion_keeps_the_known_rows_and_resume_continues_the_image(deployed
     client.send("gated_sample", 42, start=True, batch=2, seed=77, labels=[1], max_rows=2)
     first, errors = client.collect()
     assert not errors and len(first) == 2
-    client.send("gated_sample", 43, start=True, end=True, batch=2, seed=77, labels=[1], known=image(first, 0))
+    client.send("gated_sample", 43, start=True, end=True, seed=77, labels=[1], known=image(first, 0))  # B from KNOWN
     rest, errors = client.collect()
     assert not errors
     np.testing.assert_array_equal(image(rest, 0), expected(gated, 2, 77, labels=[1]))

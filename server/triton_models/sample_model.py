@@ -105,12 +105,14 @@ class TritonPythonModel:
                 max_rows = one_value(request, p.MAX_ROWS, int)
                 end = bool(flags & END)
                 if flags & START:
+                    known = array(request, p.KNOWN)
+                    seed = one_value(request, p.SEED, int)
                     spec = SampleSpec(
-                        batch=one_value(request, p.BATCH_SIZE, int, 1),
+                        batch=one_value(request, p.BATCH_SIZE, int, 1 if known is None else known.shape[0]),
                         temperature=one_value(request, p.TEMPERATURE, float, 1.0),
-                        seed=one_value(request, p.SEED, int, secrets.randbits(63)),
+                        seed=secrets.randbits(63) if seed is None else seed,
                         labels=array(request, p.LABELS),
-                        known=array(request, p.KNOWN),
+                        known=known,
                     )
                     self.engine.start(key, spec, sink, max_rows, end)
                 else:
