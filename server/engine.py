@@ -205,7 +205,11 @@ class Engine:
                     return
                 if not self._inbox and not self._ready():
                     self._cv.wait(self.poll)
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a bug must not leave every stream hanging
+                for seq in list(self._sequences.values()):
+                    self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}")
 
     def _ready(self) -> list[_Sequence]:
         return [s for s in self._sequences.values() if s.requests and s.requests[0].rows_left != 0]
@@ -292,7 +296,7 @@ class Engine:
                 _safe(request.sink.done)
                 seq.last_active = now
                 if request.end:
-                    self._free(seq)
+                    self._drop(seq, f"sequence {seq.key} was ended by an earlier request")  # anything queued after the end
                     break
             if seq.key not in self._sequences:
                 continue

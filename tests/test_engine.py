@@ -315,3 +315,28 @@ def test_engine_images_are_sample_cached_images(exported):
             np.testing.assert_array_equal(want[:, :, :3], known)
     # The three sequences run in step: one call per row of each stage.
     assert engine.calls == sum(st.height for st in runner.stages)
+
+
+def test_requests_after_an_end_and_worker_bugs_get_errors_not_silence():
+    engine = Engine(FakeRunner())
+    first, after = Sink(), Sink()
+    engine.start(1, SampleSpec(), first, max_rows=1, end=True)
+    engine.resume(1, after)
+    drain(engine)
+    assert len(first.rows) == 1 and first.finished.is_set() and not first.errors
+    assert "ended" in after.errors[0] and engine.active == 0
+
+    engine = Engine(FakeRunner(), poll=0.05)
+    real_step = engine.step
+
+    def step_with_bug():
+        if engine.active:  # the step after the sequence opened
+            raise KeyError("bug")
+        return real_step()
+
+    engine.step = step_with_bug
+    engine.start_worker()
+    hanging = Sink()
+    engine.start(1, SampleSpec(), hanging)
+    assert hanging.finished.wait(10) and "internal error" in hanging.errors[0]
+    engine.stop()
