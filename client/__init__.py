@@ -1,1 +1,4 @@
-"""client."""
+"""gRPC client of the Triton deployment (server/): library (client.library) and `python -m client`."""
+from client.library import ClientError, ModelInfo, PixelClient, Row, Scores, assemble
+
+__all__ = ["ClientError", "ModelInfo", "PixelClient", "Row", "Scores", "assemble"]

@@ -1,0 +1,209 @@
+"""Sample, complete and score images with a model served by Triton (`python -m server`).
+
+    python -m client sample   --url localhost:8001 --model NAME --n 16 --out grid.png [--seed S]
+                              [--temperature T] [--label L] [--npy samples.npy]
+    python -m client complete --url ... --model NAME (--input FILE... | --data NAME [--split valid])
+                              [--n 4] [--known-rows R] [--k 3] --out grid.png [--npy completions.npy]
+    python -m client score    --url ... --model NAME FILE... [--label L] [--json]
+
+Images go in and out as .npy arrays of levels (N x C x H x W, N x H x W for grey models, C x H x W
+or H x W for one image) or as PNG files (0..255, mapped to the model's levels). Any failure
+prints one line `error: ...` on stderr and exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.library import DEFAULT_URL, ClientError, ModelInfo, PixelClient, assemble
+
+
+def display_levels(info: ModelInfo, images: np.ndarray) -> int:
+    """The model's levels, for turning levels into grey values; where the server does not say,
+    the smallest power of two above the largest value."""
+    if info.levels:
+        return info.levels
+    top = int(images.max()) if images.size else 1
+    return min(256, 2 ** max(1, math.ceil(math.log2(top + 1))))
+
+
+def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Images uint8 (N, C, H, W) from .npy / PNG files, and (file, index in the file) per image."""
+    from training.images import load_images
+
+    c, h, w = client.info.shape
+    images, where = [], []
+    for path in paths:
+        if Path(path).suffix.lower() == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except FileNotFoundError:
+                raise ClientError(f"{path}: file not found") from None
+            except (OSError, ValueError) as e:
+                raise ClientError(f"{path}: not a readable .npy array ({e})") from None
+            if arr.shape == (c, h, w) or (c == 1 and arr.shape == (h, w)):
+                arr = arr.reshape(1, c, h, w)  # one image
+            elif arr.ndim == 3 and c == 1 and arr.shape[1:] == (h, w):
+                arr = arr[:, None]  # (N, H, W) -> (N, 1, H, W)
+        else:
+            if not client.info.levels:
+                raise ClientError(f"{path}: reading a PNG needs the model's levels, which the server does not publish; give a .npy of levels")
+            try:
+                arr = load_images([path], client.info.levels)
+            except ValueError as e:
+                raise ClientError(str(e)) from None
+        images.append(client.check_images(arr, what=path))
+        where += [(path, i) for i in range(len(arr))]
+    if not images:
+        raise ClientError("no input files given")
+    return np.concatenate(images), where
+
+
+def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first --n images of --data's --split, and their labels (conditional models)."""
+    from training.data import load
+    from training.train import data_spec_from_args
+
+    data = load(data_spec_from_args(args), args.split)
+    info = client.info
+    if data.shape != info.shape or (info.levels and data.levels != info.levels):
+        raise ClientError(f"{data.description}: images {data.shape} with {data.levels} levels do not fit model "
+                          f"{info.name!r} ({' x '.join(map(str, info.shape))}" + (f", {info.levels} levels)" if info.levels else ")"))
+    labels = None
+    if info.conditional and args.label is None:
+        if data.labels is None:
+            raise ClientError(f"{data.description} has no labels and the model is class-conditional: give --label")
+        labels = data.labels[:args.n]
+    return client.check_images(data.images[:args.n], what=data.description), labels
+
+
+def cmd_sample(args, client: PixelClient) -> dict:
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=client.info.rows, desc="rows", unit="row", file=sys.stderr, leave=False) as bar:
+        for row in client.sample(args.n, args.seed, args.temperature, args.label):
+            rows.append(row)
+            bar.update(1)
+    samples = assemble(rows, client.info.shape)
+    return write_outputs(args, samples, lambda: (samples, display_levels(client.info, samples), args.nrow))
+
+
+def cmd_complete(args, client: PixelClient) -> dict:
+    from training.sample import completion_grid
+
+    if (args.input is None) == (args.data is None):
+        raise ClientError("give either --input FILE... or --data NAME")
+    if args.n < 1 or args.k < 1:
+        raise ClientError("--n and --k must be at least 1")
+    if args.input:
+        originals, _ = read_inputs(args.input, client)
+        originals, labels = originals[:args.n], None
+    else:
+        originals, labels = data_images(args, client)
+    h = client.info.shape[1]
+    known_rows = h // 2 if args.known_rows is None else args.known_rows
+    known = np.repeat(originals, args.k, axis=0)  # each example k times, consecutively
+    label = np.repeat(labels, args.k) if labels is not None else args.label
+    samples = client.complete(known, known_rows, args.seed, args.temperature, label)
+    levels = display_levels(client.info, np.concatenate([originals, samples]))
+    return write_outputs(args, samples, lambda: (completion_grid(originals, samples, levels, known_rows, args.k), 256, args.k + 2))
+
+
+def write_outputs(args, samples: np.ndarray, grid) -> dict:
+    from training.images import save_grid
+
+    images, levels, nrow = grid()
+    try:
+        save_grid(images, levels, args.out, nrow=nrow, scale=args.scale)
+        if args.npy:
+            np.save(args.npy, samples)
+    except OSError as e:
+        raise ClientError(f"cannot write the output: {e}") from None
+    return {"out": str(args.out), "npy": args.npy, "images": int(len(samples)), "shape": list(samples.shape[1:])}
+
+
+def cmd_score(args, client: PixelClient) -> dict | None:
+    images, where = read_inputs(args.files, client)
+    scores = client.score(images, args.label)
+    records = [{"file": f, "index": i, "nll_nats": float(n), "bits_per_dim": float(b)}
+               for (f, i), n, b in zip(where, scores.nll_nats, scores.bits_per_dim)]
+    mean = {"nll_nats": float(np.mean(scores.nll_nats)), "bits_per_dim": float(np.mean(scores.bits_per_dim))}
+    if args.json:
+        print(json.dumps({"model": client.model, "scores": records, "mean": mean}))
+        return None
+    width = max(len("file"), *(len(r["file"]) for r in records))
+    print(f"{'file':<{width}}  {'index':>5}  {'nll_nats':>12}  {'bits_per_dim':>12}")
+    for r in records:
+        print(f"{r['file']:<{width}}  {r['index']:>5}  {r['nll_nats']:>12.4f}  {r['bits_per_dim']:>12.5f}")
+    print(f"{'mean':<{width}}  {len(records):>5}  {mean['nll_nats']:>12.4f}  {mean['bits_per_dim']:>12.5f}")
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address host:port (default {DEFAULT_URL})")
+        sub.add_argument("--model", required=True, help="the deployment's model name (serves NAME_sample and NAME_score)")
+        sub.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server on any one call or row")
+        return sub
+
+    def sampling(sub: argparse.ArgumentParser, n: int, what: str) -> None:
+        sub.add_argument("--n", type=int, default=n, help=what)
+        sub.add_argument("--seed", type=int, help="the same seed gives the same images (default: random)")
+        sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        sub.add_argument("--label", type=int, help="class id for every image (class-conditional models)")
+        sub.add_argument("--out", required=True, help="PNG grid to write")
+        sub.add_argument("--npy", help="also save the images' levels (n, C, H, W) as .npy")
+        sub.add_argument("--scale", type=int, default=3, help="enlarge the PNG grid by this factor")
+
+    sample = command("sample", "sample images, streamed row by row")
+    sampling(sample, 16, "images to sample")
+    sample.add_argument("--nrow", type=int, help="images per grid row")
+
+    complete = command("complete", "complete images from their first rows: grid rows of original | occluded | completions")
+    sampling(complete, 4, "examples to complete")
+    complete.add_argument("--input", nargs="+", help=".npy / PNG images to complete")
+    complete.add_argument("--data", help="or a data set (training.data): binarized-mnist, fashion-mnist, ..., synthetic")
+    complete.add_argument("--data-dir", help="directory of the data files (default: the source's own)")
+    complete.add_argument("--bits", type=int, help="quantization of grey/colour data: levels = 2**bits")
+    complete.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="other DataSpec field; repeatable")
+    complete.add_argument("--split", default="valid", choices=("train", "valid", "test"))
+    complete.add_argument("--known-rows", type=int, help="rows kept (default: half the image)")
+    complete.add_argument("--k", type=int, default=3, help="completions per example")
+
+    score = command("score", "print -log p of images (nats and bits per dimension)")
+    score.add_argument("files", nargs="+", help=".npy (one image or a batch) or PNG files")
+    score.add_argument("--label", type=int, help="class id of every image (class-conditional models)")
+    score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser.parse_args(argv)
+
+
+COMMANDS = {"sample": cmd_sample, "complete": cmd_complete, "score": cmd_score}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        with PixelClient(args.url, args.model, timeout=args.timeout, row_timeout=args.timeout) as client:
+            result = COMMANDS[args.command](args, client)
+    except (ClientError, ValueError, OSError) as e:  # training.data's DataError is a ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+    if result is not None:
+        result["seconds"] = round(time.monotonic() - started, 3)
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,339 @@
+"""Python client of a deployed checkpoint: NAME_sample (streamed rows) and NAME_score over gRPC.
+
+    client = PixelClient("localhost:8001", model="NAME")
+    for row in client.sample(16, seed=0):         # rows as the server makes them
+        ...                                         # row.stage, row.index, row.pixels (16, C, W_stage)
+    images = client.sample_images(16, seed=0)     # uint8 levels (16, C, H, W)
+    done = client.complete(images, known_rows=3)  # rows < 3 kept, the rest sampled
+    scores = client.score(images)                 # .nll_nats, .bits_per_dim, (16,) each
+
+The same seed gives the images export.cells.sample_cached gives (for n <= the model's max batch;
+a larger n runs as several sequences, chunk k seeded seed + k). Everything that goes wrong,
+unreachable server, unknown model, bad input, an error from the model, comes out as a
+ClientError whose message is one line. The protocol is in server/protocol.py.
+
+What the client knows of the model comes from Triton's config of NAME_score: the image shape
+(IMAGES dims), the max batch, whether it takes LABELS, and, where the repository writes them as
+config parameters, `levels`, `num_classes` and `stage_rows` (rows streamed per stage, e.g.
+"3,6"). Without those the server is left to check values and labels.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import secrets
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from server import protocol as p
+
+DEFAULT_URL = "localhost:8001"
+UINT64 = 2**64
+
+
+class ClientError(RuntimeError):
+    """The server could not be used or refused a request; str() is one line saying why."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the server wrote
+
+
+class Row(NamedTuple):
+    index: int  # the row within its stage
+    stage: int  # 0; multi-scale: 0 the small image, 1 the full one
+    pixels: np.ndarray  # uint8 (n, C, W_stage)
+    logprob: np.ndarray  # float32 (n,), log p of the row
+
+
+class Scores(NamedTuple):
+    nll_nats: np.ndarray  # float32 (N,), -log p(image) in nats
+    bits_per_dim: np.ndarray  # float32 (N,)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    max_batch: int  # images per score request and per sampling sequence
+    conditional: bool  # takes LABELS
+    levels: int | None = None  # None: the server's config does not say
+    num_classes: int | None = None
+    stage_rows: tuple[int, ...] | None = None  # rows streamed per stage
+
+    @property
+    def rows(self) -> int | None:
+        """Rows one sequence streams (all stages), if known."""
+        return sum(self.stage_rows) if self.stage_rows else None
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, InferenceServerException):
+        return e.message() or str(e)
+    return str(e)
+
+
+def _is_unavailable(e: Exception) -> bool:
+    return isinstance(e, InferenceServerException) and "UNAVAILABLE" in str(e.status() or "")
+
+
+def model_info(name: str, config: dict) -> ModelInfo:
+    """ModelInfo from NAME_score's config (tritonclient's get_model_config(as_json=True)["config"])."""
+    inputs = {i["name"]: i for i in config.get("input", [])}
+    images = inputs.get(p.IMAGES)
+    dims = [int(d) for d in images.get("dims", [])] if images else []
+    if images is None or images.get("data_type") != "TYPE_UINT8" or len(dims) != 3 or min(dims) < 1:
+        raise ClientError(f"{p.score_model(name)} does not look like a PixelRNN scorer (no uint8 {p.IMAGES} C x H x W input)")
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+    def number(key: str) -> int | None:
+        try:
+            return int(params[key]) if key in params else None
+        except ValueError:
+            raise ClientError(f"{p.score_model(name)}: config parameter {key}={params[key]!r} is not a number") from None
+
+    stage_rows = None
+    if params.get("stage_rows"):
+        try:
+            stage_rows = tuple(int(r) for r in params["stage_rows"].split(","))
+        except ValueError:
+            raise ClientError(f"{p.score_model(name)}: config parameter stage_rows={params['stage_rows']!r} is not a list of rows") from None
+    return ModelInfo(name=name, shape=tuple(dims), max_batch=max(1, int(config.get("max_batch_size", 1))),
+                     conditional=p.LABELS in inputs, levels=number("levels"), num_classes=number("num_classes") or None,
+                     stage_rows=stage_rows)
+
+
+def assemble(rows: Iterable[Row], shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """The final images (n, C, H, W) from a sequence's rows: the last stage's rows, in order
+    (multi-scale: stage 0 is the small image, stage 1 the full one)."""
+    rows = list(rows)
+    if not rows:
+        raise ClientError("no rows to assemble")
+    last = max(r.stage for r in rows)
+    rows = [r for r in rows if r.stage == last]
+    if [r.index for r in rows] != list(range(len(rows))):
+        raise ClientError(f"stage {last} rows are missing or out of order: {[r.index for r in rows]}")
+    images = np.stack([r.pixels for r in rows], axis=2)  # H x (n, C, W) -> (n, C, H, W)
+    if shape is not None and images.shape[1:] != tuple(shape):
+        raise ClientError(f"the server streamed images of shape {images.shape[1:]}, expected {tuple(shape)}")
+    return images
+
+
+def correlation_id() -> int:
+    """A random nonzero sequence id (tritonclient sends it as int64, hence 63 bits)."""
+    return secrets.randbits(63) or 1
+
+
+def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    value = np.ascontiguousarray(value)
+    t = grpcclient.InferInput(name, list(value.shape), dtype)
+    t.set_data_from_numpy(value)
+    return t
+
+
+def _integers(what: str, values, low: int, high: int | None) -> np.ndarray:
+    """Integer-valued array in [low, high) (high None: not checked), as int64."""
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        arr = arr.astype(np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
+        raise ClientError(f"{what} must be integers, got {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < low or (high is not None and arr.max() >= high)):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ClientError(f"{what} must be in {bound}, got values {arr.min()}..{arr.max()}")
+    return arr
+
+
+class PixelClient:
+    """Client of NAME_sample and NAME_score on a Triton server at `url` (host:port, gRPC)."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = "", timeout: float = 60.0, row_timeout: float = 300.0):
+        """Reads the model's config: raises ClientError if the server is unreachable or does not
+        serve both NAME_score and NAME_sample. `timeout` bounds each metadata/score call,
+        `row_timeout` the wait for any one streamed row."""
+        if not model:
+            raise ClientError("no model name given")
+        self.url, self.model = url, model
+        self.timeout, self.row_timeout = timeout, row_timeout
+        try:
+            self._client = grpcclient.InferenceServerClient(url)
+        except Exception as e:  # noqa: BLE001 - a malformed url fails here
+            raise ClientError(f"cannot use server address {url!r}: {_message(e)}") from None
+        self.info = self._read_info()
+
+    # -- connection and metadata --------------------------------------------------------------
+    def _fail(self, e: Exception, doing: str) -> ClientError:
+        if _is_unavailable(e):
+            return ClientError(f"cannot reach the Triton server at {self.url} ({_message(e)})")
+        message = _message(e)
+        if "unknown model" in message:
+            return ClientError(f"model {self.model!r} is not served at {self.url} ({message})")
+        return ClientError(f"{doing}: {message}")
+
+    def _read_info(self) -> ModelInfo:
+        configs = {}
+        for name in (p.score_model(self.model), p.sample_model(self.model)):
+            try:
+                configs[name] = self._client.get_model_config(name, as_json=True, client_timeout=self.timeout)["config"]
+            except InferenceServerException as e:
+                raise self._fail(e, f"reading the config of {name}") from None
+        return model_info(self.model, configs[p.score_model(self.model)])
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "PixelClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- input checks ---------------------------------------------------------------------------
+    def check_images(self, images, what: str = "images") -> np.ndarray:
+        """(N, C, H, W) levels (or (N, H, W) for a grey model) -> uint8 (N, C, H, W); ClientError if
+        the shape is not the model's or a value is not a level."""
+        c, h, w = self.info.shape
+        arr = np.asarray(images)
+        if arr.ndim == 3 and c == 1:
+            arr = arr[:, None]  # (N, H, W) -> (N, 1, H, W)
+        if arr.ndim != 4 or arr.shape[1:] != (c, h, w):
+            raise ClientError(f"{what} must be N x {c} x {h} x {w} (the model's shape), got {' x '.join(map(str, arr.shape))}")
+        high = self.info.levels if self.info.levels is not None else 256
+        return _integers(f"{what} values" + (" (the model's levels)" if self.info.levels else ""), arr, 0, high).astype(np.uint8)
+
+    def check_labels(self, labels, n: int) -> np.ndarray | None:
+        """None, one class id, or n of them -> int64 (n,) for a conditional model (None there cycles
+        through the classes when the model's class count is known), None otherwise."""
+        if not self.info.conditional:
+            if labels is not None:
+                raise ClientError(f"model {self.model!r} is not class-conditional: give no label")
+            return None
+        if labels is None:
+            if not self.info.num_classes:
+                raise ClientError(f"model {self.model!r} is class-conditional: give a label (class id)")
+            return np.arange(n, dtype=np.int64) % self.info.num_classes
+        arr = _integers("labels", np.atleast_1d(np.asarray(labels)).reshape(-1), 0, self.info.num_classes)
+        if arr.size == 1:
+            arr = np.repeat(arr, n)
+        if arr.shape != (n,):
+            raise ClientError(f"labels: give one class id or one per image ({n}), got {arr.size}")
+        return arr
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
+               known_rows: int = 0) -> Iterator[Row]:
+        """Sample n images; yields every row as the server streams it (known rows included), each
+        stage's rows in order. `label`: one class id or n (class-conditional models). `known`
+        (n, C, >= known_rows, W) with known_rows > 0: those rows are kept (completion).
+        Checks the arguments now, before the first row is asked for."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ClientError(f"n must be a positive number of images, got {n!r}")
+        if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature) and temperature >= 0):
+            raise ClientError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < UINT64):
+            raise ClientError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        n, c, h, w = int(n), *self.info.shape
+        labels = self.check_labels(label, n)
+        if not 0 <= known_rows <= h:
+            raise ClientError(f"known_rows must be in [0, {h}], got {known_rows}")
+        if known_rows:
+            if known is None:
+                raise ClientError("known_rows > 0 needs the known images")
+            known = np.asarray(known)
+            if known.ndim != 4 or known.shape[0] != n or known.shape[1] != c or known.shape[3] != w or known.shape[2] < known_rows:
+                raise ClientError(f"known images must be {n} x {c} x R x {w} with R >= {known_rows}, got {' x '.join(map(str, known.shape))}")
+            known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256).astype(np.uint8)
+        chunks = []  # (first image, images, seed)
+        for k, a in enumerate(range(0, n, self.info.max_batch)):
+            chunks.append((a, min(self.info.max_batch, n - a), None if seed is None else (int(seed) + k) % UINT64))
+        return self._stream(chunks, float(temperature), labels, known if known_rows else None)
+
+    def _stream(self, chunks, temperature, labels, known) -> Iterator[Row]:
+        """One gRPC stream, one sequence per chunk; yields each row once every chunk has sent it."""
+        responses = queue.Queue()
+        stream = grpcclient.InferenceServerClient(self.url)
+        finished = False
+        try:
+            stream.start_stream(callback=lambda result, error: responses.put((result, error)))
+            for k, (a, size, seed) in enumerate(chunks):
+                inputs = [_tensor(p.BATCH_SIZE, np.array([size], np.int32), "INT32"),
+                          _tensor(p.TEMPERATURE, np.array([temperature], np.float64), "FP64")]
+                if seed is not None:
+                    inputs.append(_tensor(p.SEED, np.array([seed], np.uint64), "UINT64"))
+                if labels is not None:
+                    inputs.append(_tensor(p.LABELS, labels[a:a + size], "INT64"))
+                if known is not None:
+                    inputs.append(_tensor(p.KNOWN, known[a:a + size], "UINT8"))
+                stream.async_stream_infer(p.sample_model(self.model), inputs, request_id=str(k), sequence_id=correlation_id(),
+                                          sequence_start=True, sequence_end=True, enable_empty_final_response=True)
+            pending = [[] for _ in chunks]  # per chunk: rows received but not yet yielded
+            open_chunks = len(chunks)
+            while open_chunks:
+                try:
+                    result, error = responses.get(timeout=self.row_timeout)
+                except queue.Empty:
+                    raise ClientError(f"no row from {p.sample_model(self.model)} for {self.row_timeout:g} s") from None
+                if error is not None:
+                    raise self._fail(error, f"{p.sample_model(self.model)} failed")
+                response = result.get_response()
+                if response.parameters["triton_final_response"].bool_param:
+                    open_chunks -= 1
+                    continue
+                pending[int(response.id)].append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]),
+                                                     result.as_numpy(p.ROW), result.as_numpy(p.ROW_LOGPROB)))
+                while all(pending):
+                    heads = [q.pop(0) for q in pending]
+                    if len({(r.stage, r.index) for r in heads}) != 1:
+                        raise ClientError(f"the sequences streamed different rows: {[(r.stage, r.index) for r in heads]}")
+                    yield heads[0] if len(heads) == 1 else Row(heads[0].index, heads[0].stage, np.concatenate([r.pixels for r in heads]),
+                                                               np.concatenate([r.logprob for r in heads]))
+            if any(pending):
+                raise ClientError("the sequences streamed different numbers of rows")
+            finished = True
+        except InferenceServerException as e:
+            raise self._fail(e, f"streaming from {p.sample_model(self.model)}") from None
+        finally:
+            # Closing early (an error, or the caller stopped reading) cancels the server's sequences.
+            stream.stop_stream(cancel_requests=not finished)
+            stream.close()
+
+    def sample_images(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
+                      known_rows: int = 0) -> np.ndarray:
+        """sample()'s final images, uint8 levels (n, C, H, W)."""
+        return assemble(self.sample(n, seed, temperature, label, known, known_rows), self.info.shape)
+
+    def complete(self, images, known_rows: int, seed: int | None = None, temperature: float = 1.0, label=None) -> np.ndarray:
+        """Keep rows < known_rows of every image (N, C, H, W) and sample the rest."""
+        images = self.check_images(images)
+        done = self.sample_images(len(images), seed, temperature, label, images, known_rows)
+        if not np.array_equal(done[:, :, :known_rows], images[:, :, :known_rows]):
+            raise ClientError("the server changed known rows")
+        return done
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(self, images, labels=None) -> Scores:
+        """-log p of each image (N, C, H, W), in chunks of at most the model's max batch."""
+        images = self.check_images(images)
+        if self.info.conditional and labels is None:  # no cycling through classes here: a score needs the true class
+            raise ClientError(f"model {self.model!r} is class-conditional: give labels for scoring")
+        labels = self.check_labels(labels, len(images))
+        nll, bpd = [], []
+        for a in range(0, len(images), self.info.max_batch):
+            b = a + self.info.max_batch
+            inputs = [_tensor(p.IMAGES, images[a:b], "UINT8")]
+            if labels is not None:
+                inputs.append(_tensor(p.LABELS, labels[a:b, None], "INT64"))  # N x 1
+            try:
+                result = self._client.infer(p.score_model(self.model), inputs, client_timeout=self.timeout)
+            except InferenceServerException as e:
+                raise self._fail(e, f"{p.score_model(self.model)} failed") from None
+            nll.append(result.as_numpy(p.NLL_NATS).reshape(-1))
+            bpd.append(result.as_numpy(p.BITS_PER_DIM).reshape(-1))
+        if not nll:
+            return Scores(np.zeros(0, np.float32), np.zeros(0, np.float32))
+        return Scores(np.concatenate(nll), np.concatenate(bpd))
+

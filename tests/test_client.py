@@ -1,0 +1,287 @@
+"""The gRPC client (client/) against a real tritonserver (loopback, free ports), one server for
+the module: a class-conditional RGB Gated PixelCNN whose config publishes levels / classes /
+stage rows as parameters (max batch 4, to exercise chunking), and a grey multi-scale model
+whose config does not (the client then leaves value checks to the server)."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("tritonclient.grpc")
+
+from client import ClientError, PixelClient, Row, assemble  # noqa: E402
+from client.cli import main as cli_main  # noqa: E402
+from client.library import model_info  # noqa: E402
+from export.cells import build_cell, sample_cached  # noqa: E402
+from server.launcher import ServerError, TritonServer, find_tritonserver, free_port  # noqa: E402
+from server.runner import read_manifest  # noqa: E402
+from training.checkpoint import load_model, save_checkpoint  # noqa: E402
+from training.models import build_model  # noqa: E402
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+GATED = dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
+MULTISCALE = dict(in_channels=1, height=6, width=4, levels=3, base_arch="gated_pixelcnn", hidden=6, layers=1,
+                  small_config=dict(kernel=3), big_config=dict(kernel=3))
+METADATA = ("levels", "num_classes", "stage_rows")
+
+
+def set_metadata(config_path, values: dict | None) -> None:
+    """Give a config.pbtxt exactly these metadata parameters (None: none of them), keeping the others."""
+    text = config_path.read_text()
+    block = re.search(r"parameters \[\n(.*?)\n\]\n", text, re.S)
+    entries = [e.rstrip(",") for e in block.group(1).split("\n") if not any(f'key: "{k}"' in e for k in METADATA)]
+    entries += [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in (values or {}).items()]
+    config_path.write_text(text[:block.start()] + "parameters [\n" + ",\n".join(entries) + "\n]\n" + text[block.end():])
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """(server, {name: (model, manifest)})."""
+    try:
+        find_tritonserver()
+    except ServerError as e:  # pragma: no cover - `make setup` installs it
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("client")
+    repository = root / "repository"
+    jobs = {}
+    for name, arch, config, max_batch in (("gated", "gated_pixelcnn", GATED, 4), ("ms", "multiscale", MULTISCALE, 8)):
+        torch.manual_seed(1)
+        save_checkpoint(root / f"{name}.pt", {"arch": arch, "config": config, "model": build_model(arch, dict(config)).state_dict(), "step": 1})
+        jobs[name] = subprocess.Popen(
+            [sys.executable, str(REPO / "export" / "build_engine.py"), "--checkpoint", str(root / f"{name}.pt"), "--out", str(root / name),
+             "--name", name, "--tensorrt", "off", "--max-batch", str(max_batch), "--repository", str(repository)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    models = {}
+    for name, job in jobs.items():  # both exports run at once (they write different model folders)
+        out, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, out
+        models[name] = (load_model(root / f"{name}.pt")[0], read_manifest(root / name))
+    set_metadata(repository / "gated_score" / "config.pbtxt", dict(levels=4, num_classes=2, stage_rows=5))
+    set_metadata(repository / "ms_score" / "config.pbtxt", None)
+    with TritonServer(repository, log_path=root / "triton.log") as server:
+        yield server, models
+
+
+@pytest.fixture(scope="module")
+def gated(deployed):
+    with PixelClient(deployed[0].grpc_url, model="gated") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ms(deployed):
+    with PixelClient(deployed[0].grpc_url, model="ms") as c:
+        yield c
+
+
+def expected(model, n, seed, temperature=1.0, labels=None, known=None, known_rows=0):
+    labels = None if labels is None else torch.as_tensor(np.broadcast_to(labels, (n,)).copy())
+    return sample_cached(build_cell(model), n, seed, temperature, labels, known, known_rows)
+
+
+def nll(model, images, labels=None):
+    with torch.no_grad():
+        return model.nll(torch.from_numpy(images).long(), None if labels is None else torch.as_tensor(labels)).numpy()
+
+
+# ---------------------------------------------------------------------------- without a server
+
+def test_model_info_reads_the_score_config():
+    config = {"max_batch_size": 8, "input": [{"name": "IMAGES", "data_type": "TYPE_UINT8", "dims": ["1", "6", "4"]}],
+              "parameters": {"levels": {"string_value": "3"}, "stage_rows": {"string_value": "3,6"}}}
+    info = model_info("m", config)
+    assert (info.shape, info.max_batch, info.conditional, info.levels, info.num_classes, info.rows) == ((1, 6, 4), 8, False, 3, None, 9)
+    with pytest.raises(ClientError, match="does not look like a PixelRNN scorer"):
+        model_info("m", {"input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": ["4"]}]})
+
+
+def test_assemble_takes_the_last_stage_in_order():
+    small = [Row(i, 0, np.full((2, 1, 2), i, np.uint8), np.zeros(2, np.float32)) for i in range(2)]
+    full = [Row(i, 1, np.full((2, 1, 4), i, np.uint8), np.zeros(2, np.float32)) for i in range(4)]
+    images = assemble(small + full, (1, 4, 4))
+    assert images.shape == (2, 1, 4, 4) and np.array_equal(images[0, 0, :, 0], np.arange(4))
+    with pytest.raises(ClientError, match="out of order"):
+        assemble(small + full[1:])
+
+
+def test_an_unreachable_server_is_one_clear_error():
+    port = free_port()
+    with pytest.raises(ClientError, match=f"cannot reach the Triton server at 127.0.0.1:{port}") as e:
+        PixelClient(f"127.0.0.1:{port}", model="x", timeout=10)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- library
+
+@pytest.mark.triton
+def test_model_metadata(gated, ms):
+    assert (gated.info.shape, gated.info.max_batch, gated.info.conditional) == ((3, 5, 4), 4, True)
+    assert (gated.info.levels, gated.info.num_classes, gated.info.rows) == (4, 2, 5)
+    assert (ms.info.shape, ms.info.max_batch, ms.info.conditional, ms.info.levels, ms.info.rows) == ((1, 6, 4), 8, False, None, None)
+
+
+@pytest.mark.triton
+def test_sample_streams_rows_and_gives_sample_cached_images(deployed, gated, ms):
+    models = deployed[1]
+    rows = list(gated.sample(3, seed=123, temperature=0.9, label=[0, 1, 1]))
+    assert [(r.stage, r.index) for r in rows] == [(0, i) for i in range(5)]
+    assert rows[0].pixels.shape == (3, 3, 4) and rows[0].pixels.dtype == np.uint8
+    assert rows[0].logprob.shape == (3,) and np.all(rows[0].logprob <= 0)
+    np.testing.assert_array_equal(assemble(rows), expected(models["gated"][0], 3, 123, 0.9, [0, 1, 1]))
+
+    rows = list(ms.sample(2, seed=7))
+    assert [(r.stage, r.index) for r in rows] == [(0, i) for i in range(3)] + [(1, i) for i in range(6)]
+    full = expected(models["ms"][0], 2, 7)
+    np.testing.assert_array_equal(assemble(rows, ms.info.shape), full)
+    np.testing.assert_array_equal(assemble(r for r in rows if r.stage == 0), full[:, :, ::2, ::2])
+
+
+@pytest.mark.triton
+def test_more_images_than_the_max_batch_run_as_chunks_with_seeds_seed_plus_k(deployed, gated):
+    model = deployed[1]["gated"][0]
+    images = gated.sample_images(6, seed=5, label=1)  # max batch 4: chunks of 4 and 2
+    np.testing.assert_array_equal(images[:4], expected(model, 4, 5, labels=1))
+    np.testing.assert_array_equal(images[4:], expected(model, 2, 6, labels=1))
+    cycled = gated.sample_images(3, seed=5)  # no label: classes 0, 1, 0
+    np.testing.assert_array_equal(cycled, expected(model, 3, 5, labels=np.array([0, 1, 0])))
+
+
+@pytest.mark.triton
+def test_complete_keeps_the_known_rows(deployed, gated, ms):
+    for client, labels in ((gated, [1, 0]), (ms, None)):
+        model, manifest = deployed[1][client.model]
+        images = np.random.default_rng(5).integers(0, manifest["levels"], (2, *manifest["shape"])).astype(np.uint8)
+        done = client.complete(images, known_rows=3, seed=9, label=labels)
+        np.testing.assert_array_equal(done[:, :, :3], images[:, :, :3])
+        np.testing.assert_array_equal(done, expected(model, 2, 9, labels=labels, known=images, known_rows=3))
+
+
+@pytest.mark.triton
+def test_score_is_the_models_nll_in_chunks_of_the_max_batch(deployed, gated, ms):
+    for client, labels in ((gated, np.array([0, 1, 1, 0, 1, 0])), (ms, None)):
+        model, manifest = deployed[1][client.model]
+        images = np.random.default_rng(3).integers(0, manifest["levels"], (6, *manifest["shape"])).astype(np.uint8)
+        scores = client.score(images, labels)
+        want = nll(model, images, labels)
+        np.testing.assert_allclose(scores.nll_nats, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(scores.bits_per_dim, want / (images[0].size * np.log(2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.score(np.full((2, 3, 5, 4), 4, np.uint8), [0, 1]), r"values \(the model's levels\) must be in \[0, 4\)"),
+    (lambda c: c.score(np.zeros((2, 3, 4, 4), np.uint8), [0, 1]), "must be N x 3 x 5 x 4"),
+    (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8)), "class-conditional: give labels"),
+    (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8), [0, 2]), r"labels must be in \[0, 2\)"),
+    (lambda c: c.sample(1, temperature=-1), "temperature"),
+    (lambda c: c.sample(2, known=np.zeros((2, 3, 1, 4)), known_rows=2), "known images must be"),
+    (lambda c: c.complete(np.zeros((1, 3, 5, 4)), 6), r"known_rows must be in \[0, 5\]"),
+])
+def test_bad_input_is_refused_before_sending(gated, call, message):
+    with pytest.raises(ClientError, match=message):
+        call(gated)
+
+
+@pytest.mark.triton
+def test_without_published_levels_the_server_errors_come_out_as_client_errors(ms):
+    with pytest.raises(ClientError, match=r"ms_score failed: IMAGES values must be in \[0, 3\)"):
+        ms.score(np.full((1, 1, 6, 4), 3, np.uint8))
+    with pytest.raises(ClientError, match="KNOWN values must be < 3"):
+        ms.complete(np.full((1, 1, 6, 4), 3, np.uint8), known_rows=2)
+    with pytest.raises(ClientError, match="not class-conditional"):
+        ms.sample(1, label=0)
+
+
+@pytest.mark.triton
+def test_a_stream_left_early_is_cancelled_and_the_next_one_works(deployed, ms):
+    rows = ms.sample(2, seed=1)
+    assert next(rows).index == 0
+    rows.close()  # the caller stops reading: the stream is cancelled
+    np.testing.assert_array_equal(ms.sample_images(1, seed=3), expected(deployed[1]["ms"][0], 1, 3))
+
+
+@pytest.mark.triton
+def test_an_unknown_model_is_one_clear_error(deployed):
+    with pytest.raises(ClientError, match="model 'nope' is not served at"):
+        PixelClient(deployed[0].grpc_url, model="nope")
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.triton
+def test_cli_sample_writes_the_grid_and_the_librarys_images(deployed, gated, tmp_path):
+    url = deployed[0].grpc_url
+    result = run_cli("sample", "--url", url, "--model", "gated", "--n", 3, "--seed", 4, "--label", 1, "--out", tmp_path / "g.png",
+                     "--npy", tmp_path / "g.npy", "--scale", 1)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"] == 3
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.size == (2 * (4 + 2) + 2, 2 * (5 + 2) + 2) and img.mode == "RGB"  # 2 x 2 grid cells, pad 2
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), gated.sample_images(3, seed=4, label=1))
+
+
+@pytest.mark.triton
+def test_cli_complete_from_npy_and_png(deployed, ms, tmp_path, capsys):
+    url = deployed[0].grpc_url
+    images = np.random.default_rng(8).integers(0, 3, (2, 6, 4)).astype(np.uint8)  # grey batch N x H x W
+    np.save(tmp_path / "in.npy", images)
+    assert cli_main(["complete", "--url", url, "--model", "ms", "--input", str(tmp_path / "in.npy"), "--n", "2", "--k", "2",
+                     "--known-rows", "2", "--seed", "3", "--out", str(tmp_path / "c.png"), "--npy", str(tmp_path / "c.npy"), "--scale", "1"]) == 0
+    done = np.load(tmp_path / "c.npy")
+    np.testing.assert_array_equal(done, ms.complete(np.repeat(images[:, None], 2, axis=0), 2, seed=3))
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.size == (4 * (4 + 2) + 2, 2 * (6 + 2) + 2)  # rows: original | occluded | 2 completions
+    # PNG input needs the levels, which ms does not publish
+    Image.fromarray(np.zeros((6, 4), np.uint8)).save(tmp_path / "in.png")
+    capsys.readouterr()
+    assert cli_main(["complete", "--url", url, "--model", "ms", "--input", str(tmp_path / "in.png"), "--out", str(tmp_path / "d.png")]) == 2
+    assert "needs the model's levels" in capsys.readouterr().err
+
+
+@pytest.mark.triton
+def test_cli_score_prints_json_matching_the_model(deployed, tmp_path, capsys):
+    url = deployed[0].grpc_url
+    model = deployed[1]["gated"][0]
+    batch = np.random.default_rng(2).integers(0, 4, (5, 3, 5, 4)).astype(np.uint8)
+    np.save(tmp_path / "batch.npy", batch)
+    Image.fromarray(np.full((5, 4, 3), 255, np.uint8)).save(tmp_path / "white.png")  # 255 -> level 3
+    assert cli_main(["score", "--url", url, "--model", "gated", "--label", "1", "--json", str(tmp_path / "batch.npy"), str(tmp_path / "white.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["file"].rsplit("/", 1)[-1], r["index"]) for r in out["scores"]] == [("batch.npy", i) for i in range(5)] + [("white.png", 0)]
+    want = nll(model, np.concatenate([batch, np.full((1, 3, 5, 4), 3, np.uint8)]), np.ones(6, np.int64))
+    np.testing.assert_allclose([r["nll_nats"] for r in out["scores"]], want, rtol=1e-5, atol=1e-4)
+    assert cli_main(["score", "--url", url, "--model", "gated", "--label", "1", str(tmp_path / "batch.npy")]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].split() == ["file", "index", "nll_nats", "bits_per_dim"] and len(table) == 7 and table[-1].startswith("mean")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["refused", "unknown model", "bad npy", "wrong shape", "missing file", "server error"])
+def test_cli_errors_are_one_line_and_exit_2(deployed, tmp_path, capsys, case):
+    url = deployed[0].grpc_url
+    (tmp_path / "bad.npy").write_text("not an array")
+    np.save(tmp_path / "shape.npy", np.zeros((2, 3, 4, 4), np.uint8))
+    np.save(tmp_path / "three.npy", np.full((1, 6, 4), 3, np.uint8))
+    argv = {
+        "refused": ["sample", "--url", f"127.0.0.1:{free_port()}", "--model", "gated", "--out", str(tmp_path / "x.png")],
+        "unknown model": ["score", "--url", url, "--model", "nope", str(tmp_path / "shape.npy")],
+        "bad npy": ["score", "--url", url, "--model", "gated", "--label", "0", str(tmp_path / "bad.npy")],
+        "wrong shape": ["score", "--url", url, "--model", "gated", "--label", "0", str(tmp_path / "shape.npy")],
+        "missing file": ["score", "--url", url, "--model", "gated", "--label", "0", str(tmp_path / "none.npy")],
+        "server error": ["score", "--url", url, "--model", "ms", str(tmp_path / "three.npy")],
+    }[case]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    if case == "refused":  # and the real entry point says the same
+        result = run_cli(*argv)
+        assert result.returncode == 2 and result.stderr.startswith("error: cannot reach") and result.stderr.count("\n") == 1
