@@ -86,9 +86,9 @@ def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | Non
 def cmd_sample(args, client: PixelClient) -> dict:
     from tqdm import tqdm
 
-    rows = []
+    rows, stream = [], client.sample(args.n, args.seed, args.temperature, args.label)  # checks the arguments
     with tqdm(total=client.info.rows, desc="rows", unit="row", file=sys.stderr, leave=False) as bar:
-        for row in client.sample(args.n, args.seed, args.temperature, args.label):
+        for row in stream:
             rows.append(row)
             bar.update(1)
     samples = assemble(rows, client.info.shape)
@@ -103,6 +103,8 @@ def cmd_complete(args, client: PixelClient) -> dict:
     if args.n < 1 or args.k < 1:
         raise ClientError("--n and --k must be at least 1")
     if args.input:
+        if client.info.conditional and args.label is None:
+            raise ClientError(f"model {client.model!r} is class-conditional: give the images' class with --label")
         originals, _ = read_inputs(args.input, client)
         originals, labels = originals[:args.n], None
     else:

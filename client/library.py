@@ -134,7 +134,7 @@ def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return t
 
 
-def _integers(what: str, values, low: int, high: int | None) -> np.ndarray:
+def _integers(what: str, values, low: int, high: int | None, note: str = "") -> np.ndarray:
     """Integer-valued array in [low, high) (high None: not checked), as int64."""
     arr = np.asarray(values)
     if arr.dtype == bool:
@@ -144,7 +144,8 @@ def _integers(what: str, values, low: int, high: int | None) -> np.ndarray:
     arr = arr.astype(np.int64)
     if arr.size and (arr.min() < low or (high is not None and arr.max() >= high)):
         bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ClientError(f"{what} must be in {bound}, got values {arr.min()}..{arr.max()}")
+        found = f"{arr.min()}" if arr.min() == arr.max() else f"{arr.min()}..{arr.max()}"
+        raise ClientError(f"{what} must be in {bound}{note}, got {found}")
     return arr
 
 
@@ -203,7 +204,7 @@ class PixelClient:
         if arr.ndim != 4 or arr.shape[1:] != (c, h, w):
             raise ClientError(f"{what} must be N x {c} x {h} x {w} (the model's shape), got {' x '.join(map(str, arr.shape))}")
         high = self.info.levels if self.info.levels is not None else 256
-        return _integers(f"{what} values" + (" (the model's levels)" if self.info.levels else ""), arr, 0, high).astype(np.uint8)
+        return _integers(f"{what} values", arr, 0, high, " (the model's levels)" if self.info.levels else "").astype(np.uint8)
 
     def check_labels(self, labels, n: int) -> np.ndarray | None:
         """None, one class id, or n of them -> int64 (n,) for a conditional model (None there cycles
@@ -246,7 +247,8 @@ class PixelClient:
             known = np.asarray(known)
             if known.ndim != 4 or known.shape[0] != n or known.shape[1] != c or known.shape[3] != w or known.shape[2] < known_rows:
                 raise ClientError(f"known images must be {n} x {c} x R x {w} with R >= {known_rows}, got {' x '.join(map(str, known.shape))}")
-            known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256).astype(np.uint8)
+            known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256,
+                              " (the model's levels)" if self.info.levels else "").astype(np.uint8)
         chunks = []  # (first image, images, seed)
         for k, a in enumerate(range(0, n, self.info.max_batch)):
             chunks.append((a, min(self.info.max_batch, n - a), None if seed is None else (int(seed) + k) % UINT64))

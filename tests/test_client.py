@@ -174,7 +174,7 @@ def test_score_is_the_models_nll_in_chunks_of_the_max_batch(deployed, gated, ms)
 
 @pytest.mark.triton
 @pytest.mark.parametrize("call, message", [
-    (lambda c: c.score(np.full((2, 3, 5, 4), 4, np.uint8), [0, 1]), r"values \(the model's levels\) must be in \[0, 4\)"),
+    (lambda c: c.score(np.full((2, 3, 5, 4), 4, np.uint8), [0, 1]), r"values must be in \[0, 4\) \(the model's levels\), got 4"),
     (lambda c: c.score(np.zeros((2, 3, 4, 4), np.uint8), [0, 1]), "must be N x 3 x 5 x 4"),
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8)), "class-conditional: give labels"),
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8), [0, 2]), r"labels must be in \[0, 2\)"),
@@ -265,7 +265,8 @@ def test_cli_score_prints_json_matching_the_model(deployed, tmp_path, capsys):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case", ["refused", "unknown model", "bad npy", "wrong shape", "missing file", "server error"])
+@pytest.mark.parametrize("case", ["refused", "unknown model", "bad npy", "wrong shape", "missing file", "server error", "data set",
+                                  "no label"])
 def test_cli_errors_are_one_line_and_exit_2(deployed, tmp_path, capsys, case):
     url = deployed[0].grpc_url
     (tmp_path / "bad.npy").write_text("not an array")
@@ -278,6 +279,8 @@ def test_cli_errors_are_one_line_and_exit_2(deployed, tmp_path, capsys, case):
         "wrong shape": ["score", "--url", url, "--model", "gated", "--label", "0", str(tmp_path / "shape.npy")],
         "missing file": ["score", "--url", url, "--model", "gated", "--label", "0", str(tmp_path / "none.npy")],
         "server error": ["score", "--url", url, "--model", "ms", str(tmp_path / "three.npy")],
+        "data set": ["complete", "--url", url, "--model", "ms", "--data", "synthetic", "--data-arg", "count=4", "--out", str(tmp_path / "x.png")],
+        "no label": ["complete", "--url", url, "--model", "gated", "--input", str(tmp_path / "shape.npy"), "--out", str(tmp_path / "x.png")],
     }[case]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
