@@ -106,6 +106,12 @@ def _files(manifest: dict, names: list[str]) -> list[str]:
     return [manifest["artifacts"][n]["file"] for n in names]
 
 
+def stage_rows(manifest: dict) -> list[int]:
+    """Rows streamed per stage: the full image, preceded by the small one for multi-scale models."""
+    small = [manifest["multiscale"]["small_shape"][1]] if manifest.get("multiscale") else []
+    return small + [manifest["shape"][1]]
+
+
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
                      onnx_threads: int = 1, project_root: str | Path = PROJECT_ROOT) -> list[Path]:
@@ -117,7 +123,10 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     if sequence_idle_s <= 0 or max_sequences < 1:
         raise ValueError("sequence_idle_s must be > 0 and max_sequences >= 1")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
-    params = {"project_root": str(Path(project_root).resolve()), "onnx_threads": str(onnx_threads)}
+    params = {"project_root": str(Path(project_root).resolve()), "onnx_threads": str(onnx_threads),
+              # Published so clients can validate input and lay out streamed rows before sending.
+              "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
+              "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
     models = {
         p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
                               score_config(manifest, max_queue_delay_us, score_instances, params)),

@@ -106,3 +106,12 @@ def test_command_line_rewrites_with_other_settings(tmp_path, capsys):
     assert q.sequence_batching.max_sequence_idle_microseconds == 5_000_000 and q.sequence_batching.oldest.max_candidate_sequences == 8
     assert main(["--export", str(tmp_path / "nothing"), "--repository", str(tmp_path / "repo")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_configs_publish_what_clients_validate_against(tmp_path):
+    for m, rows in ((manifest(levels=4, num_classes=3), "8"), (manifest(name="ms", shape=(1, 8, 8), multiscale=True), "4,8")):
+        write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo")
+        params = config(tmp_path / "repo" / f"{m['name']}_score" / "config.pbtxt").parameters
+        assert params["levels"].string_value == str(m["levels"])
+        assert params["num_classes"].string_value == str(m["num_classes"])
+        assert params["stage_rows"].string_value == rows
