@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job, end to end on a shipped checkpoint. Each step says what it did.
-# (Export, the Triton server and streamed sampling join this script as those issues land.)
+# The main job, end to end on a shipped checkpoint: check it, export it, serve it on a real
+# Triton server, stream samples, complete and score images through the gRPC client, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,17 +15,38 @@ if [ ! -f "$CKPT" ]; then
   CKPT=$OUT/train/best.pt
 fi
 
-echo "== 1. validation NLL of $CKPT on 1000 binarized-MNIST validation images"
+echo "== 1. validation NLL of $CKPT on 1000 binarized-MNIST validation images (in process)"
 $PY -m training.evaluate --checkpoint "$CKPT" --split valid --limit 1000
 
-echo "== 2. sampling 16 images with the cached row cells -> $OUT/samples.png"
-$PY -m training.sample --checkpoint "$CKPT" --n 16 --seed 0 --out "$OUT/samples.png"
+echo "== 2. export: ONNX row cell + scorer (checked against torch) and a Triton repository -> $OUT/repository"
+$PY export/build_engine.py --checkpoint "$CKPT" --out "$OUT/export" --repository "$OUT/repository" --name demo
 
-echo "== 3. completing 4 validation images from their top half -> $OUT/completions.png"
-$PY -m training.sample --checkpoint "$CKPT" --complete --split valid --n 4 --k 3 --seed 0 \
+echo "== 3. starting tritonserver on free loopback ports"
+read -r GRPC HTTP METRICS < <($PY -c 'import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+$PY -m server --repository "$OUT/repository" --grpc-port "$GRPC" --http-port "$HTTP" --metrics-port "$METRICS" \
+    --log "$OUT/tritonserver.log" > "$OUT/server.out" 2>&1 &
+SERVER=$!
+trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 120); do grep -q "tritonserver ready" "$OUT/server.out" && break
+  kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.out"; exit 1; }; sleep 0.5; done
+cat "$OUT/server.out"
+URL=127.0.0.1:$GRPC
+
+echo "== 4. streaming 16 samples row by row over gRPC -> $OUT/samples.png"
+$PY -m client sample --url "$URL" --model demo --n 16 --seed 0 --out "$OUT/samples.png" --npy "$OUT/samples.npy"
+
+echo "== 5. completing 4 validation images from their top half -> $OUT/completions.png"
+$PY -m client complete --url "$URL" --model demo --data binarized-mnist --split valid --n 4 --k 3 --seed 0 \
     --out "$OUT/completions.png"
 
-echo "== 4. exporting the row cell and the scorer to ONNX (checked against torch) -> $OUT/export"
-$PY export/build_engine.py --checkpoint "$CKPT" --out "$OUT/export"
+echo "== 6. scoring the streamed samples and 1 validation image through the scorer"
+$PY -c 'import numpy as np; from training.data import load; np.save("'"$OUT"'/valid1.npy", load("binarized-mnist", "valid").images[:1])'
+$PY -m client score --url "$URL" --model demo "$OUT/valid1.npy" "$OUT/samples.npy" | tail -4
 
+echo "== 7. stopping the server"
+kill -INT $SERVER; wait $SERVER || true; trap - EXIT
+tail -1 "$OUT/server.out"
 echo "== demo done: see $OUT/"
