@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -106,6 +107,16 @@ def _files(manifest: dict, names: list[str]) -> list[str]:
     return [manifest["artifacts"][n]["file"] for n in names]
 
 
+def _root_seen_from(repository_dir: Path, project_root: str | Path) -> str:
+    """The project folder as model.py will look for it: relative to a model's version folder
+    (REPO/NAME/1) when the repository lies inside the project, so a checked-in repository
+    works in every clone; absolute otherwise."""
+    root, repo = Path(project_root).resolve(), repository_dir.resolve()
+    if repo == root or root in repo.parents:
+        return os.path.relpath(root, repo / "NAME" / "1")
+    return str(root)
+
+
 def stage_rows(manifest: dict) -> list[int]:
     """Rows streamed per stage: the full image, preceded by the small one for multi-scale models."""
     small = [manifest["multiscale"]["small_shape"][1]] if manifest.get("multiscale") else []
@@ -123,7 +134,7 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     if sequence_idle_s <= 0 or max_sequences < 1:
         raise ValueError("sequence_idle_s must be > 0 and max_sequences >= 1")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
-    params = {"project_root": str(Path(project_root).resolve()), "onnx_threads": str(onnx_threads),
+    params = {"project_root": _root_seen_from(repository_dir, project_root), "onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}

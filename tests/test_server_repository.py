@@ -50,7 +50,8 @@ def test_score_and_sample_models_are_written(tmp_path):
     assert s.input[0].data_type == model_config_pb2.TYPE_UINT8 and s.input[1].data_type == model_config_pb2.TYPE_INT64
     assert [o.name for o in s.output] == [p.NLL_NATS, p.BITS_PER_DIM]
     assert list(s.dynamic_batching.preferred_batch_size) == [4, 8, 16] and s.dynamic_batching.max_queue_delay_microseconds > 0
-    assert s.parameters["project_root"].string_value == str(tmp_path)
+    root = s.parameters["project_root"].string_value  # the repository lies inside tmp_path
+    assert (tmp_path / "repo" / "tiny_score" / "1" / root).resolve() == tmp_path.resolve()
 
     q = config(sample / "config.pbtxt")
     assert q.name == "tiny_sample" and q.max_batch_size == 0 and q.model_transaction_policy.decoupled
@@ -115,3 +116,13 @@ def test_configs_publish_what_clients_validate_against(tmp_path):
         assert params["levels"].string_value == str(m["levels"])
         assert params["num_classes"].string_value == str(m["num_classes"])
         assert params["stage_rows"].string_value == rows
+
+
+def test_a_repository_inside_the_project_points_to_it_relatively(tmp_path):
+    m = manifest()
+    project = tmp_path / "project"
+    write_repository(m, onnx_folder(tmp_path, m), project / "model_repository", project_root=project)
+    for model in ("tiny_score", "tiny_sample"):
+        root = config(project / "model_repository" / model / "config.pbtxt").parameters["project_root"].string_value
+        assert root == "../../.."
+        assert (project / "model_repository" / model / "1" / root).resolve() == project.resolve()

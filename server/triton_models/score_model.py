@@ -12,19 +12,22 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def use_project(config: dict) -> None:
-    """The stub runs Python in isolated mode (PYTHONPATH ignored): put the project on sys.path."""
+def use_project(config: dict, folder: Path) -> None:
+    """The stub runs Python in isolated mode (PYTHONPATH ignored): put the project on sys.path.
+    A relative project_root is relative to the model's version folder (a repository kept
+    inside the project, like model_repository/, then works from any clone)."""
     root = config.get("parameters", {}).get("project_root", {}).get("string_value")
-    if not root or not (Path(root) / "server" / "runner.py").is_file():
+    path = (folder / root).resolve() if root else None
+    if path is None or not (path / "server" / "runner.py").is_file():
         raise pb_utils.TritonModelException(f"parameter project_root ({root!r}) is not the project's folder")
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        use_project(config)
+        use_project(config, Path(args["model_repository"]) / args["model_version"])
         from server.runner import read_manifest, scorer
 
         folder = Path(args["model_repository"]) / args["model_version"]

@@ -1,0 +1,89 @@
+"""Triton Python-backend glue of NAME_score (copied as model.py by server/repository.py).
+
+Dynamic batching hands execute() several requests at once: the valid ones are scored in one
+onnxruntime call (at most max_batch images per call), the others get their own error.
+Protocol: server/protocol.py.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def use_project(config: dict, folder: Path) -> None:
+    """The stub runs Python in isolated mode (PYTHONPATH ignored): put the project on sys.path.
+    A relative project_root is relative to the model's version folder (a repository kept
+    inside the project, like model_repository/, then works from any clone)."""
+    root = config.get("parameters", {}).get("project_root", {}).get("string_value")
+    path = (folder / root).resolve() if root else None
+    if path is None or not (path / "server" / "runner.py").is_file():
+        raise pb_utils.TritonModelException(f"parameter project_root ({root!r}) is not the project's folder")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        use_project(config, Path(args["model_repository"]) / args["model_version"])
+        from server.runner import read_manifest, scorer
+
+        folder = Path(args["model_repository"]) / args["model_version"]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        manifest = read_manifest(folder)
+        self.scorer = scorer(manifest, folder, threads=int(params.get("onnx_threads", "1")))
+        self.levels, self.num_classes = int(manifest["levels"]), int(manifest["num_classes"])
+        self.max_batch = int(config["max_batch_size"])
+
+    def parse(self, request):
+        """-> (images (N, C, H, W) uint8, labels (N,) int64 or None); raises ValueError.
+        Triton has already checked the dtype and the shape against config.pbtxt."""
+        from server import protocol as p
+
+        images = pb_utils.get_input_tensor_by_name(request, p.IMAGES).as_numpy()
+        if images.size and int(images.max()) >= self.levels:
+            raise ValueError(f"{p.IMAGES} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
+        tensor = pb_utils.get_input_tensor_by_name(request, p.LABELS)
+        if not self.num_classes:
+            return images, None
+        if tensor is None:
+            raise ValueError(f"this model is class-conditional: send {p.LABELS} (N x 1 int64 class ids)")
+        labels = tensor.as_numpy().reshape(-1).astype(np.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{p.LABELS} must hold one class id per image ({images.shape[0]}), got {labels.size}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"{p.LABELS} must be in [0, {self.num_classes}), got {labels.tolist()}")
+        return images, labels
+
+    def execute(self, requests):
+        from server import protocol as p
+
+        responses = [None] * len(requests)
+        valid = []  # (index, images, labels)
+        for i, request in enumerate(requests):
+            try:
+                valid.append((i, *self.parse(request)))
+            except ValueError as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        if valid:
+            try:
+                images = np.concatenate([v[1] for v in valid])
+                labels = np.concatenate([v[2] for v in valid]) if self.num_classes else None
+                nll, bpd = [], []
+                for a in range(0, len(images), self.max_batch):
+                    n, b = self.scorer.score(images[a:a + self.max_batch], None if labels is None else labels[a:a + self.max_batch])
+                    nll.append(n)
+                    bpd.append(b)
+                nll, bpd = np.concatenate(nll).astype(np.float32), np.concatenate(bpd).astype(np.float32)
+                a = 0
+                for i, request_images, _ in valid:
+                    b = a + len(request_images)
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor(p.NLL_NATS, nll[a:b, None]), pb_utils.Tensor(p.BITS_PER_DIM, bpd[a:b, None])])
+                    a = b
+            except Exception as e:  # noqa: BLE001 - reported to the requests, never raised
+                for i, *_ in valid:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"scoring failed: {type(e).__name__}: {e}"))
+        return responses
