@@ -1,0 +1,548 @@
+"""Serving benchmark: the real Triton server against the same exported ONNX graphs in process.
+
+    python -m bench.serving --json bench/results/serving.json [--checkpoint PATH] [--repeats N]
+                            [--streams 1,4,16] [--quick]
+
+The checkpoint is exported once (export/build_engine.py, parity-checked) into a temporary Triton
+repository (server/repository.py; its settings are recorded), served by a real tritonserver on
+free loopback ports (server/launcher.py), and the same exported files are loaded in this process
+with the same onnxruntime thread count. Measured in one run, on one machine:
+
+  sampling  one stream, one sequence of --batch images (client.PixelClient.sample_images, which
+            opens a gRPC channel per call; also through a bare stream kept open), vs the same
+            cells row by row in process (OnnxRunner.run_row, i.e. OnnxCell.run_row), and vs the
+            server's row engine (server/engine.py) in process, driven on this thread: Triton,
+            gRPC and the backend's IPC are the difference between Triton and the engine.
+  streams   N concurrent client threads, each with its own gRPC stream and one single-image
+            sequence (BATCH_SIZE 1), started together: the aggregate pixel rate, and the
+            CALL_BATCH of the rows, the images per cell call (the engine's cross-sequence
+            batching). PixelClient does not expose CALL_BATCH, so these streams are bare
+            tritonclient streams (`RowStream`).
+  scoring   PixelClient.score over --score-images images (chunks of the model's max batch), and
+            the same images as many small concurrent requests (--score-clients threads, each
+            with its own PixelClient, --score-request images per request) that Triton's dynamic
+            batcher gathers (images per execution read from Triton's metrics), vs
+            OnnxScorer.score in process in max-batch chunks.
+
+Every path draws from the same seeds, so the images are compared (`identical`; exit status 1
+when they differ) and the scores must agree to float32 rounding. Each path runs once untimed
+first (warm-up: sessions, connections, first-call allocations), then --repeats timed rounds with
+the paths interleaved, so load from other processes hits them alike; the best run counts.
+The targets (Triton sampling >= 0.9x in process, 16 streams >= 6x one stream, Triton scoring
+>= 0.9x in process) are recorded in "targets", not enforced.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
+from client.library import PixelClient, Row, assemble, correlation_id
+from export.onnx_export import OnnxScorer
+from server import protocol as p
+from server.engine import Engine, SampleSpec
+from server.launcher import TritonServer
+from server.repository import write_repository
+from server.runner import OnnxRunner, read_manifest
+from training.distributions import draw_row_uniforms, sampling_rng
+
+DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
+TARGETS = {"sampling_vs_in_process": 0.9, "streams_16_vs_1": 6.0, "scoring_vs_in_process": 0.9}
+SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-3  # nats: the batch a score is computed in changes float32 rounding
+QUICK = dict(batch=2, streams=[1, 2], score_images=8, score_clients=2, score_request=1, repeats=1)
+
+
+# ---------------------------------------------------------------------------- in process
+
+def sample_in_process(runner: OnnxRunner, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+    """The exported cells row by row, one uniform row per row of every stage, as
+    export.cells.sample_cached and the server's engine draw them. -> uint8 (n, C, H, W)."""
+    rng = sampling_rng(seed)
+    temperature, force = np.ones(n), np.zeros(n, bool)
+    image = None
+    for s, st in enumerate(runner.stages):
+        canvas = np.zeros((n, st.channels, st.height, st.width), np.int64)
+        if st.conditioned:  # multi-scale big stage: the small image fills the grid and conditions the rest
+            f = runner.factor
+            canvas[:, :, ::f, ::f] = image
+            condition = runner.condition(image)  # (n, cond, H, W)
+        state = runner.initial_state(s, n)
+        for i in range(st.height):
+            u = draw_row_uniforms(rng, n, st.channels, st.width)
+            extra = {}
+            if st.conditioned:
+                extra = dict(condition=condition[:, :, i], fixed=(np.arange(st.width) % f == 0) & (i % f == 0))
+            canvas[:, :, i], _, state = runner.run_row(s, state, u, temperature, canvas[:, :, i], force, labels, **extra)
+        image = canvas
+    return image.astype(np.uint8)
+
+
+class _Collect:
+    """An engine sink that keeps the rows (the engine's Sink protocol)."""
+
+    def __init__(self):
+        self.rows, self.errors = [], []
+
+    def row(self, event):
+        self.rows.append(Row(event.index, event.stage, event.row, event.logprob))
+
+    def done(self):
+        pass
+
+    def error(self, message):
+        self.errors.append(message)
+
+    def cancelled(self):
+        return False
+
+
+def sample_engine(runner: OnnxRunner, max_batch: int, specs: list[SampleSpec], shape) -> list[np.ndarray]:
+    """Sequences through server/engine.py in process, stepped on this thread (all of them in
+    every cell call, as in the server). -> each sequence's images."""
+    engine, sinks = Engine(runner, max_batch=max_batch), [_Collect() for _ in specs]
+    for key, (spec, sink) in enumerate(zip(specs, sinks)):
+        engine.start(key, spec, sink)
+    while engine.step():
+        pass
+    errors = [e for sink in sinks for e in sink.errors]
+    if errors:
+        raise RuntimeError(f"engine: {errors[0]}")
+    return [assemble(sink.rows, shape) for sink in sinks]
+
+
+def score_in_process(scorer: OnnxScorer, images: np.ndarray, labels, max_batch: int) -> np.ndarray:
+    """NLL nats (N,), in chunks of max_batch as PixelClient.score sends them."""
+    out = []
+    for a in range(0, len(images), max_batch):
+        nll, _ = scorer.score(images[a:a + max_batch], None if labels is None else labels[a:a + max_batch])
+        out.append(nll)
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------- through Triton
+
+def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(value.shape), dtype)
+    t.set_data_from_numpy(np.ascontiguousarray(value))
+    return t
+
+
+class RowStream:
+    """One gRPC stream to NAME_sample that also reads what PixelClient leaves out: the
+    CALL_BATCH and ACTIVE of every row. One sequence at a time."""
+
+    def __init__(self, url: str, model: str, shape: tuple[int, int, int], timeout: float = 120.0):
+        self.model, self.shape, self.timeout = model, shape, timeout
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def sample(self, n: int, seed: int, labels: np.ndarray | None) -> tuple[np.ndarray, list[int], list[int]]:
+        """-> (images uint8 (n, C, H, W), CALL_BATCH per row, ACTIVE per row)."""
+        inputs = [_tensor(p.BATCH_SIZE, np.array([n], np.int32), "INT32"), _tensor(p.SEED, np.array([seed], np.uint64), "UINT64")]
+        if labels is not None:
+            inputs.append(_tensor(p.LABELS, np.asarray(labels, np.int64), "INT64"))
+        self.client.async_stream_infer(p.sample_model(self.model), inputs, sequence_id=correlation_id(), sequence_start=True,
+                                       sequence_end=True, enable_empty_final_response=True)
+        rows, batched, active = [], [], []
+        while True:
+            result, error = self.responses.get(timeout=self.timeout)
+            if error is not None:
+                raise RuntimeError(f"{p.sample_model(self.model)}: {error}")
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return assemble(rows, self.shape), batched, active
+            rows.append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]), result.as_numpy(p.ROW),
+                            result.as_numpy(p.ROW_LOGPROB)))
+            batched.append(int(result.as_numpy(p.CALL_BATCH)[0]))
+            active.append(int(result.as_numpy(p.ACTIVE)[0]))
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def together(jobs: list) -> tuple[float, list]:
+    """Run the callables on their own threads, released at once; -> (wall seconds from the
+    release to the last one's end, their results in order). A failure is raised here."""
+    gate = threading.Barrier(len(jobs) + 1)
+    results, errors = [None] * len(jobs), []
+
+    def work(k, job):
+        gate.wait()
+        try:
+            results[k] = job()
+        except Exception as e:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k, job), daemon=True) for k, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return seconds, results
+
+
+def triton_metrics(server: TritonServer, model: str) -> dict[str, float]:
+    """Triton's counters of one model: nv_inference_count (images), nv_inference_exec_count
+    (batched executions), nv_inference_request_success (requests)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    found = {}
+    for name in ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"):
+        m = re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+(\S+)$', text, re.M)
+        found[name] = float(m.group(1)) if m else float("nan")
+    return found
+
+
+def triton_version(server: TritonServer) -> str | None:
+    try:
+        with urllib.request.urlopen(server.http_url + "/v2", timeout=5) as r:
+            return json.loads(r.read()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+def export(checkpoint: str, workdir: Path, args) -> tuple[dict, Path, Path, float]:
+    """-> (manifest, export folder, repository, export seconds). build_engine's progress goes to stderr."""
+    from export import build_engine
+
+    out, repository = workdir / "export", workdir / "repository"
+    with contextlib.redirect_stdout(sys.stderr):
+        seconds, code = timed(lambda: build_engine.main(["--checkpoint", checkpoint, "--out", str(out), "--tensorrt", "off"]))
+    if code:
+        raise SystemExit(f"error: export of {checkpoint} failed (exit code {code})")
+    manifest = read_manifest(out)
+    write_repository(manifest, out, repository, onnx_threads=args.onnx_threads, score_instances=args.score_instances,
+                     max_queue_delay_us=args.max_queue_delay_us)
+    return manifest, out, repository, seconds
+
+
+def labels_for(manifest: dict, n: int, first: int = 0) -> np.ndarray | None:
+    k = manifest["num_classes"]
+    return (np.arange(first, first + n) % k).astype(np.int64) if k else None
+
+
+def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
+    name, shape, max_batch = manifest["name"], tuple(manifest["shape"]), int(manifest["max_batch"])
+    c, h, w = shape
+    n, seed = args.batch, args.seed
+    labels = labels_for(manifest, n)
+    runner = OnnxRunner(manifest, folder, threads=args.onnx_threads)
+    scorer = OnnxScorer(folder / manifest["artifacts"]["scorer"]["file"], args.onnx_threads)
+    client = PixelClient(server.grpc_url, model=name)
+    most = max(args.streams)
+    streams = [RowStream(server.grpc_url, name, shape) for _ in range(most)]
+    score_clients = [PixelClient(server.grpc_url, model=name) for _ in range(args.score_clients)]
+    rng = np.random.default_rng(seed)
+    # Random levels: the content does not change the cost of a scoring pass.
+    score_images = rng.integers(0, manifest["levels"], (args.score_images, c, h, w)).astype(np.uint8)
+    score_labels = labels_for(manifest, args.score_images)
+    requests = [(a, min(a + args.score_request, args.score_images)) for a in range(0, args.score_images, args.score_request)]
+
+    def triton_sample():
+        return client.sample_images(n, seed=seed, label=labels)
+
+    def triton_stream_sample():
+        return streams[0].sample(n, seed, labels)
+
+    def process_sample():
+        return sample_in_process(runner, n, seed, labels)
+
+    def engine_sample():
+        return sample_engine(runner, max_batch, [SampleSpec(batch=n, seed=seed, labels=labels)], shape)[0]
+
+    def concurrent(k):
+        """k streams, stream i: one image, seed + i."""
+        return lambda: together([lambda i=i: streams[i].sample(1, seed + i, labels_for(manifest, 1, i)) for i in range(k)])
+
+    def engine_sequences(k):
+        """The same k single-image sequences through the engine in process: the streams' ceiling."""
+        return lambda: sample_engine(runner, max_batch, [SampleSpec(batch=1, seed=seed + i, labels=labels_for(manifest, 1, i))
+                                                         for i in range(k)], shape)
+
+    def triton_score():
+        return client.score(score_images, score_labels).nll_nats
+
+    def process_score():
+        return score_in_process(scorer, score_images, score_labels, max_batch)
+
+    def triton_score_concurrent():
+        """Requests dealt round-robin to the clients; each client sends its own one by one."""
+        nll = np.zeros(args.score_images, np.float32)
+
+        def job(k):
+            for a, b in requests[k::len(score_clients)]:
+                nll[a:b] = score_clients[k].score(score_images[a:b],
+                                                  None if score_labels is None else score_labels[a:b]).nll_nats
+
+        together([lambda k=k: job(k) for k in range(len(score_clients))])
+        return nll
+
+    sample_paths = {"triton": triton_sample, "triton_stream": triton_stream_sample, "in_process": process_sample,
+                    "engine_in_process": engine_sample}
+    score_paths = {"triton": triton_score, "triton_concurrent": triton_score_concurrent, "in_process": process_score}
+    order = [(f"sample/{k}", fn) for k, fn in sample_paths.items()]
+    for k in args.streams:
+        order += [(f"streams/{k}", concurrent(k)), (f"engine/{k}", engine_sequences(k))]
+    order += [(f"score/{k}", fn) for k, fn in score_paths.items()]
+    runs = {path: [] for path, _ in order}
+    outputs = {}  # path -> every run's result, warm-up included (for the comparisons)
+    call_batches = {k: [] for k in args.streams}
+    active = {k: [] for k in args.streams}
+    score_metrics = {}  # Triton's counters of NAME_score, summed over the timed concurrent runs
+
+    def once(path: str, fn, timed_run: bool):
+        if path == "score/triton_concurrent":
+            before = triton_metrics(server, p.score_model(name))
+        seconds, result = timed(fn)
+        if path.startswith("streams/"):
+            k = int(path.split("/")[1])
+            seconds, result = result  # together()'s own clock starts at the release
+            if timed_run:
+                call_batches[k] += [b for _, bs, _ in result for b in bs]
+                active[k] += [a for _, _, acts in result for a in acts]
+            result = [image for image, _, _ in result]
+        if path == "score/triton_concurrent" and timed_run:
+            after = triton_metrics(server, p.score_model(name))
+            for key in after:
+                score_metrics[key] = score_metrics.get(key, 0.0) + after[key] - before[key]
+        outputs.setdefault(path, []).append(result)
+        if timed_run:
+            runs[path].append(seconds)
+
+    try:
+        print("warm-up ...", file=sys.stderr, flush=True)
+        for path, fn in order:
+            once(path, fn, timed_run=False)
+        for r in range(args.repeats):
+            print(f"round {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+            for path, fn in order:
+                once(path, fn, timed_run=True)
+    finally:
+        for closable in [*streams, client, *score_clients]:
+            closable.close()
+
+    # -- comparisons: every run of every path against the in-process one
+    want = outputs["sample/in_process"][0]
+    singles = [sample_in_process(runner, 1, seed + i, labels_for(manifest, 1, i)) for i in range(most)]
+    same = {
+        "sample_triton_vs_in_process": all(np.array_equal(x, want) for x in outputs["sample/triton"]),
+        "sample_triton_stream_vs_in_process": all(np.array_equal(x[0], want) for x in outputs["sample/triton_stream"]),
+        "sample_engine_vs_in_process": all(np.array_equal(x, want) for x in outputs["sample/engine_in_process"]),
+        "sample_in_process_repeatable": all(np.array_equal(x, want) for x in outputs["sample/in_process"]),
+        "streams_vs_in_process": all(np.array_equal(image, singles[i]) for k in args.streams
+                                     for run in outputs[f"streams/{k}"] for i, image in enumerate(run)),
+        "streams_engine_vs_in_process": all(np.array_equal(image, singles[i]) for k in args.streams
+                                            for run in outputs[f"engine/{k}"] for i, image in enumerate(run)),
+    }
+    want_nll = outputs["score/in_process"][0]
+    score_diff = max(float(np.max(np.abs(x - want_nll))) for k in score_paths for x in outputs[f"score/{k}"])
+    scores_agree = all(np.allclose(x, want_nll, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+                       for k in score_paths for x in outputs[f"score/{k}"])
+
+    # -- figures
+    pixels = n * c * h * w  # sub-pixels drawn per batch (one per channel and position)
+    rows = sum(st.height for st in runner.stages)  # streamed rows (responses) per sequence
+    sampling = {}
+    for k in sample_paths:
+        sampling[k] = {**summary(runs[f"sample/{k}"]), "pixels_per_s": pixels / min(runs[f"sample/{k}"])}
+    sampling["triton_stream"]["call_batch_seen"] = sorted({b for _, bs, _ in outputs["sample/triton_stream"] for b in bs})
+    rate = {k: sampling[k]["pixels_per_s"] for k in sample_paths}
+    sampling["ratio_triton_vs_in_process"] = rate["triton"] / rate["in_process"]
+    sampling["ratio_engine_vs_in_process"] = rate["engine_in_process"] / rate["in_process"]
+    sampling["ratio_triton_vs_engine"] = rate["triton"] / rate["engine_in_process"]
+    sampling["ratio_triton_vs_in_process_median"] = sampling["in_process"]["median_seconds"] / sampling["triton"]["median_seconds"]
+    # What Triton adds per streamed row (response) beyond the engine's own work, on average.
+    sampling["triton_ms_per_row_response"] = 1e3 * (sampling["triton"]["seconds"] - sampling["engine_in_process"]["seconds"]) / rows
+
+    per_stream = c * h * w
+    stream_results = {}
+    for k in args.streams:
+        best = min(runs[f"streams/{k}"])
+        cb = np.array(call_batches[k])
+        stream_results[str(k)] = {
+            **summary(runs[f"streams/{k}"]), "images": k, "pixels_per_s": k * per_stream / best,
+            "call_batch": {"mean": float(cb.mean()), "max": int(cb.max()), "min": int(cb.min()),
+                           "histogram": {str(v): int(count) for v, count in zip(*np.unique(cb, return_counts=True))}},
+            "active_max": int(max(active[k])),
+            "engine_in_process": {**summary(runs[f"engine/{k}"]), "pixels_per_s": k * per_stream / min(runs[f"engine/{k}"])},
+        }
+        r = stream_results[str(k)]
+        r["triton_ms_per_row_response"] = 1e3 * (best - r["engine_in_process"]["seconds"]) / (k * rows)
+    base = stream_results.get("1")
+    for k, r in stream_results.items():
+        r["vs_one_stream"] = r["pixels_per_s"] / base["pixels_per_s"] if base else None
+        r["vs_one_stream_median"] = int(k) * base["median_seconds"] / r["median_seconds"] if base else None
+
+    scoring = {"images": args.score_images, "request_images": args.score_request, "clients": args.score_clients,
+               "chunk": max_batch}
+    for k in score_paths:
+        scoring[k] = {**summary(runs[f"score/{k}"]), "images_per_s": args.score_images / min(runs[f"score/{k}"])}
+    executions = score_metrics.get("nv_inference_exec_count", 0.0)
+    scoring["triton_concurrent"].update(
+        requests_per_run=len(requests),
+        images_per_execution=score_metrics["nv_inference_count"] / executions if executions else None,
+        requests_per_execution=score_metrics["nv_inference_request_success"] / executions if executions else None)
+    for k in ("triton", "triton_concurrent"):
+        scoring[f"ratio_{k}_vs_in_process"] = scoring[k]["images_per_s"] / scoring["in_process"]["images_per_s"]
+        scoring[f"ratio_{k}_vs_in_process_median"] = scoring["in_process"]["median_seconds"] / scoring[k]["median_seconds"]
+    scoring["max_abs_nll_difference"] = score_diff
+
+    identical = {**same, "scores_agree": scores_agree, "all": all(same.values()) and scores_agree}
+    return {"sampling": {"pixels": pixels, **sampling}, "streams": stream_results, "scoring": scoring, "identical": identical}
+
+
+def targets(result: dict) -> dict:
+    def check(value, target):
+        return {"value": value, "target": target, "met": None if value is None or target is None else bool(value >= target)}
+
+    streams = result["streams"]
+    if "16" in streams and "1" in streams:
+        scaling = {"streams": 16, **check(streams["16"]["vs_one_stream"], TARGETS["streams_16_vs_1"])}
+    else:  # the 6x target is for 16 streams; other counts are recorded only
+        top = max(streams, key=int)
+        scaling = {"streams": int(top), **check(streams[top]["vs_one_stream"], None)}
+    t = {
+        "sampling_vs_in_process": check(result["sampling"]["ratio_triton_vs_in_process"], TARGETS["sampling_vs_in_process"]),
+        "streams_scaling": scaling,
+        "scoring_vs_in_process": check(result["scoring"]["ratio_triton_vs_in_process"], TARGETS["scoring_vs_in_process"]),
+        "scoring_concurrent_vs_in_process": check(result["scoring"]["ratio_triton_concurrent_vs_in_process"],
+                                                  TARGETS["scoring_vs_in_process"]),
+    }
+    t["all_met"] = all(v["met"] for v in t.values() if v["met"] is not None)
+    return t
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p_ = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    p_.add_argument("--json", help="write the results here")
+    p_.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="the model to export and serve")
+    p_.add_argument("--repeats", type=int, default=7, help="timed rounds of every path (best counts)")
+    p_.add_argument("--streams", default="1,4,16", help="comma-separated counts of concurrent single-image streams")
+    p_.add_argument("--batch", type=int, default=16, help="images in the one-stream sequence")
+    p_.add_argument("--score-images", type=int, default=256, help="images scored per run")
+    p_.add_argument("--score-clients", type=int, default=16, help="client threads of the concurrent scoring path")
+    p_.add_argument("--score-request", type=int, default=1, help="images per request of the concurrent scoring path")
+    p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads, in the server and in process")
+    p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
+    p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
+    p_.add_argument("--seed", type=int, default=0)
+    p_.add_argument("--quick", action="store_true", help="a tiny run for tests: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    args = p_.parse_args(argv)
+    try:
+        args.streams = sorted({int(s) for s in args.streams.split(",") if s.strip()})
+    except ValueError:
+        p_.error(f"--streams must be comma-separated numbers, got {args.streams!r}")
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    for k in ("repeats", "batch", "score_images", "score_clients", "score_request", "onnx_threads", "score_instances"):
+        if getattr(args, k) < 1:
+            p_.error(f"--{k.replace('_', '-')} must be at least 1")
+    if not args.streams or min(args.streams) < 1:
+        p_.error("--streams must list counts >= 1")
+    return args
+
+
+def report(payload: dict) -> str:
+    s, st, sc, t = payload["sampling"], payload["streams"], payload["scoring"], payload["targets"]
+    cols = f"{'best s':>9}{'median s':>10}"
+    lines = [f"{'sampling: one stream of ' + str(payload['config']['batch']) + ' images':<42}{cols}{'pixels/s':>11}"]
+    for k, label in (("triton", "Triton (PixelClient)"), ("triton_stream", "Triton (bare persistent stream)"),
+                     ("engine_in_process", "row engine in process"),
+                     ("in_process", "ONNX cells in process")):
+        lines.append(f"  {label:<40}{s[k]['seconds']:>9.3f}{s[k]['median_seconds']:>10.3f}{s[k]['pixels_per_s']:>11.0f}")
+    lines.append(f"  Triton / in process {s['ratio_triton_vs_in_process']:.2f}, engine / in process "
+                 f"{s['ratio_engine_vs_in_process']:.2f}; Triton adds {s['triton_ms_per_row_response']:.2f} ms per streamed row")
+    lines.append(f"{'concurrent single-image streams':<42}{cols}{'pixels/s':>11}{'x one':>7}{'CALL_BATCH':>11}"
+                 f"{'engine px/s':>12}{'ms/row':>8}")
+    for k, r in st.items():
+        x = f"{r['vs_one_stream']:.2f}" if r["vs_one_stream"] is not None else "-"
+        lines.append(f"  {k + ' streams':<40}{r['seconds']:>9.3f}{r['median_seconds']:>10.3f}{r['pixels_per_s']:>11.0f}{x:>7}"
+                     f"{r['call_batch']['mean']:>11.1f}{r['engine_in_process']['pixels_per_s']:>12.0f}"
+                     f"{r['triton_ms_per_row_response']:>8.2f}")
+    lines.append("  CALL_BATCH: mean images per cell call; engine: the same sequences through the row engine in process;")
+    lines.append("  ms/row: (Triton time - engine time) / streamed rows")
+    lines.append(f"{'scoring ' + str(sc['images']) + ' images':<42}{cols}{'images/s':>11}")
+    for k, label in (("triton", f"Triton, chunks of {sc['chunk']}"),
+                     ("triton_concurrent", f"Triton, {sc['clients']} clients x {sc['request_images']}-image requests"),
+                     ("in_process", f"OnnxScorer in process, chunks of {sc['chunk']}")):
+        lines.append(f"  {label:<40}{sc[k]['seconds']:>9.3f}{sc[k]['median_seconds']:>10.3f}{sc[k]['images_per_s']:>11.1f}")
+    ipe = sc["triton_concurrent"]["images_per_execution"]
+    lines.append(f"  Triton / in process {sc['ratio_triton_vs_in_process']:.2f}, concurrent / in process "
+                 f"{sc['ratio_triton_concurrent_vs_in_process']:.2f}; dynamic batches of "
+                 + (f"{ipe:.1f}" if ipe is not None else "?") + " images on average")
+    for k, v in t.items():
+        if k == "all_met":
+            continue
+        if v["target"] is None:
+            lines.append(f"{k} ({v.get('streams')} streams): {v['value']:.2f} (no target)")
+        else:
+            lines.append(f"target {k}: {v['value']:.2f} >= {v['target']:g}: {'met' if v['met'] else 'NOT met'}")
+    lines.append(f"identical images: {'yes' if payload['identical']['all'] else 'NO'} "
+                 f"(scores: max |difference| {sc['max_abs_nll_difference']:.1e} nats)")
+    m, sv = payload["machine"], payload["server"]
+    lines.append(f"{m['cpu']}, {m['cpu_count']} CPUs, load {m['load_average_1_5_15']}, onnx threads {sv['onnx_threads']}, "
+                 f"score instances {sv['score_instances']}, tritonserver {sv['tritonserver']}, "
+                 f"malloc env {'set' if m['malloc_env_set'] else 'NOT set'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        print(f"exporting {args.checkpoint} ...", file=sys.stderr, flush=True)
+        manifest, folder, repository, export_seconds = export(args.checkpoint, Path(tmp), args)
+        with TritonServer(repository, log_path=Path(tmp) / "triton.log") as server:
+            server_info = {
+                "tritonserver": triton_version(server), "models": server.models,
+                "onnx_threads": args.onnx_threads, "score_instances": args.score_instances, "sample_instances": 1,
+                "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
+                "transport": "gRPC on loopback",
+            }
+            result = run_benchmark(args, manifest, folder, server)
+    payload = {
+        "benchmark": "serving",
+        "config": {"checkpoint": args.checkpoint, "batch": args.batch, "streams": args.streams, "stream_images": 1,
+                   "repeats": args.repeats, "seed": args.seed, "score_images": args.score_images,
+                   "score_clients": args.score_clients, "score_request": args.score_request, "quick": args.quick},
+        "model": {"name": manifest["name"], "arch": manifest["arch"], "config": manifest["config"], "shape": manifest["shape"],
+                  "levels": manifest["levels"], "export_seconds": export_seconds},
+        "server": server_info,
+        "machine": machine_info(),
+        **result,
+    }
+    payload["targets"] = targets(result)
+    print(report(payload))
+    if args.json:
+        write_json(args.json, payload)
+    if not payload["identical"]["all"]:
+        print("error: Triton and the in-process cells gave different images or scores", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    reexec_with_malloc_env("bench.serving", sys.argv[1:])
+    sys.exit(main())
