@@ -59,6 +59,16 @@ def teacher_forced_logits(
     return torch.stack(rows, dim=3), total
 
 
+def start_canvas(shape: tuple[int, ...], known: np.ndarray | None, known_rows: int, device) -> tuple[torch.Tensor, int]:
+    """A zero int64 canvas of `shape` with rows < known_rows copied from `known`, and the number
+    of rows actually known (0 when no known images are given)."""
+    canvas = torch.zeros(shape, dtype=torch.long, device=device)
+    if known is None or not known_rows:
+        return canvas, 0
+    canvas[:, :, :known_rows] = torch.from_numpy(np.asarray(known[:, :, :known_rows], dtype=np.int64)).to(device)
+    return canvas, known_rows
+
+
 @torch.no_grad()
 def run_rows(
     cell: RowCell,
@@ -100,10 +110,6 @@ def sample_cached(
     """Sample n images row by row with the cell; the same seed gives the reference sampler's image."""
     if isinstance(cell, MultiScaleSampler):
         return cell.sample(n, seed, temperature, labels, known, known_rows, device, progress)
-    canvas = torch.zeros(n, cell.channels, cell.height, cell.width, dtype=torch.long, device=device)
-    if known is not None and known_rows:
-        canvas[:, :, :known_rows] = torch.from_numpy(np.asarray(known[:, :, :known_rows], dtype=np.int64)).to(device)
-    else:
-        known_rows = 0
+    canvas, known_rows = start_canvas((n, cell.channels, cell.height, cell.width), known, known_rows, device)
     run_rows(cell, distributions.sampling_rng(seed), canvas, known_rows, temperature, labels, progress=progress)
     return canvas.cpu().numpy().astype(np.uint8)

@@ -105,20 +105,18 @@ class MultiScaleSampler(nn.Module):
         progress=None,
     ) -> np.ndarray:
         """Like export.cells.sample_cached; `progress` gets the small rows, then the big ones, counted on."""
-        from export.cells import run_rows, sample_cached
+        from export.cells import run_rows, sample_cached, start_canvas
 
         f, c = self.factor, self.channels
-        small_known = None if known is None or not known_rows else np.asarray(known)[:, :, ::f, ::f]
+        canvas, known_rows = start_canvas((n, c, self.height, self.width), known, known_rows, device)
+        small_known = np.asarray(known)[:, :, ::f, ::f] if known_rows else None
         small = sample_cached(self.small, n, seed, temperature, labels, small_known, math.ceil(known_rows / f), device, progress)
         rng = distributions.sampling_rng(seed)
         for _ in range(self.small.height):  # the small part's share of the stream
             distributions.draw_row_uniforms(rng, n, c, self.small.width)
 
         small_t = torch.from_numpy(small.astype(np.int64)).to(device)
-        canvas = torch.zeros(n, c, self.height, self.width, dtype=torch.long, device=device)
-        canvas[:, :, ::f, ::f] = small_t
-        if known is not None and known_rows:
-            canvas[:, :, :known_rows] = torch.from_numpy(np.asarray(known[:, :, :known_rows], dtype=np.int64)).to(device)
+        canvas[:, :, ::f, ::f] = small_t  # the known rows' grid pixels are the small image's known rows
         offset_progress = None if progress is None else (lambda i: progress(self.small.height + i))
         run_rows(self.big, rng, canvas, known_rows, temperature, labels, self.row_inputs(self.model.condition(small_t)), offset_progress)
         return canvas.cpu().numpy().astype(np.uint8)
