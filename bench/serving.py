@@ -49,7 +49,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
-from client.library import PixelClient, Row, assemble, correlation_id
+from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
 from export.onnx_export import OnnxScorer
 from server import protocol as p
 from server.engine import Engine, SampleSpec
@@ -154,8 +154,9 @@ class RowStream:
         inputs = [_tensor(p.BATCH_SIZE, np.array([n], np.int32), "INT32"), _tensor(p.SEED, np.array([seed], np.uint64), "UINT64")]
         if labels is not None:
             inputs.append(_tensor(p.LABELS, np.asarray(labels, np.int64), "INT64"))
-        self.client.async_stream_infer(p.sample_model(self.model), inputs, sequence_id=correlation_id(), sequence_start=True,
-                                       sequence_end=True, enable_empty_final_response=True)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (*ROW_OUTPUTS, p.CALL_BATCH, p.ACTIVE)]
+        self.client.async_stream_infer(p.sample_model(self.model), inputs, outputs=outputs, sequence_id=correlation_id(),
+                                       sequence_start=True, sequence_end=True, enable_empty_final_response=True)
         rows, batched, active = [], [], []
         while True:
             result, error = self.responses.get(timeout=self.timeout)
@@ -232,7 +233,7 @@ def export(checkpoint: str, workdir: Path, args) -> tuple[dict, Path, Path, floa
         raise SystemExit(f"error: export of {checkpoint} failed (exit code {code})")
     manifest = read_manifest(out)
     write_repository(manifest, out, repository, onnx_threads=args.onnx_threads, score_instances=args.score_instances,
-                     max_queue_delay_us=args.max_queue_delay_us)
+                     max_queue_delay_us=args.max_queue_delay_us, sender_threads=args.sender_threads)
     return manifest, out, repository, seconds
 
 
@@ -445,6 +446,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p_.add_argument("--score-clients", type=int, default=16, help="client threads of the concurrent scoring path")
     p_.add_argument("--score-request", type=int, default=1, help="images per request of the concurrent scoring path")
     p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads, in the server and in process")
+    p_.add_argument("--sender-threads", type=int, default=2, help="the sampler's response sender threads (0: none)")
     p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
     p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
     p_.add_argument("--seed", type=int, default=0)
@@ -518,6 +520,7 @@ def main(argv=None) -> int:
             server_info = {
                 "tritonserver": triton_version(server), "models": server.models,
                 "onnx_threads": args.onnx_threads, "score_instances": args.score_instances, "sample_instances": 1,
+                "sender_threads": args.sender_threads,
                 "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
                 "transport": "gRPC on loopback",
             }

@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from server import protocol as p
 
 DEFAULT_URL = "localhost:8001"
+ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)
 UINT64 = 2**64
 
 
@@ -261,6 +262,7 @@ class PixelClient:
         finished = False
         try:
             stream.start_stream(callback=lambda result, error: responses.put((result, error)))
+            outputs = [grpcclient.InferRequestedOutput(n) for n in ROW_OUTPUTS]  # not ACTIVE, CALL_BATCH: less to send
             for k, (a, size, seed) in enumerate(chunks):
                 inputs = [_tensor(p.BATCH_SIZE, np.array([size], np.int32), "INT32"),
                           _tensor(p.TEMPERATURE, np.array([temperature], np.float64), "FP64")]
@@ -270,8 +272,9 @@ class PixelClient:
                     inputs.append(_tensor(p.LABELS, labels[a:a + size], "INT64"))
                 if known is not None:
                     inputs.append(_tensor(p.KNOWN, known[a:a + size], "UINT8"))
-                stream.async_stream_infer(p.sample_model(self.model), inputs, request_id=str(k), sequence_id=correlation_id(),
-                                          sequence_start=True, sequence_end=True, enable_empty_final_response=True)
+                stream.async_stream_infer(p.sample_model(self.model), inputs, outputs=outputs, request_id=str(k),
+                                          sequence_id=correlation_id(), sequence_start=True, sequence_end=True,
+                                          enable_empty_final_response=True)
             pending = [[] for _ in chunks]  # per chunk: rows received but not yet yielded
             open_chunks = len(chunks)
             while open_chunks:

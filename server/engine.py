@@ -11,7 +11,7 @@ Knows nothing of Triton. The caller supplies
                `cancelled()`); the Triton glue wraps a response sender in one.
 
 A sequence is one sampling job (B images, one seed) keyed by the caller's id (Triton's
-correlation id). `start` opens it (replacing one with the same key), `resume` adds a request
+correlation id). `start` opens it (refused while one with the same key is live), `resume` adds a request
 to it; each request asks for up to `max_rows` more rows (None: to the end) and may `end` the
 sequence when its rows are done. Rows go to the oldest open request of the sequence. The
 sequence's state is freed when its image is complete, at an `end`, on an error, when the
@@ -23,15 +23,19 @@ row of every stage, known rows included, so a sequence gives exactly the image t
 export.cells.sample_cached gives with the same seed, also after a resume from known rows.
 
 Threading: `start`/`resume` only validate and queue; everything else (the sequences, the
-runner, every sink call) happens on one worker thread (`start_worker`), or on the caller's
-thread when a test drives `step()` itself.
+runner) happens on one worker thread (`start_worker`), or on the caller's thread when a test
+drives `step()` itself. Sink calls go through an `Outbox`: with `senders=0` they run inline; with
+`senders=K` they run on K sender threads, so that sending a step's rows (a round trip to the
+Triton server per response, ~0.5 ms) overlaps the next step's cell call instead of adding to it.
+Every message of one sequence goes to the same sender, so a stream's order is kept.
 """
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
 
@@ -103,9 +107,49 @@ class _Sequence:
     last_active: float = 0.0
 
 
+class Outbox:
+    """Sink calls, inline (`senders=0`) or on sender threads, in order per sequence key.
+    A sink whose `row` raised (client gone) is remembered in `failed` for the engine to drop."""
+
+    def __init__(self, senders: int = 0):
+        self.failed: dict[int, str] = {}  # id(sink) -> why; written by senders, read by the worker
+        self._queues = [queue.SimpleQueue() for _ in range(senders)]
+        self._threads = [threading.Thread(target=self._loop, args=(q,), name=f"row-sender-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def put(self, key: Hashable, fn: Callable, *args) -> None:
+        if not self._queues:
+            self._call(fn, args)
+        else:
+            self._queues[hash(key) % len(self._queues)].put((fn, args))
+
+    def _call(self, fn, args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a client that is gone must not stop the engine
+            if getattr(fn, "__name__", "") == "row":  # later rows would be lost: the sequence must go
+                self.failed[id(fn.__self__)] = str(e) or type(e).__name__
+
+    def _loop(self, q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            self._call(*item)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop the senders."""
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout)
+
+
 class Engine:
     def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5):
+                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0):
         self.runner = runner
         self.stages: list[Stage] = list(runner.stages)
         self.factor = int(getattr(runner, "factor", 1) or 1)
@@ -115,7 +159,10 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._outbox = Outbox(senders)
         self.calls = 0  # batched cell calls so far (tests, metrics)
+        # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
+        self.counts: Counter = Counter()
 
     # -- any thread ------------------------------------------------------------------------
     @property
@@ -191,7 +238,8 @@ class Engine:
             self._thread.join(timeout)
         self._drain_inbox()
         for seq in list(self._sequences.values()):
-            self._drop(seq, "the sampler is shutting down")
+            self._drop(seq, "the sampler is shutting down", "shutdown")
+        self._outbox.close(timeout)
 
     # -- worker ----------------------------------------------------------------------------
     @property
@@ -209,7 +257,7 @@ class Engine:
                 self.step()
             except Exception as e:  # noqa: BLE001 - a bug must not leave every stream hanging
                 for seq in list(self._sequences.values()):
-                    self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}")
+                    self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}", "failed")
 
     def _ready(self) -> list[_Sequence]:
         return [s for s in self._sequences.values() if s.requests and s.requests[0].rows_left != 0]
@@ -243,22 +291,27 @@ class Engine:
                     return
                 kind, key, spec, request = self._inbox.popleft()
             if self._stopping:
-                _safe(request.sink.error, "the sampler is shutting down")
+                self._outbox.put(key, request.sink.error, "the sampler is shutting down")
                 continue
             if kind == "start":
-                old = self._sequences.pop(key, None)
-                if old is not None:
-                    self._drop(old, f"sequence {key} was restarted by a new START request")
+                if key in self._sequences:  # the live sequence is someone's stream: leave it alone
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"sequence {key} is already active: a START request needs a new "
+                                     f"sequence id (or end this one first: sequence_end with MAX_ROWS 0)")
+                    continue
                 try:
                     seq = self._open(key, spec)
                 except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-                    _safe(request.sink.error, f"cannot start sequence {key}: {e}")
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"cannot start sequence {key}: {e}")
                     continue
                 self._sequences[key] = seq
+                self.counts["started"] += 1
             else:
                 seq = self._sequences.get(key)
                 if seq is None:
-                    _safe(request.sink.error, f"sequence {key} is not active (finished, cancelled, expired after "
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"sequence {key} is not active (finished, cancelled, expired after "
                                               f"{self.idle_timeout:g} s idle, or never started): send a START request")
                     continue
             seq.requests.append(request)
@@ -290,20 +343,27 @@ class Engine:
 
     def _housekeeping(self) -> None:
         now = self.clock()
+        if self._outbox.failed:  # forget failures of sinks no sequence waits on any more
+            waiting = {id(r.sink) for seq in self._sequences.values() for r in seq.requests}
+            for sink_id in list(self._outbox.failed):
+                if sink_id not in waiting:
+                    self._outbox.failed.pop(sink_id, None)
         for seq in list(self._sequences.values()):
             while seq.requests and seq.requests[0].rows_left == 0:  # a request's rows are all sent
                 request = seq.requests.popleft()
-                _safe(request.sink.done)
+                self._outbox.put(seq.key, request.sink.done)
                 seq.last_active = now
                 if request.end:
-                    self._drop(seq, f"sequence {seq.key} was ended by an earlier request")  # anything queued after the end
+                    self._drop(seq, f"sequence {seq.key} was ended by an earlier request", "ended")  # anything queued after the end
                     break
             if seq.key not in self._sequences:
                 continue
-            if seq.requests and _safe(seq.requests[0].sink.cancelled, default=False):
-                self._drop(seq, "cancelled")
+            if seq.requests and id(seq.requests[0].sink) in self._outbox.failed:
+                self._drop(seq, f"cannot send: {self._outbox.failed.pop(id(seq.requests[0].sink))}", "disconnected")
+            elif seq.requests and _safe(seq.requests[0].sink.cancelled, default=False):
+                self._drop(seq, "cancelled", "cancelled")
             elif not seq.requests and now - seq.last_active > self.idle_timeout:
-                self._free(seq)
+                self._free(seq, "expired")
 
     def _run(self, seqs: list[_Sequence]) -> None:
         """One batched cell call for these sequences (same stage, same grid columns)."""
@@ -326,7 +386,7 @@ class Engine:
                                                           labels, condition, fixed)
         except Exception as e:  # noqa: BLE001 - every sequence in the call gets the error
             for seq in seqs:
-                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}")
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
             return
         offsets = np.cumsum([0] + sizes)
         active, batched = len(self._sequences), int(offsets[-1])
@@ -338,21 +398,18 @@ class Engine:
             try:
                 self._advance(seq)
             except Exception as e:  # noqa: BLE001 - the multi-scale condition graph failed
-                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}")
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
                 continue
             request = seq.requests[0]
-            try:
-                request.sink.row(event)
-            except Exception as e:  # noqa: BLE001 - the client is gone: free its state
-                self._drop(seq, f"cannot send: {e}")
-                continue
+            self._outbox.put(seq.key, request.sink.row, event)
+            self.counts["rows"] += 1
             if request.rows_left is not None:
                 request.rows_left -= 1
             if seq.stage == len(self.stages):  # image complete: every open request is done
                 for r in seq.requests:
-                    _safe(r.sink.done)
+                    self._outbox.put(seq.key, r.sink.done)
                 seq.requests.clear()
-                self._free(seq)
+                self._free(seq, "completed")
 
     def _advance(self, seq: _Sequence) -> None:
         seq.row += 1
@@ -372,16 +429,24 @@ class Engine:
             big[:, :, :r] = seq.spec.known
         seq.state = self.runner.initial_state(seq.stage, seq.spec.batch)
 
-    def _free(self, seq: _Sequence) -> None:
-        self._sequences.pop(seq.key, None)
+    def _free(self, seq: _Sequence, why: str) -> None:
+        if self._sequences.pop(seq.key, None) is not None:
+            self.counts[why] += 1
 
-    def _drop(self, seq: _Sequence, message: str) -> None:
+    def _drop(self, seq: _Sequence, message: str, why: str) -> None:
         """Free the sequence; each of its open requests gets `message` as an error."""
         if self._sequences.get(seq.key) is seq:
-            self._free(seq)
+            self._free(seq, why)
         for request in seq.requests:
-            _safe(request.sink.error, message)
+            self._outbox.put(seq.key, request.sink.error, message)
         seq.requests.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Live sequences and counters since start: sequences started / completed / ended /
+        cancelled / disconnected / expired / failed / shutdown, requests refused, rows streamed,
+        batched cell calls. Worker thread (or, approximately, any thread: ints only)."""
+        keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
+        return {"live": len(self._sequences), **{k: self.counts[k] for k in keys}, "calls": self.calls}
 
 
 def _safe(fn, *args, default=None):

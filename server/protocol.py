@@ -2,6 +2,8 @@
 
 NAME_score (Python backend, dynamic batching, max_batch_size = the export's max_batch):
     in   IMAGES        uint8 N x C x H x W, values in [0, levels)
+         IMAGES_HW     uint8 N x H x W, grey models only, instead of IMAGES (Triton fixes an
+                       input's rank, so the two layouts are two inputs; send exactly one)
          LABELS        int64 N x 1, class-conditional models only (required there)
     out  NLL_NATS      float32 N x 1, -log p(image) in nats
          BITS_PER_DIM  float32 N x 1, NLL_NATS / (C * H * W * ln 2)
@@ -39,6 +41,7 @@ SCORE_SUFFIX = "_score"
 SAMPLE_SUFFIX = "_sample"
 
 IMAGES, LABELS, NLL_NATS, BITS_PER_DIM = tn.IMAGES, tn.LABELS, tn.NLL_NATS, tn.BITS_PER_DIM
+IMAGES_HW = "IMAGES_HW"
 
 BATCH_SIZE = "BATCH_SIZE"
 TEMPERATURE = tn.TEMPERATURE

@@ -14,6 +14,7 @@ The request/response protocol is in server/protocol.py.
 To (re)write a repository from an export folder with other settings than build_engine's:
     python -m server.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
         [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
+        [--sender-threads N]
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def score_config(manifest: dict, max_queue_delay_us: int, instances: int, params
     c, h, w = manifest["shape"]
     max_batch = int(manifest["max_batch"])
     inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w])]
+    if c == 1:  # grey images also as N x H x W; model.py asks for exactly one of the two
+        inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w], optional=True), _io(p.IMAGES_HW, "TYPE_UINT8", [h, w], optional=True)]
     if manifest["num_classes"]:
         inputs.append(_io(p.LABELS, "TYPE_INT64", [1], optional=True))  # optional: model.py explains a missing one
     preferred = [b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [max_batch]
@@ -125,24 +128,25 @@ def stage_rows(manifest: dict) -> list[int]:
 
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
-                     onnx_threads: int = 1, project_root: str | Path = PROJECT_ROOT) -> list[Path]:
+                     onnx_threads: int = 1, sender_threads: int = 2, project_root: str | Path = PROJECT_ROOT) -> list[Path]:
     """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"model name {name!r} is not a plain identifier")
-    if sequence_idle_s <= 0 or max_sequences < 1:
-        raise ValueError("sequence_idle_s must be > 0 and max_sequences >= 1")
+    if sequence_idle_s <= 0 or max_sequences < 1 or sender_threads < 0:
+        raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1 and sender_threads >= 0")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
     params = {"project_root": _root_seen_from(repository_dir, project_root), "onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
+    sample_params = {**params, "sender_threads": str(sender_threads)}
     models = {
         p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
                               score_config(manifest, max_queue_delay_us, score_instances, params)),
         p.sample_model(name): ("sample_model.py", _files(manifest, stages),
-                               sample_config(manifest, sequence_idle_s, max_sequences, params)),
+                               sample_config(manifest, sequence_idle_s, max_sequences, sample_params)),
     }
     missing = [f for _, files, _ in models.values() for f in files if not (onnx_dir / f).is_file()]
     if missing:
@@ -176,12 +180,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="scorer: how long to wait to fill a batch")
     parser.add_argument("--score-instances", type=int, default=1)
     parser.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime threads per graph")
+    parser.add_argument("--sender-threads", type=int, default=2, help="sampler: threads sending streamed rows (0: the engine's own)")
     args = parser.parse_args(argv)
     try:
         manifest = json.loads((Path(args.export) / MANIFEST).read_text())
         written = write_repository(manifest, args.export, args.repository, sequence_idle_s=args.sequence_idle_s,
                                    max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
-                                   score_instances=args.score_instances, onnx_threads=args.onnx_threads)
+                                   score_instances=args.score_instances, onnx_threads=args.onnx_threads,
+                                   sender_threads=args.sender_threads)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

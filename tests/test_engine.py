@@ -212,15 +212,22 @@ def test_cancelled_and_failing_sinks_free_their_sequences():
     assert len(a.rows) == 1 and engine.active == 0 and len(ok.rows) == 4 and ok.finished.is_set()
 
 
-def test_a_new_start_replaces_the_open_sequence():
+def test_a_second_start_for_a_live_sequence_is_refused_and_the_first_goes_on():
     engine = Engine(FakeRunner())
-    old, new = Sink(), Sink()
-    engine.start(1, SampleSpec(seed=1), old)
+    first, second = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=1), first)
     engine.step()
-    engine.start(1, SampleSpec(seed=2), new)
+    engine.start(1, SampleSpec(seed=2), second)
     drain(engine)
-    assert len(old.rows) == 1 and "restarted" in old.errors[0]
-    np.testing.assert_array_equal(new.image(), solo(FakeRunner(), SampleSpec(seed=2)))
+    assert not second.rows and "already active" in second.errors[0]
+    assert not first.errors
+    np.testing.assert_array_equal(first.image(), solo(FakeRunner(), SampleSpec(seed=1)))
+    stats = engine.stats()
+    assert stats["live"] == 0 and stats["started"] == 1 and stats["completed"] == 1 and stats["refused"] == 1
+    again = Sink()  # the id is free again once the image is complete
+    engine.start(1, SampleSpec(seed=2), again)
+    drain(engine)
+    np.testing.assert_array_equal(again.image(), solo(FakeRunner(), SampleSpec(seed=2)))
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -267,6 +274,39 @@ def test_the_worker_thread_serves_sequences_and_stops_cleanly():
     assert pending2.finished.is_set()
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.start(10, SampleSpec(), Sink())
+
+
+def test_sender_threads_keep_each_stream_in_order_and_drop_broken_clients():
+    class Slow(Sink):  # a send that takes time, as a Triton response does, lets the engine run ahead
+        def row(self, event):
+            threading.Event().wait(0.002)
+            super().row(event)
+
+    class Broken(Sink):
+        def row(self, event):
+            raise ConnectionError("gone")
+
+    runner = FakeRunner(h=6)
+    engine = Engine(runner, poll=0.05, senders=3)
+    engine.start_worker()
+    specs = [SampleSpec(seed=k) for k in range(8)]
+    sinks = [Slow() for _ in specs]
+    broken = Broken()
+    engine.start(99, SampleSpec(seed=99), broken)
+    for k, (spec, sink) in enumerate(zip(specs, sinks)):
+        engine.start(k, spec, sink)
+    for spec, sink in zip(specs, sinks):
+        assert sink.finished.wait(10) and not sink.errors
+        np.testing.assert_array_equal(sink.image(), solo(FakeRunner(h=6), spec))  # rows in order, none lost
+    deadline = threading.Event()
+    for _ in range(100):
+        if engine.stats()["live"] == 0:
+            break
+        deadline.wait(0.05)
+    stats = engine.stats()
+    engine.stop()
+    assert stats["live"] == 0 and stats["completed"] + stats["disconnected"] == 9 and stats["started"] == 9
+    assert len(broken.rows) == 0
 
 
 # ------------------------------------------------------------------------------ real ONNX cells

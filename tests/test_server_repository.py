@@ -71,7 +71,9 @@ def test_unconditional_and_multiscale_models(tmp_path):
     sample = tmp_path / "repo" / "ms_sample"
     assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "small_cell.onnx"]
     assert p.LABELS not in {i.name for i in config(sample / "config.pbtxt").input}
-    assert [i.name for i in config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input] == [p.IMAGES]
+    score_inputs = config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input
+    assert [i.name for i in score_inputs] == [p.IMAGES, p.IMAGES_HW]  # grey: N x C x H x W or N x H x W
+    assert all(i.optional for i in score_inputs) and list(score_inputs[1].dims) == [8, 8]
 
 
 def test_rewriting_replaces_the_old_models(tmp_path):

@@ -189,6 +189,23 @@ def test_concurrent_score_requests_are_batched_and_answered_each(deployed):
     client.close()
 
 
+def test_grey_images_score_the_same_as_n_h_w_and_exactly_one_layout_is_accepted(deployed):
+    server, models = deployed
+    _, manifest = models["ms"]
+    client = tritonclient.InferenceServerClient(server.grpc_url)
+    images = np.random.default_rng(5).integers(0, manifest["levels"], (3, *manifest["shape"])).astype(np.uint8)  # (3, 1, H, W)
+    nchw = client.infer("ms_score", [tensor(p.IMAGES, images, "UINT8")]).as_numpy(p.NLL_NATS)
+    nhw = client.infer("ms_score", [tensor(p.IMAGES_HW, images[:, 0], "UINT8")]).as_numpy(p.NLL_NATS)
+    np.testing.assert_array_equal(nhw, nchw)
+    with pytest.raises(InferenceServerException, match="exactly one of IMAGES .* got both"):
+        client.infer("ms_score", [tensor(p.IMAGES, images, "UINT8"), tensor(p.IMAGES_HW, images[:, 0], "UINT8")])
+    with pytest.raises(InferenceServerException, match="0 inputs"):  # Triton's own check, before the model's
+        client.infer("ms_score", [])
+    with pytest.raises(InferenceServerException, match="IMAGES_HW"):  # a colour model has no N x H x W layout
+        client.infer("gated_score", [tensor(p.IMAGES_HW, images[:, 0], "UINT8")])
+    client.close()
+
+
 def exec_counts(server, model):
     """(requests, executions) of a model from Triton's Prometheus metrics."""
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()

@@ -42,7 +42,13 @@ class TritonPythonModel:
         Triton has already checked the dtype and the shape against config.pbtxt."""
         from server import protocol as p
 
-        images = pb_utils.get_input_tensor_by_name(request, p.IMAGES).as_numpy()
+        given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
+        if len(given) != 1:
+            raise ValueError(f"send the images as exactly one of {p.IMAGES} (N x C x H x W) or {p.IMAGES_HW} (N x H x W, grey "
+                             f"models), got {'both' if given else 'neither'}")
+        images = given[0].as_numpy()
+        if given[0].name() == p.IMAGES_HW:
+            images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
         if images.size and int(images.max()) >= self.levels:
             raise ValueError(f"{p.IMAGES} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
         tensor = pb_utils.get_input_tensor_by_name(request, p.LABELS)
