@@ -1,7 +1,8 @@
 """The gRPC client (client/) against a real tritonserver (loopback, free ports), one server for
 the module: a class-conditional RGB Gated PixelCNN whose config publishes levels / classes /
-stage rows as parameters (max batch 4, to exercise chunking), and a grey multi-scale model
-whose config does not (the client then leaves value checks to the server)."""
+stage rows as parameters, as server/repository.py writes it (max batch 4, to exercise
+chunking), and a grey multi-scale model whose parameters are taken out again, as a repository
+written by other means may lack them (the client then leaves value checks to the server)."""
 import json
 import re
 import subprocess
@@ -61,7 +62,8 @@ def deployed(tmp_path_factory):
         out, _ = job.communicate(timeout=300)
         assert job.returncode == 0, out
         models[name] = (load_model(root / f"{name}.pt")[0], read_manifest(root / name))
-    set_metadata(repository / "gated_score" / "config.pbtxt", dict(levels=4, num_classes=2, stage_rows=5))
+    published = (repository / "gated_score" / "config.pbtxt").read_text()
+    assert all(f'key: "{k}" value: {{ string_value: "{v}" }}' in published for k, v in dict(levels=4, num_classes=2, stage_rows=5).items())
     set_metadata(repository / "ms_score" / "config.pbtxt", None)
     with TritonServer(repository, log_path=root / "triton.log") as server:
         yield server, models
