@@ -11,7 +11,8 @@ On disk: a fixed header, then the torch.save payload.
 The header makes a truncated, bit-flipped or foreign file fail loudly with a `CheckpointError`
 that names the file, instead of a pickle traceback or, worse, silently wrong weights. Files are
 written atomically (temp file in the same directory, fsync, os.replace), so a crash mid-write
-leaves the previous file intact and never a partial one under the final name.
+leaves the previous file intact and never a partial one under the final name (a killed writer
+can leave only a dot-named temp file, which `remove_stale_temp_files` clears).
 """
 from __future__ import annotations
 
@@ -75,6 +76,22 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files a writer of `path` killed mid-save (SIGKILL, power loss) left behind.
+
+    They are never read (only os.replace makes a checkpoint visible), but each is up to a whole
+    checkpoint. Call only while no other process writes `path`, e.g. when a run starts.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -159,21 +176,55 @@ def _state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
     return None
 
 
-def load_model(path: str | Path, ckpt: dict | None = None):
-    """Rebuild the model described by a checkpoint and load its weights: (model in eval mode, ckpt)."""
+IMAGE_FIELDS = ("in_channels", "height", "width", "levels")  # not recoverable from the weights
+FIELD_TYPES = {"int": (int,), "int | None": (int, type(None)), "str": (str,), "dict": (dict,), "float": (float, int), "bool": (bool,)}
+
+
+def _config_problem(arch: str, config: dict) -> str | None:
+    """A config the model constructor would misread: a missing image field or a mistyped value."""
+    import dataclasses
+
+    from training.models import config_class
+
+    missing = [k for k in IMAGE_FIELDS if k not in config]
+    if missing:
+        return f"config lacks {', '.join(missing)} (the image spec cannot be recovered from the weights)"
+    for f in dataclasses.fields(config_class(arch)):
+        want = FIELD_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        value = config.get(f.name)
+        if f.name in config and want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+            return f"config field {f.name!r} is {value!r} ({type(value).__name__}), expected {f.type}"
+    return None
+
+
+def build_checkpoint_model(path: str | Path, ckpt: dict):
+    """The (untrained) model a checkpoint's arch and config describe; CheckpointError if they do not build one."""
     from training.models import build_model
 
-    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    problem = _config_problem(ckpt["arch"], ckpt["config"])
+    if problem:
+        raise _fail(path, problem)
     try:
-        model = build_model(ckpt["arch"], dict(ckpt["config"]))
-    except (TypeError, ValueError) as e:
-        raise _fail(path, f"config does not build a {ckpt['arch']} model: {e}") from None
-    problem = _state_mismatch(model, ckpt["model"])
+        return build_model(ckpt["arch"], dict(ckpt["config"]))
+    except Exception as e:  # noqa: BLE001 - any failure here is the file's config, reported as such
+        raise _fail(path, f"config does not build a {ckpt['arch']} model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, state: dict) -> None:
+    """Load a checkpoint's state dict into `model`; CheckpointError naming the first parameter that does not fit."""
+    problem = _state_mismatch(model, state)
     if problem:
         raise _fail(path, f"config does not match the weights: {problem}")
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise _fail(path, f"config does not match the weights: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: str | Path, ckpt: dict | None = None):
+    """Rebuild the model described by a checkpoint and load its weights: (model in eval mode, ckpt)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    model = build_checkpoint_model(path, ckpt)
+    load_weights(path, model, ckpt["model"])
     model.eval()
     return model, ckpt

@@ -6,8 +6,10 @@
 Writes, from rank 0 only and always atomically: DIR/last.pt (every --checkpoint-every steps
 and when the run ends or stops), DIR/best.pt (the best validation NLL so far),
 DIR/loss_curve.png and DIR/metrics.json. `--resume` continues from DIR/last.pt with model,
-optimizer, step, history and RNG state; the data order is a pure function of (seed, epoch), so a
-resumed run sees the same batches, and reaches the same weights, as an uninterrupted one.
+optimizer, step, history and RNG state, and with the run's own schedule flags (steps or epochs,
+batch size, lr, seed, ...) unless given again; the data order is a pure function of (seed,
+step), so a resumed run, even one killed mid-epoch, sees the same batches, and reaches the same
+weights, as an uninterrupted one.
 
 The loss is the model's own `nll` (multi-scale overrides it) divided by C*H*W, i.e. nats per
 sub-pixel, so the learning rate does not depend on the image size.
@@ -30,11 +32,16 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from training import distributions
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import (CheckpointError, build_checkpoint_model, load_checkpoint, load_weights,
+                                 remove_stale_temp_files, save_checkpoint)
 from training.data import DataSpec, ImageSet, load
 from training.models import ARCHITECTURES, build_model, config_class
 
 IMAGE_FIELDS = ("in_channels", "height", "width", "levels")  # fixed by the data, not by flags
+# Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
+# so `--out DIR --resume` alone continues the run it was, not one with default flags.
+RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "valid_every", "valid_images",
+                 "checkpoint_every", "log_every")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -94,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="depth (arch field 'layers')")
     p.add_argument("--conditional", action="store_true", help="condition on the data's class labels")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="other config field; repeatable")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt, with its run's --steps/--epochs, --batch-size, --lr, --seed, ... unless given")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT/last.pt exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--valid-every", type=int, default=500, help="validate every N steps (and at the end)")
@@ -113,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "valid_every", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    # argparse fills in a default only for attributes the namespace lacks: what keeps the marker was not given.
+    unset = object()
+    given = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in RESUMED_FLAGS}))
+    args.explicit = {k for k in RESUMED_FLAGS if getattr(given, k) is not unset}
     return args
 
 
@@ -343,7 +355,7 @@ def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: Dat
         "epoch": state.step / per_epoch,
         "metrics": dict(state.metrics),
         "history": list(state.history),
-        "train_args": vars(args),
+        "train_args": {k: v for k, v in vars(args).items() if k != "explicit"},
         "rng": {"torch": torch.get_rng_state()},
     })
 
@@ -368,11 +380,35 @@ def open_run(args, last: Path) -> dict | None:
     return ckpt
 
 
-def restore(ckpt: dict | None, model, optimizer) -> RunState:
+def resume_flags(args, ckpt: dict) -> None:
+    """Take the run's schedule flags from the checkpoint where the command line leaves them out.
+
+    A namespace not made by parse_args (no `explicit`) counts as giving every flag.
+    """
+    explicit = getattr(args, "explicit", None)
+    if explicit is None:
+        return
+    saved = ckpt.get("train_args") or {}
+    for key in RESUMED_FLAGS:
+        if key in explicit or key not in saved:
+            continue
+        if key in ("steps", "epochs") and explicit & {"steps", "epochs"}:
+            continue  # a new length given either way replaces the old one
+        setattr(args, key, saved[key])
+
+
+def restore(ckpt: dict | None, model, optimizer, path: Path | None = None) -> RunState:
     if ckpt is None:
         return RunState()
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_weights(path, model, ckpt["model"])
+    if not ckpt.get("optimizer"):
+        raise CheckpointError(f"{path}: holds no optimizer state, so training cannot continue from it "
+                              "(it was not written by training.train)")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: optimizer state does not fit the model: {why}") from None
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
     return RunState(step=ckpt["step"], history=list(ckpt["history"]), metrics=dict(ckpt["metrics"]))
@@ -393,13 +429,15 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     last = out / "last.pt"
     ckpt = open_run(args, last)
+    if ckpt:
+        resume_flags(args, ckpt)
 
     # Data and model: a resumed run takes its architecture, config and data spec from the file.
     spec = data_spec_from_args(args, base=ckpt["data"] if ckpt else None)
     train_set, valid_set = load(spec, "train"), load(spec, "valid")
     arch = ckpt["arch"] if ckpt else args.arch
     torch.manual_seed(args.seed)
-    model = build_model(arch, dict(ckpt["config"]) if ckpt else model_fields(arch, args, train_set)).to(dist.device)
+    model = (build_checkpoint_model(last, ckpt) if ckpt else build_model(arch, model_fields(arch, args, train_set))).to(dist.device)
     images, labels = torch.as_tensor(train_set.images), check_data_fits(model, train_set)
     n_valid = args.valid_images or len(valid_set)
     valid_labels = check_data_fits(model, valid_set)
@@ -409,13 +447,19 @@ def train(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     objective = distribute(NLLObjective(model), images, labels, dist)
-    state = restore(ckpt, model, optimizer)
+    state = restore(ckpt, model, optimizer, last)
     per_epoch = steps_per_epoch(len(images), args.batch_size)
     total = total_steps(args, per_epoch)
     dims, levels = model.dims, model.config.levels
     save = lambda path: save_run(path, model, optimizer, state, arch, spec, args, per_epoch)  # noqa: E731
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temp_files(last) + remove_stale_temp_files(out / "best.pt")
+        if stale:
+            print(f"removed {len(stale)} partial checkpoint file(s) left by an interrupted save: "
+                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
+        if ckpt:
+            print(f"resuming {last} at step {state.step}", file=sys.stderr)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{arch}: {n_params:,} parameters; {train_set.description}: {len(images)} images, "
               f"{per_epoch} steps/epoch, {total} steps, {dist.world} process(es) on {dist.device}", file=sys.stderr)
@@ -425,38 +469,40 @@ def train(args: argparse.Namespace) -> dict:
     validated_at = state.metrics.get("step")
 
     model.train()
-    while state.step < total:
-        idx = batch_indices(state.step, len(images), args.batch_size, args.seed, dist.rank, dist.world)
-        x = images[idx].to(dist.device).long()
-        y = labels[idx].to(dist.device) if labels is not None else None
-        lr = cosine_lr(state.step, total, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        nats = train_step(objective, optimizer, x, y, dims, args.grad_clip)
-        state.step += 1
-        state.train_sum, state.train_steps = state.train_sum + nats, state.train_steps + 1
-        unit, value = nll_units(levels, nats, dims)
-        bar.update(1)
-        bar.set_postfix_str(f"{unit} {value:.4f} lr {lr:.2e}", refresh=False)
+    try:  # closed before main() prints an error, so the error stays the last line
+        while state.step < total:
+            idx = batch_indices(state.step, len(images), args.batch_size, args.seed, dist.rank, dist.world)
+            x = images[idx].to(dist.device).long()
+            y = labels[idx].to(dist.device) if labels is not None else None
+            lr = cosine_lr(state.step, total, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            nats = train_step(objective, optimizer, x, y, dims, args.grad_clip)
+            state.step += 1
+            state.train_sum, state.train_steps = state.train_sum + nats, state.train_steps + 1
+            unit, value = nll_units(levels, nats, dims)
+            bar.update(1)
+            bar.set_postfix_str(f"{unit} {value:.4f} lr {lr:.2e}", refresh=False)
 
-        stopping = should_stop(args, state.step, started, dist)
-        if state.step % args.log_every == 0:
-            flush_train_loss(state, dist, dims)
-        if state.step % args.valid_every == 0 or state.step == total or stopping:
-            best = validate(model, valid, state, args, dist)
-            validated_at = state.step
-            unit, value = nll_units(levels, state.metrics["nll_nats"], dims)
-            log(f"step {state.step}: valid {unit} {value:.4f}" + (" (best)" if best else ""))
-            if best and dist.is_main:
-                save(out / "best.pt")
-        if state.step % args.checkpoint_every == 0 or state.step == total or stopping:
-            flush_train_loss(state, dist, dims)  # a checkpoint carries every step's loss
-            if dist.is_main:
-                save(last)
-        if stopping:
-            log(f"stopping cleanly at step {state.step} of {total}; continue with --resume")
-            break
-    bar.close()
+            stopping = should_stop(args, state.step, started, dist)
+            if state.step % args.log_every == 0:
+                flush_train_loss(state, dist, dims)
+            if state.step % args.valid_every == 0 or state.step == total or stopping:
+                best = validate(model, valid, state, args, dist)
+                validated_at = state.step
+                unit, value = nll_units(levels, state.metrics["nll_nats"], dims)
+                log(f"step {state.step}: valid {unit} {value:.4f}" + (" (best)" if best else ""))
+                if best and dist.is_main:
+                    save(out / "best.pt")
+            if state.step % args.checkpoint_every == 0 or state.step == total or stopping:
+                flush_train_loss(state, dist, dims)  # a checkpoint carries every step's loss
+                if dist.is_main:
+                    save(last)
+            if stopping:
+                log(f"stopping cleanly at step {state.step} of {total}; continue with --resume")
+                break
+    finally:
+        bar.close()
 
     if validated_at != state.step:  # e.g. --resume with fewer --steps than the file already has
         validate(model, valid, state, args, dist)
@@ -490,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = train(args)
     except ValueError as e:  # DataError, CheckpointError and bad flags: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an unwritable --out or a full disk; the message names the path
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
