@@ -138,7 +138,7 @@ def tensorrt_step(args, out: Path, manifest: dict) -> int:
             err = check_engine(plan, onnx_path, tol=5e-2 if args.fp16 else 1e-3)
         except (EngineError, ParityError) as e:
             return fail(f"TensorRT engine for {name}: {e}", code=1)
-        engines[name] = {"file": plan.name, "fp16": args.fp16, "max_abs_diff_vs_onnxruntime": err}
+        engines[name] = {"file": plan.name, "sha256": sha256(plan), "fp16": args.fp16, "max_abs_diff_vs_onnxruntime": err}
         manifest["files"].append(plan.name)
         print(f"  {name:<11} {plan.name:<17} {plan.stat().st_size / 1024:8.1f} KiB  TensorRT {time.perf_counter() - t0:5.1f} s  parity {err:.1e}")
     manifest["tensorrt"] = {"built": True, "detail": why, "engines": engines, "skipped": skipped}
@@ -192,7 +192,10 @@ def main(argv=None) -> int:
     if code:
         return code
     if args.repository:
-        repository_step(manifest, out, args.repository)
+        try:
+            repository_step(manifest, out, args.repository)
+        except (OSError, ValueError) as e:  # e.g. a --name Triton cannot use, an unwritable folder
+            return fail(f"Triton repository {args.repository}: {e}")
     return 0
 
 

@@ -6,7 +6,9 @@ setup` installs under .triton/) on loopback, for `python -m server` and for test
 
 Start-up waits until the server and every model of the repository are ready. Whatever goes
 wrong comes back as a ServerError that says what: no binary, a port in use, a model that failed
-to load (Triton then exits 1; the message carries the model's error from the log).
+to load (Triton then exits 1; one line names each such model with the first line of its error
+from the log: an exception in its initialize, e.g. a damaged ONNX file or a missing
+manifest.json, or a config.pbtxt Triton cannot parse; the traceback stays in the log).
 
 The models' Python (the backend stub) is the project venv: its bin/ goes first on PATH (the stub
 takes sys.prefix from the first python3 there) and LD_LIBRARY_PATH gets the venv's base
@@ -56,6 +58,9 @@ def check_port(port: int, what: str) -> int:
     if not 0 < port < 65536:
         raise ServerError(f"{what} port {port} is not a valid port")
     with socket.socket() as s:
+        # As Triton binds: a port a killed server left connections on (TIME_WAIT) is free again
+        # at once; one with a listener on it is still in use.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as e:
@@ -85,6 +90,17 @@ def python_env(venv: Path) -> dict[str, str]:
 def load_failures(log: str) -> list[str]:
     """'model: reason' for each model Triton says it failed to load."""
     found = {}
+    # A config.pbtxt Triton cannot parse: protobuf says why on the line before the model's.
+    detail = None
+    for line in log.splitlines():
+        parse = re.search(r"Error parsing text-format [\w.]+: (.*)", line)
+        if parse:
+            detail = parse.group(1).strip()
+            continue
+        m = re.search(r"Poll failed for model directory '([^']+)': (.*?)\"?\s*$", line)
+        if m:
+            found.setdefault(m.group(1), m.group(2).strip() + (f" ({detail})" if detail else ""))
+            detail = None
     for m in re.finditer(r"failed to load '([^']+)' version \d+: (.*)", log):  # one quoted line, \n escaped
         why = m.group(2).strip().removesuffix('"').replace("\\n", "\n").strip()
         found.setdefault(m.group(1), "\n    ".join(line.rstrip() for line in why.splitlines() if line.strip()))
@@ -188,11 +204,10 @@ class TritonServer:
 
     def _failure(self, headline: str) -> str:
         log = self.log()
-        failures = load_failures(log)
+        failures = [failure.splitlines()[0] for failure in load_failures(log)]  # the Python traceback stays in the log
         if failures:
-            detail = "models that failed to load:\n  " + "\n  ".join(failures)
-        else:
-            detail = "last lines of its log:\n  " + "\n  ".join(log.strip().splitlines()[-15:])
+            return f"{headline}; failed to load: {'; '.join(failures)} (full log: {self.log_path})"
+        detail = "last lines of its log:\n  " + "\n  ".join(log.strip().splitlines()[-15:])
         return f"{headline}; {detail}\n(full log: {self.log_path})"
 
     def running(self) -> bool:
