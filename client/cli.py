@@ -1,14 +1,17 @@
 """Sample, complete and score images with a model served by Triton (`python -m server`).
 
     python -m client sample   --url localhost:8001 --model NAME --n 16 --out grid.png [--seed S]
-                              [--temperature T] [--label L] [--npy samples.npy]
+                              [--temperature T] [--label L] [--npy samples.npy] [--retries N]
     python -m client complete --url ... --model NAME (--input FILE... | --data NAME [--split valid])
                               [--n 4] [--known-rows R] [--k 3] --out grid.png [--npy completions.npy]
     python -m client score    --url ... --model NAME FILE... [--label L] [--json]
 
 Images go in and out as .npy arrays of levels (N x C x H x W, N x H x W for grey models, C x H x W
 or H x W for one image) or as PNG files (0..255, mapped to the model's levels). Any failure
-prints one line `error: ...` on stderr and exits with 2.
+prints one line `error: ...` on stderr and exits with 2. With --retries N, sampling and completion
+survive N losses of the server: each time the client waits for it (--retry-wait seconds at most)
+and resumes the images from the rows it already has, saying so on stderr; with the same seed the
+images are those of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -83,10 +86,20 @@ def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | Non
     return client.check_images(data.images[:args.n], what=data.description), labels
 
 
+def warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def resume_args(args, notice=warn) -> dict:
+    """PixelClient.sample's retry arguments: a lost server and each resume are said on stderr."""
+    return dict(retries=args.retries, retry_wait_s=args.retry_wait, on_retry=notice)
+
+
 def cmd_sample(args, client: PixelClient) -> dict:
     from tqdm import tqdm
 
-    rows, stream = [], client.sample(args.n, args.seed, args.temperature, args.label)  # checks the arguments
+    resume = resume_args(args, lambda line: tqdm.write(f"warning: {line}", file=sys.stderr))  # above the progress bar
+    rows, stream = [], client.sample(args.n, args.seed, args.temperature, args.label, **resume)  # checks the arguments
     with tqdm(total=client.info.rows, desc="rows", unit="row", file=sys.stderr, leave=False) as bar:
         for row in stream:
             rows.append(row)
@@ -113,7 +126,7 @@ def cmd_complete(args, client: PixelClient) -> dict:
     known_rows = h // 2 if args.known_rows is None else args.known_rows
     known = np.repeat(originals, args.k, axis=0)  # each example k times, consecutively
     label = np.repeat(labels, args.k) if labels is not None else args.label
-    samples = client.complete(known, known_rows, args.seed, args.temperature, label)
+    samples = client.complete(known, known_rows, args.seed, args.temperature, label, **resume_args(args))
     levels = display_levels(client.info, np.concatenate([originals, samples]))
     return write_outputs(args, samples, lambda: (completion_grid(originals, samples, levels, known_rows, args.k), 256, args.k + 2))
 
@@ -167,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--out", required=True, help="PNG grid to write")
         sub.add_argument("--npy", help="also save the images' levels (n, C, H, W) as .npy")
         sub.add_argument("--scale", type=int, default=3, help="enlarge the PNG grid by this factor")
+        sub.add_argument("--retries", type=int, default=0,
+                         help="if the server goes away, wait for it and resume from the rows received, N times at most")
+        sub.add_argument("--retry-wait", type=float, default=60.0, help="seconds to wait for the server each time (default 60)")
 
     sample = command("sample", "sample images, streamed row by row")
     sampling(sample, 16, "images to sample")

@@ -6,11 +6,17 @@
     images = client.sample_images(16, seed=0)     # uint8 levels (16, C, H, W)
     done = client.complete(images, known_rows=3)  # rows < 3 kept, the rest sampled
     scores = client.score(images)                 # .nll_nats, .bits_per_dim, (16,) each
+    images = client.sample_images(16, seed=0, retries=3)  # survives server restarts (resumes)
 
 The same seed gives the images export.cells.sample_cached gives (for n <= the model's max batch;
 a larger n runs as several sequences, chunk k seeded seed + k). Everything that goes wrong,
 unreachable server, unknown model, bad input, an error from the model, comes out as a
 ClientError whose message is one line. The protocol is in server/protocol.py.
+
+With retries > 0, sampling survives the server going away (a crash, a restart): the client
+waits for the server to be ready again and reopens the sequences with the same seeds and the
+rows it already has as KNOWN rows. Known rows consume the random numbers their sampling would
+have, so the images end exactly as an uninterrupted stream's, and no row is yielded twice.
 
 What the client knows of the model comes from Triton's config of NAME_score: the image shape
 (IMAGES dims), the max batch, whether it takes LABELS, and, where the repository writes them as
@@ -22,8 +28,9 @@ from __future__ import annotations
 import math
 import queue
 import secrets
+import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -41,6 +48,10 @@ class ClientError(RuntimeError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # one line, whatever the server wrote
+
+
+class ServerGone(ClientError):
+    """The server cannot be reached or went away mid-stream: a restart may bring it back."""
 
 
 class Row(NamedTuple):
@@ -170,7 +181,7 @@ class PixelClient:
     # -- connection and metadata --------------------------------------------------------------
     def _fail(self, e: Exception, doing: str) -> ClientError:
         if _is_unavailable(e):
-            return ClientError(f"cannot reach the Triton server at {self.url} ({_message(e)})")
+            return ServerGone(f"cannot reach the Triton server at {self.url} ({_message(e)})")
         message = _message(e)
         if "unknown model" in message:
             return ClientError(f"model {self.model!r} is not served at {self.url} ({message})")
@@ -227,10 +238,14 @@ class PixelClient:
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
-               known_rows: int = 0) -> Iterator[Row]:
+               known_rows: int = 0, retries: int = 0, retry_wait_s: float = 60.0,
+               on_retry: Callable[[str], None] | None = None) -> Iterator[Row]:
         """Sample n images; yields every row as the server streams it (known rows included), each
         stage's rows in order. `label`: one class id or n (class-conditional models). `known`
         (n, C, >= known_rows, W) with known_rows > 0: those rows are kept (completion).
+        `retries`: times to resume after losing the server, waiting up to `retry_wait_s` each
+        time for it to be ready again; `on_retry` gets a line saying what happens (a resumable
+        stream needs a seed: without one, the client draws it).
         Checks the arguments now, before the first row is asked for."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ClientError(f"n must be a positive number of images, got {n!r}")
@@ -250,10 +265,66 @@ class PixelClient:
                 raise ClientError(f"known images must be {n} x {c} x R x {w} with R >= {known_rows}, got {' x '.join(map(str, known.shape))}")
             known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256,
                               " (the model's levels)" if self.info.levels else "").astype(np.uint8)
+        if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+            raise ClientError(f"retries must be a whole number >= 0, got {retries!r}")
+        if not (isinstance(retry_wait_s, (int, float)) and retry_wait_s > 0):
+            raise ClientError(f"retry_wait_s must be a number of seconds > 0, got {retry_wait_s!r}")
+        if retries and seed is None:
+            seed = secrets.randbits(64)  # a resumed sequence must draw the random numbers the lost one drew
         chunks = []  # (first image, images, seed)
         for k, a in enumerate(range(0, n, self.info.max_batch)):
             chunks.append((a, min(self.info.max_batch, n - a), None if seed is None else (int(seed) + k) % UINT64))
-        return self._stream(chunks, float(temperature), labels, known if known_rows else None)
+        known = known if known_rows else None
+        if retries:
+            return self._resuming(chunks, float(temperature), labels, known, int(retries), float(retry_wait_s), on_retry)
+        return self._stream(chunks, float(temperature), labels, known)
+
+    def _resuming(self, chunks, temperature, labels, known, retries, wait_s, on_retry) -> Iterator[Row]:
+        """_stream, reopened after the server went away: the same seeds, and the full image's rows
+        received so far as KNOWN (a multi-scale model's small image cannot be a prefix: cut off
+        there, the sequences start over). The new stream repeats the rows already yielded, which
+        are checked and skipped."""
+        rows, (_, h, w) = [], self.info.shape
+        notice = on_retry or (lambda line: None)
+        for attempt in range(retries + 1):
+            full = [r.pixels for r in rows if r.pixels.shape[-1] == w]  # a multi-scale small image is narrower
+            prefix = known
+            if len(full) > (0 if known is None else known.shape[2]):
+                prefix = np.stack(full, axis=2)  # (n, C, R, W), the given known rows among them
+            if attempt:
+                notice(f"the server is back: resuming from row {0 if prefix is None else prefix.shape[2]} of {h}")
+            try:
+                for k, row in enumerate(self._stream(chunks, temperature, labels, prefix)):
+                    if k >= len(rows):
+                        rows.append(row)
+                        yield row
+                    elif not np.array_equal(row.pixels, rows[k].pixels):
+                        raise ClientError(f"the resumed stream differs from the lost one at stage {row.stage} row {row.index} "
+                                          "(was the model changed?)")
+                return
+            except ServerGone as e:
+                if attempt == retries:
+                    raise
+                notice(f"{e}; waiting up to {wait_s:g} s for it (retry {attempt + 1} of {retries})")
+                self._wait_ready(wait_s)
+
+    def _wait_ready(self, seconds: float) -> None:
+        """Until NAME_sample is ready again. A fresh channel each try: one that lost its server
+        reconnects only after a backoff that grows with every failed attempt."""
+        deadline = time.monotonic() + seconds
+        while True:
+            probe = grpcclient.InferenceServerClient(self.url)
+            try:
+                if probe.is_model_ready(p.sample_model(self.model), client_timeout=min(2.0, seconds)):
+                    return
+            except InferenceServerException:
+                pass  # not up yet
+            finally:
+                probe.close()
+            if time.monotonic() >= deadline:
+                raise ServerGone(f"the Triton server at {self.url} did not come back with {p.sample_model(self.model)} ready "
+                                 f"within {seconds:g} s")
+            time.sleep(0.2)
 
     def _stream(self, chunks, temperature, labels, known) -> Iterator[Row]:
         """One gRPC stream, one sequence per chunk; yields each row once every chunk has sent it."""
@@ -276,13 +347,16 @@ class PixelClient:
                                           sequence_id=correlation_id(), sequence_start=True, sequence_end=True,
                                           enable_empty_final_response=True)
             pending = [[] for _ in chunks]  # per chunk: rows received but not yet yielded
-            open_chunks = len(chunks)
+            open_chunks, yielded = len(chunks), 0
             while open_chunks:
                 try:
                     result, error = responses.get(timeout=self.row_timeout)
                 except queue.Empty:
                     raise ClientError(f"no row from {p.sample_model(self.model)} for {self.row_timeout:g} s") from None
                 if error is not None:
+                    if yielded and _is_unavailable(error):  # the server died or restarted mid-stream
+                        raise ServerGone(f"lost the connection to the Triton server at {self.url} after {yielded} rows "
+                                         f"({_message(error)})")
                     raise self._fail(error, f"{p.sample_model(self.model)} failed")
                 response = result.get_response()
                 if response.parameters["triton_final_response"].bool_param:
@@ -296,25 +370,33 @@ class PixelClient:
                         raise ClientError(f"the sequences streamed different rows: {[(r.stage, r.index) for r in heads]}")
                     yield heads[0] if len(heads) == 1 else Row(heads[0].index, heads[0].stage, np.concatenate([r.pixels for r in heads]),
                                                                np.concatenate([r.logprob for r in heads]))
+                    yielded += 1
             if any(pending):
                 raise ClientError("the sequences streamed different numbers of rows")
             finished = True
         except InferenceServerException as e:
-            raise self._fail(e, f"streaming from {p.sample_model(self.model)}") from None
+            # A stream that broke before its requests went out (no server) says why through the callback.
+            try:
+                _, reported = responses.get(timeout=1.0)
+            except queue.Empty:
+                reported = None
+            raise self._fail(reported or e, f"streaming from {p.sample_model(self.model)}") from None
         finally:
             # Closing early (an error, or the caller stopped reading) cancels the server's sequences.
             stream.stop_stream(cancel_requests=not finished)
             stream.close()
 
     def sample_images(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
-                      known_rows: int = 0) -> np.ndarray:
-        """sample()'s final images, uint8 levels (n, C, H, W)."""
-        return assemble(self.sample(n, seed, temperature, label, known, known_rows), self.info.shape)
+                      known_rows: int = 0, **resume) -> np.ndarray:
+        """sample()'s final images, uint8 levels (n, C, H, W); `resume`: sample()'s retries,
+        retry_wait_s, on_retry."""
+        return assemble(self.sample(n, seed, temperature, label, known, known_rows, **resume), self.info.shape)
 
-    def complete(self, images, known_rows: int, seed: int | None = None, temperature: float = 1.0, label=None) -> np.ndarray:
+    def complete(self, images, known_rows: int, seed: int | None = None, temperature: float = 1.0, label=None,
+                 **resume) -> np.ndarray:
         """Keep rows < known_rows of every image (N, C, H, W) and sample the rest."""
         images = self.check_images(images)
-        done = self.sample_images(len(images), seed, temperature, label, images, known_rows)
+        done = self.sample_images(len(images), seed, temperature, label, images, known_rows, **resume)
         if not np.array_equal(done[:, :, :known_rows], images[:, :, :known_rows]):
             raise ClientError("the server changed known rows")
         return done

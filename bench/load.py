@@ -1,0 +1,448 @@
+"""Load test: many concurrent sampling streams plus scoring traffic on the real Triton server.
+
+    python -m bench.load --json bench/results/load.json [--checkpoint PATH] [--streams 32]
+                         [--seconds 60] [--score-clients 2] [--score-batch 16] [--quick]
+
+The checkpoint is exported into a temporary Triton repository and served by tritonserver on free
+loopback ports (as in bench/serving.py; the repository's settings are recorded). After one
+untimed image per stream and one request per scorer (warm-up), for --seconds:
+
+  samplers  --streams threads, each with its own gRPC channel and stream, sample one
+            single-image sequence after another, every one with its own seed. The arrival time
+            of every row is stamped in the stream's callback: the per-row latency is the time
+            between consecutive rows of a sequence, the time to first row runs from sending the
+            request. Every image is checked (rows in order, shapes, values within the levels,
+            log-probabilities). When the time is up, each stream finishes the image in flight.
+  scorers   --score-clients threads, each with its own client.PixelClient, score --score-batch
+            images per request, back to back: the checkpoint's validation images (its data
+            spec, training.data.load), random levels where those are not there.
+
+Then the sampler's own metrics (pixelrnn_sampler_live_sequences and
+pixelrnn_sampler_events_total on Triton's metrics endpoint, pushed every 0.5 s) must show every
+sequence completed and none still live. Every error (an error response, a malformed image, a
+bad score, a sequence left live or not completed) is counted and its message kept; the exit
+status is 1 if there was one. The clients run in this process, on the same CPUs as the server,
+so the latencies include the clients' own Python time.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from bench.common import machine_info, reexec_with_malloc_env, write_json
+from bench.serving import export, labels_for, triton_version
+from client.library import ROW_OUTPUTS, PixelClient, Row
+from server import protocol as p
+from server.launcher import TritonServer
+from server.repository import stage_rows
+
+DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
+DEFAULTS = dict(streams=32, seconds=60.0, score_clients=2, score_batch=16)
+QUICK = dict(streams=8, seconds=5.0, score_clients=1, score_batch=4)
+SETTLE_S = 10.0  # the sampler pushes its metrics every 0.5 s: how long to wait for the final counts
+MAX_MESSAGES = 20
+
+
+# ---------------------------------------------------------------------------- clients
+
+class TimedStream:
+    """One gRPC channel and stream to NAME_sample, one sequence at a time; the callback stamps
+    each response's arrival."""
+
+    def __init__(self, url: str, model: str, timeout: float):
+        self.model, self.timeout = model, timeout
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((time.perf_counter(), result, error)))
+        self.outputs = [grpcclient.InferRequestedOutput(n) for n in (*ROW_OUTPUTS, p.CALL_BATCH)]
+
+    def sample(self, seed: int, labels: np.ndarray | None) -> tuple[list[Row], list[float], list[int]]:
+        """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row)."""
+        inputs = [_tensor(p.BATCH_SIZE, np.array([1], np.int32), "INT32"), _tensor(p.SEED, np.array([seed], np.uint64), "UINT64")]
+        if labels is not None:
+            inputs.append(_tensor(p.LABELS, labels, "INT64"))
+        times, rows, batched = [time.perf_counter()], [], []
+        self.client.async_stream_infer(p.sample_model(self.model), inputs, outputs=self.outputs, sequence_id=_sequence_id(),
+                                       sequence_start=True, sequence_end=True, enable_empty_final_response=True)
+        while True:
+            try:
+                at, result, error = self.responses.get(timeout=self.timeout)
+            except queue.Empty:
+                raise RuntimeError(f"no row for {self.timeout:g} s") from None
+            if error is not None:
+                raise RuntimeError(f"{p.sample_model(self.model)}: {error}")
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return rows, times, batched
+            rows.append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]), result.as_numpy(p.ROW),
+                            result.as_numpy(p.ROW_LOGPROB)))
+            times.append(at)
+            batched.append(int(result.as_numpy(p.CALL_BATCH)[0]))
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=True)
+        finally:
+            self.client.close()
+
+
+def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(value.shape), dtype)
+    t.set_data_from_numpy(np.ascontiguousarray(value))
+    return t
+
+
+_ids = itertools.count(1)
+
+
+def _sequence_id() -> int:
+    return next(_ids)  # unique within this run (a fresh server)
+
+
+def check_image(rows: list[Row], manifest: dict) -> None:
+    """Raises ValueError unless `rows` are one whole image of the model: every stage's rows in
+    order, the right shapes, values within the levels, log-probabilities <= 0."""
+    c, _, w = manifest["shape"]
+    widths = ([manifest["multiscale"]["small_shape"][2]] if manifest.get("multiscale") else []) + [w]
+    want = [(s, i) for s, h in enumerate(stage_rows(manifest)) for i in range(h)]
+    got = [(r.stage, r.index) for r in rows]
+    if got != want:
+        raise ValueError(f"rows (stage, index) {got[:3]}... are not {want[:3]}... ({len(got)} rows, expected {len(want)})")
+    for r in rows:
+        if r.pixels.shape != (1, c, widths[r.stage]) or r.pixels.dtype != np.uint8:
+            raise ValueError(f"row {r.stage}/{r.index}: {r.pixels.dtype} {r.pixels.shape}, expected uint8 (1, {c}, {widths[r.stage]})")
+        if r.pixels.max() >= manifest["levels"]:
+            raise ValueError(f"row {r.stage}/{r.index}: value {r.pixels.max()} >= {manifest['levels']} levels")
+        if r.logprob.shape != (1,) or not (np.isfinite(r.logprob[0]) and r.logprob[0] <= 1e-4):
+            raise ValueError(f"row {r.stage}/{r.index}: log p {r.logprob} is not a log-probability")
+
+
+class Errors:
+    """Error messages from every thread, counted."""
+
+    def __init__(self):
+        self.counts, self._lock = Counter(), threading.Lock()
+
+    def add(self, message: str) -> None:
+        with self._lock:
+            self.counts[" ".join(str(message).split())] += 1
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self) -> list[dict]:
+        return [{"message": m, "count": k} for m, k in self.counts.most_common(MAX_MESSAGES)]
+
+
+def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: list[float], errors: Errors, k: int,
+            timeout: float) -> dict:
+    """One stream's loop: images until stop[0] (set at the release), the last one finished."""
+    labels = labels_for(manifest, 1, k)
+    stream = TimedStream(url, manifest["name"], timeout)
+    gaps, firsts, batched, images = [], [], [], 0
+    try:
+        try:
+            rows, _, _ = stream.sample(next(seeds), labels)  # warm-up
+            check_image(rows, manifest)
+        except Exception as e:  # noqa: BLE001 - counted; the timed loop still runs
+            errors.add(f"warm-up: {e}")
+            stream.close()
+            stream = TimedStream(url, manifest["name"], timeout)
+        start.wait()
+        while time.perf_counter() < stop[0]:
+            try:
+                rows, times, calls = stream.sample(next(seeds), labels)
+                check_image(rows, manifest)
+            except Exception as e:  # noqa: BLE001 - counted; a broken stream is replaced
+                errors.add(str(e))
+                stream.close()
+                stream = TimedStream(url, manifest["name"], timeout)
+                continue
+            firsts.append(times[1] - times[0])
+            gaps.extend(np.diff(times[1:]))
+            batched.extend(calls)
+            images += 1
+    finally:
+        stream.close()
+    return {"images": images, "gaps": gaps, "firsts": firsts, "batched": batched, "rows": images * sum(stage_rows(manifest))}
+
+
+def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, start: threading.Barrier, stop: list[float],
+           errors: Errors, k: int, timeout: float) -> dict:
+    """One scoring client's loop: requests of `batch` images (cycling through `images`) until stop[0]."""
+    client = PixelClient(url, manifest["name"], timeout=timeout)
+    latencies, scored, offset = [], 0, k * batch
+
+    def once() -> None:
+        nonlocal offset
+        take = np.arange(offset, offset + batch) % len(images)
+        offset += batch
+        nll = client.score(images[take], None if labels is None else labels[take]).nll_nats
+        if nll.shape != (batch,) or not np.all(np.isfinite(nll) & (nll >= -1e-3)):
+            raise ValueError(f"scores {nll[:4]}... are not {batch} negative log-likelihoods")
+
+    try:
+        try:
+            once()  # warm-up
+        except Exception as e:  # noqa: BLE001
+            errors.add(f"warm-up: {e}")
+        start.wait()
+        while time.perf_counter() < stop[0]:
+            t = time.perf_counter()
+            try:
+                once()
+            except Exception as e:  # noqa: BLE001 - counted, the loop goes on
+                errors.add(str(e))
+                continue
+            latencies.append(time.perf_counter() - t)
+            scored += batch
+    finally:
+        client.close()
+    return {"images": scored, "latencies": latencies}
+
+
+def score_images(checkpoint: str, manifest: dict, count: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Images to score: the checkpoint's validation split where it is there and fits the model,
+    else random levels (the content does not change a scoring pass's cost)."""
+    from training.checkpoint import load_checkpoint
+    from training.data import DataError, load
+
+    shape, levels = tuple(manifest["shape"]), manifest["levels"]
+    why = "no data spec in the checkpoint"
+    try:
+        spec = load_checkpoint(checkpoint).get("data")
+        if spec:
+            data = load(spec, "valid")
+            if data.shape == shape and data.levels == levels:
+                labels = data.labels[:count] if manifest["num_classes"] else None
+                return data.images[:count], labels, f"{data.description} ({min(count, len(data))} images)"
+            why = f"{data.description} images {data.shape} with {data.levels} levels do not fit the model"
+    except (DataError, OSError, ValueError) as e:
+        why = f"validation data not available ({e})"
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, levels, (count, *shape)).astype(np.uint8), labels_for(manifest, count),
+            f"random levels ({why})")
+
+
+# ---------------------------------------------------------------------------- the sampler's metrics
+
+def sampler_metrics(server: TritonServer, model: str) -> dict:
+    """{"live": gauge, "events": {event: count}} of pixelrnn_sampler_* for one model."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    live = re.search(rf'^pixelrnn_sampler_live_sequences{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+(\S+)$', text, re.M)
+    events = {}
+    for labels, value in re.findall(r"^pixelrnn_sampler_events_total{([^}]*)}\s+(\S+)$", text, re.M):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if fields.get("model") == model:
+            events[fields.get("event", "?")] = int(float(value))
+    return {"live": int(float(live.group(1))) if live else None, "events": events}
+
+
+def settled_metrics(server: TritonServer, model: str, completed: int) -> tuple[dict, float]:
+    """The sampler's metrics once they show `completed` sequences and none live (or after
+    SETTLE_S: the caller checks) -> (metrics, seconds waited)."""
+    start = time.perf_counter()
+    while True:
+        m = sampler_metrics(server, model)
+        done = m["live"] == 0 and m["events"].get("completed", 0) >= completed
+        if done or time.perf_counter() - start > SETTLE_S:
+            return m, time.perf_counter() - start
+        time.sleep(0.25)
+
+
+# ---------------------------------------------------------------------------- the run
+
+def percentiles_ms(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"count": 0}
+    ms = np.asarray(seconds) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"count": int(ms.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(ms.max()),
+            "mean": float(ms.mean())}
+
+
+def run_load(args, manifest: dict, server: TritonServer) -> dict:
+    images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
+    seeds = itertools.count(args.seed)  # next() is atomic under the GIL: every image its own seed
+    errors, stop = Errors(), [float("inf")]
+    start = threading.Barrier(args.streams + args.score_clients + 1)
+    timeout = max(60.0, 2 * args.seconds)
+    results, threads = {}, []
+
+    def run(key, fn, *a):
+        try:
+            results[key] = fn(*a)
+        except Exception as e:  # noqa: BLE001 - a client that could not even start
+            errors.add(f"{key}: {e}")
+            start.abort()  # nobody waits for it at the barrier
+
+    for k in range(args.streams):
+        threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, server.grpc_url, manifest, seeds, start, stop,
+                                                          errors, k, timeout), daemon=True))
+    for k in range(args.score_clients):
+        threads.append(threading.Thread(target=run, args=(f"scorer {k}", scorer, server.grpc_url, manifest, images, labels,
+                                                          args.score_batch, start, stop, errors, k, timeout), daemon=True))
+    print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients for {args.seconds:g} s ...",
+          file=sys.stderr, flush=True)
+    for t in threads:
+        t.start()
+    try:
+        start.wait()  # every client warmed up
+    except threading.BrokenBarrierError:
+        pass
+    began = time.perf_counter()
+    stop[0] = began + args.seconds
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+
+    samplers = [r for key, r in results.items() if key.startswith("sampler")]
+    scorers = [r for key, r in results.items() if key.startswith("scorer")]
+    sampled = sum(r["images"] for r in samplers)
+    rows = sum(r["rows"] for r in samplers)
+    scored = sum(r["images"] for r in scorers)
+    c, h, w = manifest["shape"]
+    # Every sequence this fresh server saw: one warm-up image per stream and the timed ones.
+    expected_completed = sampled + args.streams
+    metrics, settle = settled_metrics(server, p.sample_model(manifest["name"]), expected_completed)
+    if metrics["live"] != 0:
+        errors.add(f"the sampler still holds {metrics['live']} live sequences {settle:.1f} s after the run")
+    if not errors.total():  # failed requests end sequences otherwise: those errors are counted already
+        events = metrics["events"]
+        if events.get("completed", 0) != expected_completed:
+            errors.add(f"the sampler counts {events.get('completed', 0)} completed sequences, expected {expected_completed}")
+        for event in ("failed", "expired", "disconnected", "cancelled", "refused"):
+            if events.get(event):
+                errors.add(f"the sampler counts {events[event]} {event} sequences or requests")
+    batched = np.array([b for r in samplers for b in r["batched"]] or [0])
+    per_stream = [r["images"] for r in samplers] or [0]
+    return {
+        "seconds": elapsed,
+        "score_data": source,
+        "totals": {"images_sampled": sampled, "rows": rows, "pixels": sampled * c * h * w, "score_requests":
+                   sum(len(r["latencies"]) for r in scorers), "images_scored": scored, "errors": errors.total(),
+                   "error_messages": errors.report()},
+        "throughput": {"rows_per_s": rows / elapsed, "pixels_per_s": sampled * c * h * w / elapsed,
+                       "images_sampled_per_s": sampled / elapsed, "images_scored_per_s": scored / elapsed},
+        "latency_ms": {
+            "row": percentiles_ms([g for r in samplers for g in r["gaps"]]),
+            "first_row": percentiles_ms([f for r in samplers for f in r["firsts"]]),
+            "score_request": percentiles_ms([x for r in scorers for x in r["latencies"]]),
+        },
+        "streams": {"images_per_stream_min": int(min(per_stream)), "images_per_stream_max": int(max(per_stream)),
+                    "call_batch_mean": float(batched.mean()), "call_batch_max": int(batched.max())},
+        "sampler_metrics": {"live_sequences": metrics["live"], "events_total": metrics["events"],
+                            "expected_completed": expected_completed, "settle_seconds": settle},
+    }
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p_ = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    p_.add_argument("--json", help="write the results here")
+    p_.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="the model to export and serve")
+    p_.add_argument("--streams", type=int, help=f"concurrent sampling streams (default {DEFAULTS['streams']})")
+    p_.add_argument("--seconds", type=float, help=f"how long to keep starting images (default {DEFAULTS['seconds']:g})")
+    p_.add_argument("--score-clients", type=int, help=f"concurrent scoring clients (default {DEFAULTS['score_clients']})")
+    p_.add_argument("--score-batch", type=int, help=f"images per scoring request (default {DEFAULTS['score_batch']})")
+    p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
+    p_.add_argument("--sender-threads", type=int, default=2, help="the sampler's response sender threads (0: none)")
+    p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
+    p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
+    p_.add_argument("--seed", type=int, default=0, help="the first image's seed (each image takes the next)")
+    p_.add_argument("--quick", action="store_true",
+                    help="smaller defaults for tests: " + ", ".join(f"{k} {v:g}" for k, v in QUICK.items()))
+    args = p_.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("streams", "score_batch", "onnx_threads", "score_instances"):
+        if getattr(args, k) < 1:
+            p_.error(f"--{k.replace('_', '-')} must be at least 1")
+    if args.score_clients < 0:
+        p_.error("--score-clients must be at least 0")
+    if not args.seconds > 0:
+        p_.error("--seconds must be > 0")
+    return args
+
+
+def report(payload: dict) -> str:
+    t, th, lat, m = payload["totals"], payload["throughput"], payload["latency_ms"], payload["sampler_metrics"]
+    cfg, st = payload["config"], payload["streams"]
+
+    def dist(d: dict) -> str:
+        if not d.get("count"):
+            return "none"
+        return f"p50 {d['p50']:.2f}  p90 {d['p90']:.2f}  p99 {d['p99']:.2f}  max {d['max']:.2f} ms  ({d['count']})"
+
+    lines = [
+        f"load: {cfg['streams']} sampling streams + {cfg['score_clients']} scoring clients x {cfg['score_batch']} images, "
+        f"{payload['seconds']:.1f} s ({cfg['seconds']:g} s + the images in flight), model {payload['model']['name']} "
+        f"{' x '.join(map(str, payload['model']['shape']))}",
+        f"  sampled  {t['images_sampled']} images, {t['rows']} rows: {th['rows_per_s']:.0f} rows/s, {th['pixels_per_s']:.0f} pixels/s, "
+        f"{th['images_sampled_per_s']:.1f} images/s (per stream {st['images_per_stream_min']}..{st['images_per_stream_max']} images, "
+        f"{st['call_batch_mean']:.1f} images per cell call)",
+        f"  scored   {t['images_scored']} images in {t['score_requests']} requests: {th['images_scored_per_s']:.1f} images/s "
+        f"({payload['score_data']})",
+        f"  row latency        {dist(lat['row'])}",
+        f"  first row          {dist(lat['first_row'])}",
+        f"  score request      {dist(lat['score_request'])}",
+        f"  sampler metrics: live sequences {m['live_sequences']}, events "
+        + ", ".join(f"{k} {v}" for k, v in sorted(m["events_total"].items())),
+        f"  errors: {t['errors']}" + "".join(f"\n    {e['count']} x {e['message']}" for e in t["error_messages"]),
+    ]
+    mc = payload["machine"]
+    lines.append(f"{mc['cpu']}, {mc['cpu_count']} CPUs, load {mc['load_average_1_5_15']}, tritonserver "
+                 f"{payload['server']['tritonserver']}, malloc env {'set' if mc['malloc_env_set'] else 'NOT set'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        print(f"exporting {args.checkpoint} ...", file=sys.stderr, flush=True)
+        manifest, _, repository, export_seconds = export(args.checkpoint, Path(tmp), args)
+        with TritonServer(repository, log_path=Path(tmp) / "triton.log") as server:
+            server_info = {
+                "tritonserver": triton_version(server), "models": server.models, "onnx_threads": args.onnx_threads,
+                "sender_threads": args.sender_threads, "score_instances": args.score_instances, "sample_instances": 1,
+                "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
+                "transport": "gRPC on loopback",
+            }
+            result = run_load(args, manifest, server)
+    payload = {
+        "benchmark": "load",
+        "config": {"checkpoint": args.checkpoint, "streams": args.streams, "stream_images": 1, "seconds": args.seconds,
+                   "score_clients": args.score_clients, "score_batch": args.score_batch, "seed": args.seed,
+                   "warmup": "one image per stream and one request per scoring client, not counted", "quick": args.quick},
+        "model": {"name": manifest["name"], "arch": manifest["arch"], "shape": manifest["shape"], "levels": manifest["levels"],
+                  "rows_per_image": sum(stage_rows(manifest)), "export_seconds": export_seconds},
+        "server": server_info,
+        "machine": machine_info(),
+        **result,
+    }
+    print(report(payload))
+    if args.json:
+        write_json(args.json, payload)
+    if payload["totals"]["errors"]:
+        print(f"error: {payload['totals']['errors']} errors under load (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    reexec_with_malloc_env("bench.load", sys.argv[1:])
+    sys.exit(main())
