@@ -27,7 +27,11 @@ runner) happens on one worker thread (`start_worker`), or on the caller's thread
 drives `step()` itself. Sink calls go through an `Outbox`: with `senders=0` they run inline; with
 `senders=K` they run on K sender threads, so that sending a step's rows (a round trip to the
 Triton server per response, ~0.5 ms) overlaps the next step's cell call instead of adding to it.
-Every message of one sequence goes to the same sender, so a stream's order is kept.
+Every message of one sequence goes to the same sender, so a stream's order is kept. A sequence
+runs at most `max_ahead` rows ahead of what its sender has sent: the cell calls of a tiny model
+outpace the sends many times over, and without that bound every stream's rows would pile up in
+the outbox (memory), a client that cancels would be noticed only after the engine had made (and
+the senders still had to send) its whole image, and new streams would wait behind the pile.
 """
 from __future__ import annotations
 
@@ -109,10 +113,15 @@ class _Sequence:
 
 class Outbox:
     """Sink calls, inline (`senders=0`) or on sender threads, in order per sequence key.
-    A sink whose `row` raised (client gone) is remembered in `failed` for the engine to drop."""
+    A sink whose `row` raised (client gone) is remembered in `failed` for the engine to drop.
+    `pending(key)`: rows of that key queued and not yet sent; `on_sent(key, left)` is called by
+    a sender after each of them (the engine waits on it when a sequence is too far ahead)."""
 
-    def __init__(self, senders: int = 0):
+    def __init__(self, senders: int = 0, on_sent: Callable[[Hashable, int], None] | None = None):
         self.failed: dict[int, str] = {}  # id(sink) -> why; written by senders, read by the worker
+        self._pending: Counter = Counter()
+        self._pending_lock = threading.Lock()
+        self._on_sent = on_sent
         self._queues = [queue.SimpleQueue() for _ in range(senders)]
         self._threads = [threading.Thread(target=self._loop, args=(q,), name=f"row-sender-{i}", daemon=True)
                          for i, q in enumerate(self._queues)]
@@ -122,8 +131,15 @@ class Outbox:
     def put(self, key: Hashable, fn: Callable, *args) -> None:
         if not self._queues:
             self._call(fn, args)
-        else:
-            self._queues[hash(key) % len(self._queues)].put((fn, args))
+            return
+        row = getattr(fn, "__name__", "") == "row"
+        if row:
+            with self._pending_lock:
+                self._pending[key] += 1
+        self._queues[hash(key) % len(self._queues)].put((key if row else _NOT_A_ROW, fn, args))
+
+    def pending(self, key: Hashable) -> int:
+        return self._pending.get(key, 0)
 
     def _call(self, fn, args) -> None:
         try:
@@ -137,7 +153,15 @@ class Outbox:
             item = q.get()
             if item is None:
                 return
-            self._call(*item)
+            key, fn, args = item
+            self._call(fn, args)
+            if key is not _NOT_A_ROW:
+                with self._pending_lock:
+                    left = self._pending[key] = self._pending[key] - 1
+                    if not left:
+                        del self._pending[key]
+                if self._on_sent is not None:
+                    self._on_sent(key, left)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop the senders."""
@@ -149,7 +173,7 @@ class Outbox:
 
 class Engine:
     def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0):
+                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16):
         self.runner = runner
         self.stages: list[Stage] = list(runner.stages)
         self.factor = int(getattr(runner, "factor", 1) or 1)
@@ -159,7 +183,8 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._outbox = Outbox(senders)
+        self.max_ahead = max_ahead  # rows a sequence may have queued for its sender (see the module notes)
+        self._outbox = Outbox(senders, on_sent=self._row_sent)
         self.calls = 0  # batched cell calls so far (tests, metrics)
         # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
         self.counts: Counter = Counter()
@@ -260,7 +285,15 @@ class Engine:
                     self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}", "failed")
 
     def _ready(self) -> list[_Sequence]:
-        return [s for s in self._sequences.values() if s.requests and s.requests[0].rows_left != 0]
+        return [s for s in self._sequences.values()
+                if s.requests and s.requests[0].rows_left != 0 and self._outbox.pending(s.key) < self.max_ahead]
+
+    def _row_sent(self, key: Hashable, left: int) -> None:
+        """Sender threads: wake the worker once a held-back sequence is half drained, not at its
+        first sent row, so that the sequences held back meanwhile go on together in one call."""
+        if left == self.max_ahead // 2:
+            with self._cv:
+                self._cv.notify()
 
     def step(self) -> bool:
         """Take queued requests, tidy up, then one row for every sequence that has a request
@@ -447,6 +480,9 @@ class Engine:
         batched cell calls. Worker thread (or, approximately, any thread: ints only)."""
         keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
         return {"live": len(self._sequences), **{k: self.counts[k] for k in keys}, "calls": self.calls}
+
+
+_NOT_A_ROW = object()  # an outbox message that is not a row (done, error): not counted as pending
 
 
 def _safe(fn, *args, default=None):
