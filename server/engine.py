@@ -201,18 +201,21 @@ class Engine:
         levels, classes = self.runner.levels, self.runner.num_classes
         if not 1 <= spec.batch <= self.max_batch:
             raise ValueError(f"BATCH_SIZE must be in [1, {self.max_batch}], got {spec.batch}")
-        if not (math.isfinite(spec.temperature) and spec.temperature >= 0):
-            raise ValueError(f"TEMPERATURE must be a finite number >= 0 (0 = greedy), got {spec.temperature}")
+        # A tiny T > 0 (5e-324) makes logits / T overflow to inf and the softmax NaN: the row would be
+        # neither sampled nor greedy. 1e-6 is far from that and already as good as greedy.
+        min_temperature = 1e-6
+        if not (math.isfinite(spec.temperature) and (spec.temperature == 0 or spec.temperature >= min_temperature)):
+            raise ValueError(f"TEMPERATURE must be 0 (greedy) or a finite number >= {min_temperature:g}, got {spec.temperature}")
         if not 0 <= spec.seed < 2**64:
             raise ValueError(f"SEED must be in [0, 2**64), got {spec.seed}")
         if classes:
             if spec.labels is None:
-                raise ValueError(f"this model is class-conditional: LABELS (1 or {spec.batch} class ids) is required")
+                raise ValueError("this model is class-conditional: LABELS (one class id, or one per image) is required")
             labels = np.asarray(spec.labels, np.int64).reshape(-1)
             if labels.size == 1:
                 labels = np.repeat(labels, spec.batch)
             if labels.shape != (spec.batch,):
-                raise ValueError(f"LABELS must hold 1 or {spec.batch} class ids, got {labels.size}")
+                raise ValueError(f"LABELS must hold 1 class id or one per image ({spec.batch}), got {labels.size}")
             if labels.min() < 0 or labels.max() >= classes:
                 raise ValueError(f"LABELS must be in [0, {classes}), got {labels.tolist()}")
             spec.labels = labels

@@ -149,20 +149,28 @@ class TritonPythonModel:
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads")
 
     def execute(self, requests):
+        from types import SimpleNamespace
+
         from server import protocol as p
         from server.engine import SampleSpec
 
+        # Where nobody listens: the engine's answer to ending a sequence on behalf of a refused request.
+        unheard = SimpleNamespace(row=lambda event: None, done=lambda: None, error=lambda message: None, cancelled=lambda: False)
         for request in requests:
             sink = ResponseSink(request)
+            key, flags = request.correlation_id(), request.flags()
+            end = bool(flags & END)
             try:
-                key, flags = request.correlation_id(), request.flags()
                 max_rows = one_value(request, p.MAX_ROWS, int)
-                end = bool(flags & END)
                 if flags & START:
                     known = array(request, p.KNOWN)
                     seed = one_value(request, p.SEED, int)
+                    batch = one_value(request, p.BATCH_SIZE, int)
+                    if batch is None and known is not None and not 1 <= known.shape[0] <= self.engine.max_batch:
+                        # The batch comes from KNOWN here: a BATCH_SIZE message would name an input never sent.
+                        raise ValueError(f"KNOWN must hold between 1 and {self.engine.max_batch} images (B of B x C x R x W), got {known.shape[0]}")
                     spec = SampleSpec(
-                        batch=one_value(request, p.BATCH_SIZE, int, 1 if known is None else known.shape[0]),
+                        batch=(1 if known is None else known.shape[0]) if batch is None else batch,
                         temperature=one_value(request, p.TEMPERATURE, float, 1.0),
                         seed=secrets.randbits(63) if seed is None else seed,
                         labels=array(request, p.LABELS),
@@ -175,6 +183,14 @@ class TritonPythonModel:
                         raise ValueError(f"{', '.join(extra)} only go with the START request of a sequence")
                     self.engine.resume(key, sink, max_rows, end)
             except Exception as e:  # noqa: BLE001 - every error goes back on the request's stream
+                if end:
+                    # Triton forgets the sequence at this END although the request was refused. The engine
+                    # must too, or the id stays "already active" until the idle timeout while Triton refuses
+                    # every later request of it that is not a START.
+                    try:
+                        self.engine.resume(key, unheard, 0, True)
+                    except RuntimeError:  # shutting down: nothing left to free
+                        pass
                 sink.error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         return None
 
