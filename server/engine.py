@@ -334,6 +334,12 @@ class Engine:
                     self.counts["refused"] += 1
                     self._outbox.put(key, request.sink.error, f"sequence {key} is already active: a START request needs a new "
                                      f"sequence id (or end this one first: sequence_end with MAX_ROWS 0)")
+                    if request.end:  # Triton forgets the id at this END: no later request can reach the live one
+                        live = self._sequences[key]
+                        if live.requests:
+                            live.requests[-1].end = True  # what it already asked for is still streamed
+                        else:
+                            self._free(live, "ended")
                     continue
                 try:
                     seq = self._open(key, spec)

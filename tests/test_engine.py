@@ -213,6 +213,22 @@ def test_cancelled_and_failing_sinks_free_their_sequences():
     assert len(a.rows) == 1 and engine.active == 0 and len(ok.rows) == 4 and ok.finished.is_set()
 
 
+def test_a_refused_second_start_with_end_ends_the_live_sequence_after_its_open_request():
+    # Triton forgets a sequence id at an END flag, even on a refused request: the live sequence
+    # can get no more requests, so it ends once what it already asked for is streamed.
+    engine = Engine(FakeRunner())
+    idle, busy = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=1), idle, max_rows=1, end=False)
+    engine.start(2, SampleSpec(seed=2), busy, max_rows=3, end=False)
+    engine.step()  # sequence 1 has sent its row; sequence 2 still owes two
+    engine.start(1, SampleSpec(), refused1 := Sink(), end=True)
+    engine.start(2, SampleSpec(), refused2 := Sink(), end=True)
+    drain(engine)
+    assert "already active" in refused1.errors[0] and "already active" in refused2.errors[0]
+    assert engine.active == 0 and len(idle.rows) == 1 and len(busy.rows) == 3 and not busy.errors and busy.finished.is_set()
+    assert engine.stats()["ended"] == 2
+
+
 def test_a_second_start_for_a_live_sequence_is_refused_and_the_first_goes_on():
     engine = Engine(FakeRunner())
     first, second = Sink(), Sink()

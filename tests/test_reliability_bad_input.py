@@ -391,8 +391,6 @@ def test_a_refused_request_with_sequence_end_frees_the_sequence_id(deployed, str
     np.testing.assert_array_equal(np.stack([r["row"] for r in rows], axis=2), m.sample)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine refuses the START in Engine._drain_inbox and keeps the live sequence, "
-                                       "which Triton forgot at the END: its id is blocked until the idle timeout")
 def test_a_second_start_with_sequence_end_frees_the_sequence_id(deployed, stream):
     m = deployed[1]["bin"]
     seq = next(SEQ)
