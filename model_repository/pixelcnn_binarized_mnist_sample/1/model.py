@@ -7,6 +7,7 @@ each sequence's rows through its own response sender. Protocol: server/protocol.
 import json
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.2  # is_cancelled() is a round trip to the server: not on every row
+METRICS_PERIOD_S = 0.5  # so is every metric update
 
 
 def use_project(config: dict, folder: Path) -> None:
@@ -36,19 +38,24 @@ class ResponseSink:
 
     def __init__(self, request):
         self.sender = request.get_response_sender()
+        # Only the outputs the client asked for (all, unless it named some): every tensor of a
+        # streamed row costs shared memory and copies in the backend and in Triton.
+        self.outputs = set(request.requested_output_names())
         self._checked, self._cancelled = 0.0, False
 
     def row(self, event) -> None:
         from server import protocol as p
 
+        values = {
+            p.STAGE: lambda: np.array([event.stage], np.int32),
+            p.ROW_INDEX: lambda: np.array([event.index], np.int32),
+            p.ROW: lambda: np.ascontiguousarray(event.row, np.uint8),
+            p.ROW_LOGPROB: lambda: np.ascontiguousarray(event.logprob, np.float32),
+            p.ACTIVE: lambda: np.array([event.active], np.int32),
+            p.CALL_BATCH: lambda: np.array([event.batched], np.int32),
+        }
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(p.STAGE, np.array([event.stage], np.int32)),
-            pb_utils.Tensor(p.ROW_INDEX, np.array([event.index], np.int32)),
-            pb_utils.Tensor(p.ROW, np.ascontiguousarray(event.row, np.uint8)),
-            pb_utils.Tensor(p.ROW_LOGPROB, np.ascontiguousarray(event.logprob, np.float32)),
-            pb_utils.Tensor(p.ACTIVE, np.array([event.active], np.int32)),
-            pb_utils.Tensor(p.CALL_BATCH, np.array([event.batched], np.int32)),
-        ]))
+            pb_utils.Tensor(name, make()) for name, make in values.items() if not self.outputs or name in self.outputs]))
 
     def done(self) -> None:
         self.sender.send(flags=FINAL)
@@ -62,6 +69,46 @@ class ResponseSink:
             self._checked = now
             self._cancelled = bool(self.sender.is_cancelled())
         return self._cancelled
+
+
+class SamplerMetrics:
+    """The engine's stats as Triton custom metrics, on the server's metrics endpoint
+    (http://HOST:METRICS_PORT/metrics): pixelrnn_sampler_live_sequences{model=...} and
+    pixelrnn_sampler_events_total{model=..., event=started|completed|...|rows|calls}.
+    A thread of its own pushes changes, so the engine never waits on the round trips."""
+
+    def __init__(self, engine, model: str):
+        self.engine = engine
+        live = pb_utils.MetricFamily(name="pixelrnn_sampler_live_sequences", description="sampling sequences held in memory",
+                                     kind=pb_utils.MetricFamily.GAUGE)
+        events = pb_utils.MetricFamily(name="pixelrnn_sampler_events_total", description="sampler events since the model loaded",
+                                       kind=pb_utils.MetricFamily.COUNTER)
+        self.families = (live, events)  # a family must outlive its metrics
+        self.live = live.Metric(labels={"model": model})
+        self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats() if k != "live"}
+        self._sent = {k: 0 for k in self.counters}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sampler-metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(METRICS_PERIOD_S):
+            try:
+                self.push()
+            except Exception as e:  # noqa: BLE001 - metrics must never take the sampler down
+                pb_utils.Logger.log_warn(f"sampler metrics: {type(e).__name__}: {e}")
+
+    def push(self) -> None:
+        stats = self.engine.stats()
+        self.live.set(stats["live"])
+        for k, metric in self.counters.items():
+            if stats[k] > self._sent[k]:
+                metric.increment(stats[k] - self._sent[k])
+                self._sent[k] = stats[k]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def one_value(request, name: str, kind: type, default=None):
@@ -92,26 +139,38 @@ class TritonPythonModel:
         runner = OnnxRunner(manifest, folder, threads=int(params.get("onnx_threads", "1")))
         # Triton forgets idle sequences without telling the model: expire ours on the same clock.
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
-        self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6)
+        # Sender threads: each response is a round trip to the server; several overlap them with
+        # each other and with the next step's cell call.
+        senders = int(params.get("sender_threads", "2"))
+        self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders)
         self.engine.start_worker()
+        self.metrics = SamplerMetrics(self.engine, args["model_name"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
-                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s")
+                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads")
 
     def execute(self, requests):
+        from types import SimpleNamespace
+
         from server import protocol as p
         from server.engine import SampleSpec
 
+        # Where nobody listens: the engine's answer to ending a sequence on behalf of a refused request.
+        unheard = SimpleNamespace(row=lambda event: None, done=lambda: None, error=lambda message: None, cancelled=lambda: False)
         for request in requests:
             sink = ResponseSink(request)
+            key, flags = request.correlation_id(), request.flags()
+            end = bool(flags & END)
             try:
-                key, flags = request.correlation_id(), request.flags()
                 max_rows = one_value(request, p.MAX_ROWS, int)
-                end = bool(flags & END)
                 if flags & START:
                     known = array(request, p.KNOWN)
                     seed = one_value(request, p.SEED, int)
+                    batch = one_value(request, p.BATCH_SIZE, int)
+                    if batch is None and known is not None and not 1 <= known.shape[0] <= self.engine.max_batch:
+                        # The batch comes from KNOWN here: a BATCH_SIZE message would name an input never sent.
+                        raise ValueError(f"KNOWN must hold between 1 and {self.engine.max_batch} images (B of B x C x R x W), got {known.shape[0]}")
                     spec = SampleSpec(
-                        batch=one_value(request, p.BATCH_SIZE, int, 1 if known is None else known.shape[0]),
+                        batch=(1 if known is None else known.shape[0]) if batch is None else batch,
                         temperature=one_value(request, p.TEMPERATURE, float, 1.0),
                         seed=secrets.randbits(63) if seed is None else seed,
                         labels=array(request, p.LABELS),
@@ -124,8 +183,17 @@ class TritonPythonModel:
                         raise ValueError(f"{', '.join(extra)} only go with the START request of a sequence")
                     self.engine.resume(key, sink, max_rows, end)
             except Exception as e:  # noqa: BLE001 - every error goes back on the request's stream
+                if end:
+                    # Triton forgets the sequence at this END although the request was refused. The engine
+                    # must too, or the id stays "already active" until the idle timeout while Triton refuses
+                    # every later request of it that is not a START.
+                    try:
+                        self.engine.resume(key, unheard, 0, True)
+                    except RuntimeError:  # shutting down: nothing left to free
+                        pass
                 sink.error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         return None
 
     def finalize(self):
+        self.metrics.stop()
         self.engine.stop()

@@ -42,9 +42,15 @@ class TritonPythonModel:
         Triton has already checked the dtype and the shape against config.pbtxt."""
         from server import protocol as p
 
-        images = pb_utils.get_input_tensor_by_name(request, p.IMAGES).as_numpy()
+        given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
+        if len(given) != 1:
+            raise ValueError(f"send the images as exactly one of {p.IMAGES} (N x C x H x W) or {p.IMAGES_HW} (N x H x W, grey "
+                             f"models), got {'both' if given else 'neither'}")
+        images, name = given[0].as_numpy(), given[0].name()
+        if name == p.IMAGES_HW:
+            images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
         if images.size and int(images.max()) >= self.levels:
-            raise ValueError(f"{p.IMAGES} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
+            raise ValueError(f"{name} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
         tensor = pb_utils.get_input_tensor_by_name(request, p.LABELS)
         if not self.num_classes:
             return images, None
@@ -65,8 +71,8 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 valid.append((i, *self.parse(request)))
-            except ValueError as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+            except ValueError as e:  # the client's mistake: INVALID_ARGUMENT, as Triton's own checks say
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         if valid:
             try:
                 images = np.concatenate([v[1] for v in valid])
