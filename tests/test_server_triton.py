@@ -254,7 +254,7 @@ def test_interleaved_sequences_keep_their_own_state(deployed, client):
 
 def test_sequences_in_flight_together_share_cell_calls(deployed, client):
     gated = deployed[1]["gated"][0]
-    for attempt in range(3):  # the two requests must reach the engine within one row step
+    for attempt in range(10):  # the two requests must reach the engine within one row step (a busy machine may miss it)
         client.send("gated_sample", 31, start=True, batch=2, seed=31, labels=[0], max_rows=0)
         client.send("gated_sample", 32, start=True, batch=3, seed=32, labels=[1], max_rows=0)
         assert client.collect(finals=2) == ([], [])
