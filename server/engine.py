@@ -129,33 +129,39 @@ class Outbox:
             t.start()
 
     def put(self, key: Hashable, fn: Callable, *args) -> None:
-        if not self._queues:
-            self._call(fn, args)
-            return
-        row = getattr(fn, "__name__", "") == "row"
-        if row:
+        """A message that is not a row (done, error): failures are the client's, not counted."""
+        self._send(key, None, fn, args)
+
+    def put_row(self, key: Hashable, sink, event) -> None:
+        if self._queues:
             with self._pending_lock:
                 self._pending[key] += 1
-        self._queues[hash(key) % len(self._queues)].put((key if row else _NOT_A_ROW, fn, args))
+        self._send(key, sink, sink.row, (event,))
 
     def pending(self, key: Hashable) -> int:
         return self._pending.get(key, 0)
 
-    def _call(self, fn, args) -> None:
+    def _send(self, key, row_sink, fn, args) -> None:
+        if self._queues:
+            self._queues[hash(key) % len(self._queues)].put((key, row_sink, fn, args))
+        else:
+            self._call(row_sink, fn, args)
+
+    def _call(self, row_sink, fn, args) -> None:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - a client that is gone must not stop the engine
-            if getattr(fn, "__name__", "") == "row":  # later rows would be lost: the sequence must go
-                self.failed[id(fn.__self__)] = str(e) or type(e).__name__
+            if row_sink is not None:  # later rows would be lost: the sequence must go
+                self.failed[id(row_sink)] = str(e) or type(e).__name__
 
     def _loop(self, q: queue.SimpleQueue) -> None:
         while True:
             item = q.get()
             if item is None:
                 return
-            key, fn, args = item
-            self._call(fn, args)
-            if key is not _NOT_A_ROW:
+            key, row_sink, fn, args = item
+            self._call(row_sink, fn, args)
+            if row_sink is not None:
                 with self._pending_lock:
                     left = self._pending[key] = self._pending[key] - 1
                     if not left:
@@ -240,6 +246,11 @@ class Engine:
         """Ask an open sequence for more rows (all remaining when max_rows is None)."""
         self._check_rows(max_rows)
         self._post(("resume", key, None, _Request(sink, max_rows, end)))
+
+    def forget(self, key: Hashable) -> None:
+        """The caller no longer knows sequence `key` (Triton forgets an id at an END flag, even
+        on a request it refused): end it once what it already asked for is streamed."""
+        self._post(("forget", key, None, None))
 
     @staticmethod
     def _check_rows(max_rows):
@@ -326,6 +337,10 @@ class Engine:
                 if not self._inbox:
                     return
                 kind, key, spec, request = self._inbox.popleft()
+            if kind == "forget":
+                if key in self._sequences:
+                    self._end_when_streamed(self._sequences[key])
+                continue
             if self._stopping:
                 self._outbox.put(key, request.sink.error, "the sampler is shutting down")
                 continue
@@ -335,11 +350,7 @@ class Engine:
                     self._outbox.put(key, request.sink.error, f"sequence {key} is already active: a START request needs a new "
                                      f"sequence id (or end this one first: sequence_end with MAX_ROWS 0)")
                     if request.end:  # Triton forgets the id at this END: no later request can reach the live one
-                        live = self._sequences[key]
-                        if live.requests:
-                            live.requests[-1].end = True  # what it already asked for is still streamed
-                        else:
-                            self._free(live, "ended")
+                        self._end_when_streamed(self._sequences[key])
                     continue
                 try:
                     seq = self._open(key, spec)
@@ -358,6 +369,13 @@ class Engine:
                     continue
             seq.requests.append(request)
             seq.last_active = self.clock()
+
+    def _end_when_streamed(self, seq: _Sequence) -> None:
+        """The caller's id is gone: end the sequence once its open requests are streamed."""
+        if seq.requests:
+            seq.requests[-1].end = True
+        else:
+            self._free(seq, "ended")
 
     def _open(self, key, spec: SampleSpec) -> _Sequence:
         b = spec.batch
@@ -443,7 +461,7 @@ class Engine:
                 self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
                 continue
             request = seq.requests[0]
-            self._outbox.put(seq.key, request.sink.row, event)
+            self._outbox.put_row(seq.key, request.sink, event)
             self.counts["rows"] += 1
             if request.rows_left is not None:
                 request.rows_left -= 1
@@ -489,9 +507,6 @@ class Engine:
         batched cell calls. Worker thread (or, approximately, any thread: ints only)."""
         keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
         return {"live": len(self._sequences), **{k: self.counts[k] for k in keys}, "calls": self.calls}
-
-
-_NOT_A_ROW = object()  # an outbox message that is not a row (done, error): not counted as pending
 
 
 def _safe(fn, *args, default=None):

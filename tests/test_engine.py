@@ -229,6 +229,20 @@ def test_a_refused_second_start_with_end_ends_the_live_sequence_after_its_open_r
     assert engine.stats()["ended"] == 2
 
 
+def test_a_forgotten_sequence_ends_after_its_open_request_and_an_unknown_one_is_ignored():
+    engine = Engine(FakeRunner())
+    idle, busy = Sink(), Sink()
+    engine.start(1, SampleSpec(seed=1), idle, max_rows=1, end=False)
+    engine.start(2, SampleSpec(seed=2), busy, max_rows=3, end=False)
+    engine.step()
+    for key in (1, 2, 99):
+        engine.forget(key)
+    drain(engine)
+    assert engine.active == 0 and len(idle.rows) == 1 and len(busy.rows) == 3 and not busy.errors and busy.finished.is_set()
+    stats = engine.stats()
+    assert stats["ended"] == 2 and stats["refused"] == 0
+
+
 def test_a_second_start_for_a_live_sequence_is_refused_and_the_first_goes_on():
     engine = Engine(FakeRunner())
     first, second = Sink(), Sink()

@@ -47,15 +47,15 @@ class ResponseSink:
         from server import protocol as p
 
         values = {
-            p.STAGE: lambda: np.array([event.stage], np.int32),
-            p.ROW_INDEX: lambda: np.array([event.index], np.int32),
-            p.ROW: lambda: np.ascontiguousarray(event.row, np.uint8),
-            p.ROW_LOGPROB: lambda: np.ascontiguousarray(event.logprob, np.float32),
-            p.ACTIVE: lambda: np.array([event.active], np.int32),
-            p.CALL_BATCH: lambda: np.array([event.batched], np.int32),
+            p.STAGE: np.array([event.stage], np.int32),
+            p.ROW_INDEX: np.array([event.index], np.int32),
+            p.ROW: np.ascontiguousarray(event.row, np.uint8),
+            p.ROW_LOGPROB: np.ascontiguousarray(event.logprob, np.float32),
+            p.ACTIVE: np.array([event.active], np.int32),
+            p.CALL_BATCH: np.array([event.batched], np.int32),
         }
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, make()) for name, make in values.items() if not self.outputs or name in self.outputs]))
+            pb_utils.Tensor(name, value) for name, value in values.items() if not self.outputs or name in self.outputs]))
 
     def done(self) -> None:
         self.sender.send(flags=FINAL)
@@ -149,13 +149,9 @@ class TritonPythonModel:
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads")
 
     def execute(self, requests):
-        from types import SimpleNamespace
-
         from server import protocol as p
         from server.engine import SampleSpec
 
-        # Where nobody listens: the engine's answer to ending a sequence on behalf of a refused request.
-        unheard = SimpleNamespace(row=lambda event: None, done=lambda: None, error=lambda message: None, cancelled=lambda: False)
         for request in requests:
             sink = ResponseSink(request)
             key, flags = request.correlation_id(), request.flags()
@@ -188,7 +184,7 @@ class TritonPythonModel:
                     # must too, or the id stays "already active" until the idle timeout while Triton refuses
                     # every later request of it that is not a START.
                     try:
-                        self.engine.resume(key, unheard, 0, True)
+                        self.engine.forget(key)
                     except RuntimeError:  # shutting down: nothing left to free
                         pass
                 sink.error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
