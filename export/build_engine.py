@@ -21,7 +21,6 @@ Exit codes: 0 done, 1 an export failed its parity check, 2 bad checkpoint or arg
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,12 +36,11 @@ import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
 from export import tensor_names  # noqa: E402
+from export.manifest import FORMAT, MANIFEST, file_sha256  # noqa: E402
 from export.onnx_export import OPSET, Artifact, ParityError, artifacts  # noqa: E402
 from export.tensorrt_engine import MAX_BATCH, EngineError, float64_tensors, tensorrt_available  # noqa: E402
 from training.checkpoint import CheckpointError, load_model  # noqa: E402
 
-MANIFEST = "manifest.json"
-FORMAT = "pixelrnn-export/1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,10 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def base_manifest(name: str, model, ckpt: dict, checkpoint: Path, max_batch: int) -> dict:
@@ -103,7 +97,7 @@ def export_all(plan: list[Artifact], out: Path, manifest: dict) -> None:
             raise ParityError(f"{art.name} ({path}) failed its parity check against torch: {e}") from None
         t2 = time.perf_counter()
         size = path.stat().st_size
-        desc.update(bytes=size, sha256=sha256(path), export_seconds=round(t1 - t0, 3), max_abs_diff=err)
+        desc.update(bytes=size, sha256=file_sha256(path), export_seconds=round(t1 - t0, 3), max_abs_diff=err)
         manifest["artifacts"][art.name] = desc
         manifest["files"].append(art.file)
         print(f"  {art.name:<11} {art.file:<17} {size / 1024:8.1f} KiB  export {t1 - t0:5.1f} s  "
@@ -138,7 +132,7 @@ def tensorrt_step(args, out: Path, manifest: dict) -> int:
             err = check_engine(plan, onnx_path, tol=5e-2 if args.fp16 else 1e-3)
         except (EngineError, ParityError) as e:
             return fail(f"TensorRT engine for {name}: {e}", code=1)
-        engines[name] = {"file": plan.name, "sha256": sha256(plan), "fp16": args.fp16, "max_abs_diff_vs_onnxruntime": err}
+        engines[name] = {"file": plan.name, "sha256": file_sha256(plan), "fp16": args.fp16, "max_abs_diff_vs_onnxruntime": err}
         manifest["files"].append(plan.name)
         print(f"  {name:<11} {plan.name:<17} {plan.stat().st_size / 1024:8.1f} KiB  TensorRT {time.perf_counter() - t0:5.1f} s  parity {err:.1e}")
     manifest["tensorrt"] = {"built": True, "detail": why, "engines": engines, "skipped": skipped}

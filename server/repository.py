@@ -26,11 +26,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from export.manifest import MANIFEST
 from server import protocol as p
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
-MANIFEST = "manifest.json"
 VERSION = "1"
 
 

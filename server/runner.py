@@ -9,17 +9,15 @@ naming the file: Triton shows it as the model's load error).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from export.manifest import FORMAT, MANIFEST, file_sha256
 from export.onnx_export import OnnxCell, OnnxCondition, OnnxScorer
 from server.engine import Stage
 
-MANIFEST = "manifest.json"
-FORMAT = "pixelrnn-export/1"
 
 
 class ModelFilesError(ValueError):
@@ -44,14 +42,6 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_path(manifest: dict, folder: str | Path, name: str) -> Path:
     """The file of graph `name`, after checking it exists and has the sha256 the manifest records."""
     folder = Path(folder)
@@ -64,7 +54,7 @@ def artifact_path(manifest: dict, folder: str | Path, name: str) -> Path:
     want = entry.get("sha256")
     if not want:
         raise ModelFilesError(f"{folder / MANIFEST}: records no sha256 for {entry['file']}: re-export with export/build_engine.py")
-    found = _sha256(path)
+    found = file_sha256(path)
     if found != want:
         raise ModelFilesError(f"{path}: corrupted or replaced: sha256 {found[:16]}... differs from the "
                               f"{want[:16]}... recorded in {MANIFEST} (re-export with export/build_engine.py)")

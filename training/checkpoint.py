@@ -176,7 +176,6 @@ def _state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
     return None
 
 
-IMAGE_FIELDS = ("in_channels", "height", "width", "levels")  # not recoverable from the weights
 FIELD_TYPES = {"int": (int,), "int | None": (int, type(None)), "str": (str,), "dict": (dict,), "float": (float, int), "bool": (bool,)}
 
 
@@ -185,6 +184,7 @@ def _config_problem(arch: str, config: dict) -> str | None:
     import dataclasses
 
     from training.models import config_class
+    from training.models.base import IMAGE_FIELDS
 
     missing = [k for k in IMAGE_FIELDS if k not in config]
     if missing:

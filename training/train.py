@@ -36,8 +36,8 @@ from training.checkpoint import (CheckpointError, build_checkpoint_model, load_c
                                  remove_stale_temp_files, save_checkpoint)
 from training.data import DataSpec, ImageSet, load
 from training.models import ARCHITECTURES, build_model, config_class
+from training.models.base import IMAGE_FIELDS
 
-IMAGE_FIELDS = ("in_channels", "height", "width", "levels")  # fixed by the data, not by flags
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
 # so `--out DIR --resume` alone continues the run it was, not one with default flags.
 RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "valid_every", "valid_images",
@@ -535,10 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = train(args)
-    except ValueError as e:  # DataError, CheckpointError and bad flags: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. an unwritable --out or a full disk; the message names the path
+    # DataError, CheckpointError and bad flags; OSError: e.g. an unwritable --out or a full disk
+    # (its message names the path). A message, not a traceback.
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -14,6 +14,9 @@ import torch.nn as nn
 
 from training import distributions
 
+# The image spec of every ModelConfig: set by the data, and not recoverable from a model's weights.
+IMAGE_FIELDS = ("in_channels", "height", "width", "levels")
+
 
 @dataclass
 class ModelConfig:

@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 
 from training import distributions
-from training.models.base import ImageModel, ModelConfig
+from training.models.base import IMAGE_FIELDS, ImageModel, ModelConfig
 
-IMAGE_FIELDS = ("in_channels", "height", "width", "levels", "num_classes")
+SHARED_FIELDS = IMAGE_FIELDS + ("num_classes",)  # the multi-scale model's own, given to both parts
 
 
 @dataclass
@@ -57,7 +57,7 @@ class MultiScaleConfig(ModelConfig):
         if self.height % self.factor or self.width % self.factor:
             raise ValueError(f"image size {self.height}x{self.width} is not a multiple of factor {self.factor}")
         for name, part in (("small_config", self.small_config), ("big_config", self.big_config)):
-            fixed = sorted(set(part) & set(IMAGE_FIELDS))
+            fixed = sorted(set(part) & set(SHARED_FIELDS))
             if fixed:
                 raise ValueError(f"{name} may not set {', '.join(fixed)}: they follow from the multiscale config")
 
