@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def abandon(url, style, k):
 
 # A client process that opens some streams, reports once each has a few rows, then waits to be killed.
 CHILD = r"""
-import queue, sys
+import os, queue, sys
 import numpy as np
 import tritonclient.grpc as g
 url, model, first, n, k = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
@@ -225,9 +226,13 @@ for seq, c, q in clients:
     t = g.InferInput("SEED", [1], "UINT64")
     t.set_data_from_numpy(np.array([seq], np.uint64))
     c.async_stream_infer(model, [t], sequence_id=seq, sequence_start=True, sequence_end=True)
-for seq, c, q in clients:
-    for _ in range(k):
-        assert q.get(timeout=60) is None
+try:
+    for seq, c, q in clients:
+        for _ in range(k):
+            assert q.get(timeout=60) is None
+except BaseException as e:  # the stream threads would keep a failed process alive: leave now
+    print(f"failed: {type(e).__name__}: {e}", flush=True)
+    os._exit(1)
 print("rows", flush=True)
 sys.stdin.read()
 """
@@ -241,9 +246,13 @@ def spawn_doomed(url, n, k) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def kill_when_streaming(proc: subprocess.Popen) -> None:
-    line = proc.stdout.readline()
-    assert line.strip() == "rows", f"the client process failed before streaming (exit code {proc.poll()})"
+def kill_when_streaming(proc: subprocess.Popen, timeout: float = 90) -> None:
+    # Bounded: the child gives up after 60 s without a row; never wait on it for ever.
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else "(nothing)"
+    if line.strip() != "rows":
+        proc.kill()
+    assert line.strip() == "rows", f"the client process did not get its rows: {line.strip()} (exit code {proc.poll()})"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 
