@@ -319,6 +319,10 @@ class RunState:
     metrics: dict = dataclasses.field(default_factory=dict)  # latest validation and best so far
     train_sum: float = 0.0  # nats summed over the steps since the last history entry
     train_steps: int = 0
+    # Wall-clock of the run, kept apart from `history` (which a resumed run reproduces bit for bit):
+    # hours spent training across every resume, and one {"step", "hours", "device"} per validation.
+    hours: float = 0.0
+    timeline: list = dataclasses.field(default_factory=list)
 
 
 def flush_train_loss(state: RunState, dist: Dist, dims: int) -> None:
@@ -337,6 +341,7 @@ def validate(model, valid: tuple, state: RunState, args, dist: Dist) -> bool:
     nats = mean_nll(model, valid[0], valid[1], args.batch_size, dist)
     bpd = float(distributions.nats_to_bits_per_dim(nats, model.dims))
     state.history.append({"step": state.step, "valid_nll_nats": nats, "valid_bits_per_dim": bpd})
+    state.timeline.append({"step": state.step, "hours": state.hours, "device": str(dist.device.type)})
     best = nats < state.metrics.get("best_nll_nats", math.inf)
     state.metrics.update(split="valid", nll_nats=nats, bits_per_dim=bpd, valid_images=len(valid[0]), step=state.step)
     if best:
@@ -357,6 +362,8 @@ def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: Dat
         "history": list(state.history),
         "train_args": {k: v for k, v in vars(args).items() if k != "explicit"},
         "rng": {"torch": torch.get_rng_state()},
+        "hours": state.hours,
+        "timeline": list(state.timeline),
     })
 
 
@@ -411,7 +418,8 @@ def restore(ckpt: dict | None, model, optimizer, path: Path | None = None) -> Ru
         raise CheckpointError(f"{path}: optimizer state does not fit the model: {why}") from None
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
-    return RunState(step=ckpt["step"], history=list(ckpt["history"]), metrics=dict(ckpt["metrics"]))
+    return RunState(step=ckpt["step"], history=list(ckpt["history"]), metrics=dict(ckpt["metrics"]),
+                    hours=float(ckpt.get("hours", 0.0)), timeline=list(ckpt.get("timeline", [])))
 
 
 def distribute(objective, images: torch.Tensor, labels: torch.Tensor | None, dist: Dist):
@@ -477,7 +485,9 @@ def train(args: argparse.Namespace) -> dict:
             lr = cosine_lr(state.step, total, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            tick = time.monotonic()
             nats = train_step(objective, optimizer, x, y, dims, args.grad_clip)
+            state.hours += (time.monotonic() - tick) / 3600
             state.step += 1
             state.train_sum, state.train_steps = state.train_sum + nats, state.train_steps + 1
             unit, value = nll_units(levels, nats, dims)
