@@ -71,7 +71,7 @@ def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list
 def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | None]:
     """The first --n images of --data's --split, and their labels (conditional models)."""
     from training.data import load
-    from training.train import data_spec_from_args
+    from training.data_flags import data_spec_from_args
 
     data = load(data_spec_from_args(args), args.split)
     info = client.info
@@ -109,7 +109,7 @@ def cmd_sample(args, client: PixelClient) -> dict:
 
 
 def cmd_complete(args, client: PixelClient) -> dict:
-    from training.sample import completion_grid
+    from training.images import completion_grid
 
     if (args.input is None) == (args.data is None):
         raise ClientError("give either --input FILE... or --data NAME")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training import distributions, sample
+from training import distributions, images, sample
 from training.checkpoint import save_checkpoint
 from training.images import grid_array, load_images, save_grid, to_display
 from training.models import ARCHITECTURES, build_model
@@ -196,7 +196,7 @@ def test_cli_completion_grid(checkpoint_file, tmp_path, capsys):
     assert done.shape == (6, 1, 6, 6)
     assert np.array_equal(done[:, :, :2], np.repeat(originals, 2, axis=0)[:, :, :2])
     assert np.array_equal(arr[2:8, 2:8], originals[0, 0] * 255)  # the original
-    assert (arr[2 + 2:8, 10:16] == sample.OCCLUDED_GREY).all()  # hidden rows of the occluded copy
+    assert (arr[2 + 2:8, 10:16] == images.OCCLUDED_GREY).all()  # hidden rows of the occluded copy
     assert np.array_equal(arr[2:4, 10:16], originals[0, 0, :2] * 255)
     assert np.array_equal(arr[2:8, 18:24], done[0, 0] * 255)
 

@@ -18,7 +18,8 @@ import torch
 from training import distributions
 from training.checkpoint import load_model
 from training.data import load
-from training.train import add_data_arguments, check_data_fits, data_spec_from_args
+from training.data_flags import add_data_arguments, data_spec_from_args
+from training.train import check_data_fits
 
 
 @torch.no_grad()

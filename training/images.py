@@ -118,3 +118,16 @@ def load_images(paths, levels: int | None = None) -> np.ndarray:
     if len(shapes) > 1:
         raise ValueError(f"images differ in shape: {', '.join(str(s) for s in sorted(shapes))}")
     return np.concatenate(arrays)
+
+
+OCCLUDED_GREY = 128  # display value of the hidden rows in a completion grid
+
+
+def completion_grid(originals: np.ndarray, completions: np.ndarray, levels: int, known_rows: int, k: int) -> np.ndarray:
+    """Display images (0..255) in rows of: original | occluded | k completions."""
+    shown = to_display(originals, levels)
+    occluded = shown.copy()
+    occluded[:, :, known_rows:] = OCCLUDED_GREY
+    done = to_display(completions, levels).reshape((len(originals), k) + completions.shape[1:])
+    rows = [np.concatenate([shown[e:e + 1], occluded[e:e + 1], done[e]]) for e in range(len(originals))]
+    return np.concatenate(rows)

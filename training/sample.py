@@ -31,9 +31,8 @@ import torch
 from tqdm import tqdm
 
 from training.distributions import draw_row_uniforms, sample_from_logits, sampling_rng
-from training.images import save_grid, to_display
+from training.images import completion_grid, save_grid
 
-OCCLUDED_GREY = 128  # display value of the hidden rows in a completion grid
 
 
 @contextlib.contextmanager
@@ -181,18 +180,8 @@ def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=Non
 
 # ---------------------------------------------------------------------------- CLI
 
-def completion_grid(originals: np.ndarray, completions: np.ndarray, levels: int, known_rows: int, k: int) -> np.ndarray:
-    """Display images (0..255) in rows of: original | occluded | k completions."""
-    shown = to_display(originals, levels)
-    occluded = shown.copy()
-    occluded[:, :, known_rows:] = OCCLUDED_GREY
-    done = to_display(completions, levels).reshape((len(originals), k) + completions.shape[1:])
-    rows = [np.concatenate([shown[e:e + 1], occluded[e:e + 1], done[e]]) for e in range(len(originals))]
-    return np.concatenate(rows)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    from training.train import add_data_arguments
+    from training.data_flags import add_data_arguments
 
     p = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -223,7 +212,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     if args.complete:
         from training.data import load
-        from training.train import check_data_fits, data_spec_from_args
+        from training.data_flags import data_spec_from_args
+        from training.train import check_data_fits
 
         data = load(data_spec_from_args(args, base=ckpt["data"]), args.split)
         data_labels = check_data_fits(model, data)
