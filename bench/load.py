@@ -44,9 +44,9 @@ import tritonclient.grpc as grpcclient
 from bench.common import machine_info, reexec_with_malloc_env, write_json
 from bench.serving import export, labels_for, triton_version
 from client.library import ROW_OUTPUTS, PixelClient, Row
-from server import protocol as p
+from runtime import protocol as p
 from server.launcher import TritonServer
-from server.repository import stage_rows
+from export.repository import stage_rows
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(streams=32, seconds=60.0, score_clients=2, score_batch=16)

@@ -35,7 +35,11 @@ import torch
 from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
 from export import onnx_export as ox
 from export.cells import CELLS, build_cell, sample_cached
-from training.distributions import draw_row_uniforms, sampling_rng
+from runtime import rowloop
+from runtime.onnx_graphs import OnnxCell, OnnxCondition
+from runtime.randomness import draw_row_uniforms, sampling_rng
+from runtime.rowloop import SampleSpec
+from runtime.runner import OnnxRunner
 from training.models import ARCHITECTURES, build_model, config_class
 from training.models.multiscale import MultiScale
 from training.sample import autoregress, sample_reference
@@ -123,41 +127,22 @@ def naive_sample(model, n: int, seed: int, labels: np.ndarray | None, rows: int 
 # ---------------------------------------------------------------------------- onnx
 
 class OnnxSampler:
-    """The model's cells exported to `directory` and sampled with onnxruntime like sample_cached."""
+    """The model's cells exported to `directory`, sampled with onnxruntime through the row loop."""
 
     def __init__(self, model, directory: Path, threads: int):
-        self.model = model
         paths = {}
         for art in ox.artifacts(model):
             if art.name != "scorer":
                 art.export(directory / art.file)
                 paths[art.name] = directory / art.file
-        self.multiscale = isinstance(model, MultiScale)
-        if self.multiscale:
-            self.cells = [ox.OnnxCell(paths["small_cell"], threads), ox.OnnxCell(paths["big_cell"], threads)]
-            self.condition = ox.OnnxCondition(paths["condition"], threads)
-            self.grid = model.grid_mask().numpy()
+        if isinstance(model, MultiScale):
+            cells = [OnnxCell(paths["small_cell"], threads), OnnxCell(paths["big_cell"], threads)]
+            self.runner = OnnxRunner(cells, OnnxCondition(paths["condition"], threads), model.config.factor)
         else:
-            self.cells = [ox.OnnxCell(paths["cell"], threads)]
+            self.runner = OnnxRunner([OnnxCell(paths["cell"], threads)])
 
     def sample(self, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
-        """One row of uniforms per row of every stage, as in export.cells.sample_cached."""
-        rng = sampling_rng(seed)
-        temp, force = np.ones(n), np.zeros(n, bool)
-        small = None
-        for stage, cell in enumerate(self.cells):
-            canvas = np.zeros((n, cell.channels, cell.height, cell.width), np.int64)
-            if stage == 1:
-                f = self.model.config.factor
-                canvas[:, :, ::f, ::f] = small
-                cond = self.condition(small)  # (n, cond, H, W)
-            state = cell.initial_state(n)
-            for i in range(cell.height):
-                u = draw_row_uniforms(rng, n, cell.channels, cell.width)
-                extra = dict(condition=cond[:, :, i], fixed=self.grid[i]) if stage == 1 else {}
-                canvas[:, :, i], _, _, state = cell.run_row(state, u, temp, canvas[:, :, i], force, labels, **extra)
-            small = canvas
-        return small.astype(np.uint8)
+        return rowloop.sample(self.runner, SampleSpec(batch=n, seed=seed, labels=labels))
 
 
 # ---------------------------------------------------------------------------- one architecture

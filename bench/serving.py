@@ -4,7 +4,7 @@
                             [--streams 1,4,16] [--quick]
 
 The checkpoint is exported once (export/build_engine.py, parity-checked) into a temporary Triton
-repository (server/repository.py; its settings are recorded), served by a real tritonserver on
+repository (export/repository.py; its settings are recorded), served by a real tritonserver on
 free loopback ports (server/launcher.py), and the same exported files are loaded in this process
 with the same onnxruntime thread count. Measured in one run, on one machine:
 
@@ -50,13 +50,15 @@ import tritonclient.grpc as grpcclient
 
 from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
 from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
-from export.onnx_export import OnnxScorer
-from server import protocol as p
-from server.engine import Engine, SampleSpec
+from runtime.onnx_graphs import OnnxScorer
+from runtime import protocol as p
+from runtime import rowloop
+from runtime.engine import Engine
+from runtime.rowloop import SampleSpec
 from server.launcher import TritonServer
-from server.repository import write_repository
-from server.runner import OnnxRunner, read_manifest
-from training.distributions import draw_row_uniforms, sampling_rng
+from export.repository import write_repository
+from runtime.manifest import read_manifest
+from runtime.runner import OnnxRunner
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 TARGETS = {"sampling_vs_in_process": 0.9, "streams_16_vs_1": 6.0, "scoring_vs_in_process": 0.9}
@@ -67,26 +69,8 @@ QUICK = dict(batch=2, streams=[1, 2], score_images=8, score_clients=2, score_req
 # ---------------------------------------------------------------------------- in process
 
 def sample_in_process(runner: OnnxRunner, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
-    """The exported cells row by row, one uniform row per row of every stage, as
-    export.cells.sample_cached and the server's engine draw them. -> uint8 (n, C, H, W)."""
-    rng = sampling_rng(seed)
-    temperature, force = np.ones(n), np.zeros(n, bool)
-    image = None
-    for s, st in enumerate(runner.stages):
-        canvas = np.zeros((n, st.channels, st.height, st.width), np.int64)
-        if st.conditioned:  # multi-scale big stage: the small image fills the grid and conditions the rest
-            f = runner.factor
-            canvas[:, :, ::f, ::f] = image
-            condition = runner.condition(image)  # (n, cond, H, W)
-        state = runner.initial_state(s, n)
-        for i in range(st.height):
-            u = draw_row_uniforms(rng, n, st.channels, st.width)
-            extra = {}
-            if st.conditioned:
-                extra = dict(condition=condition[:, :, i], fixed=(np.arange(st.width) % f == 0) & (i % f == 0))
-            canvas[:, :, i], _, state = runner.run_row(s, state, u, temperature, canvas[:, :, i], force, labels, **extra)
-        image = canvas
-    return image.astype(np.uint8)
+    """The exported cells through the row loop in process, one job alone. -> uint8 (n, C, H, W)."""
+    return rowloop.sample(runner, SampleSpec(batch=n, seed=seed, labels=labels))
 
 
 class _Collect:
@@ -247,7 +231,7 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     c, h, w = shape
     n, seed = args.batch, args.seed
     labels = labels_for(manifest, n)
-    runner = OnnxRunner(manifest, folder, threads=args.onnx_threads)
+    runner = OnnxRunner.from_manifest(manifest, folder, threads=args.onnx_threads)
     scorer = OnnxScorer(folder / manifest["artifacts"]["scorer"]["file"], args.onnx_threads)
     client = PixelClient(server.grpc_url, model=name)
     most = max(args.streams)

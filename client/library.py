@@ -36,7 +36,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server import protocol as p
+from runtime import protocol as p
 
 DEFAULT_URL = "localhost:8001"
 ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)

@@ -1,5 +1,5 @@
 """ONNX export of the row cells, the full-image scorer and the multi-scale condition graph,
-and small onnxruntime runners for them.
+and their parity checks against torch.
 
 Exporter: torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`). It is
 deprecated in torch 2.9+ but still present in 2.13, needs no extra package (the dynamo exporter
@@ -13,6 +13,8 @@ Every graph has one dynamic axis, "batch": axis 0 of every batch-carrying tensor
 UNIFORMS (W, C, B), whose batch axis is the last. The sampling arithmetic stays in float64
 (Cast, Exp, CumSum, Div, Less on doubles), which onnxruntime's CPU provider supports; see
 export/cells/base.py for why it must be float64.
+
+The onnxruntime runners of these graphs live in runtime/onnx_graphs.py (torch-free).
 
 Graphs per architecture (`artifacts(model)`):
     single-scale:  cell, scorer
@@ -30,11 +32,11 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from export import tensor_names as tn
+from runtime import tensor_names as tn
+from runtime.onnx_graphs import OnnxGraph
 from export.cells import build_cell
 from export.cells.base import RowCell
 from export.cells.multiscale import ConditionedCell, MultiScaleSampler
@@ -235,84 +237,6 @@ def export_condition(model: MultiScale, path: str | Path, batch: int = 2) -> dic
     _export(ConditionGraph(model), example_small_images(model, batch), Path(path), inputs, outputs, _metadata("condition", model, cfg.height, cfg.width))
     return {"kind": "condition", "file": Path(path).name, "factor": cfg.factor,
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]}
-
-
-# ---------------------------------------------------------------------------- runners
-
-def make_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session tuned for small graphs run once per row: the unrolled cell is thousands of
-    tiny ops, where thread hand-offs cost more than they save, so by default one thread, no
-    inter-op parallelism, and no spinning (idle threads would burn cores shared with others)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-class OnnxGraph:
-    def __init__(self, path: str | Path, threads: int = 1):
-        self.path = Path(path)
-        self.session = make_session(path, threads)
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.channels, self.height, self.width = (int(self.metadata[k]) for k in ("channels", "height", "width"))
-        self.levels, self.num_classes = int(self.metadata["levels"]), int(self.metadata["num_classes"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feed)
-
-
-class OnnxCell(OnnxGraph):
-    """An exported cell with RowCell.run_row's semantics, on numpy arrays."""
-
-    def __init__(self, path: str | Path, threads: int = 1):
-        super().__init__(path, threads)
-        self._state_inputs = [i for i in self.session.get_inputs() if i.name.startswith(tn.STATE_IN_PREFIX)]
-        self.state_names = [tn.state_name(i.name) for i in self._state_inputs]
-        self.conditioned = tn.CONDITION in self.input_names
-
-    def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
-        return tuple(np.zeros([d if isinstance(d, int) else batch for d in i.shape], np.float32) for i in self._state_inputs)
-
-    def run_row(self, state, uniforms, temperature, forced, force, labels=None, condition=None, fixed=None):
-        """-> (row (B, C, W) int64, logprob (B,) float32, logits (B, C, K, W), new state tuple)."""
-        feed = {tn.state_in(n): np.asarray(s, np.float32) for n, s in zip(self.state_names, state)}
-        feed.update({
-            tn.UNIFORMS: np.asarray(uniforms, np.float64), tn.TEMPERATURE: np.asarray(temperature, np.float64),
-            tn.FORCED: np.asarray(forced, np.int64), tn.FORCE: np.asarray(force, bool),
-        })
-        if self.conditioned:
-            if condition is None or fixed is None:
-                raise ValueError("this cell needs condition and fixed (the multi-scale big cell)")
-            feed[tn.CONDITION], feed[tn.FIXED] = np.asarray(condition, np.float32), np.asarray(fixed, bool)
-        if self.num_classes:
-            if labels is None:
-                raise ValueError("this cell is class-conditional: labels are required")
-            feed[tn.LABELS] = np.asarray(labels, np.int64)
-        row, logprob, logits, *new_state = self.run(feed)
-        return row, logprob, logits, tuple(new_state)
-
-
-class OnnxScorer(OnnxGraph):
-    def score(self, images: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, C, H, W) -> (nll nats (N,), bits per dim (N,))."""
-        feed = {tn.IMAGES: np.asarray(images, np.uint8)}
-        if self.num_classes:
-            if labels is None:
-                raise ValueError("this scorer is class-conditional: labels are required")
-            feed[tn.LABELS] = np.asarray(labels, np.int64)
-        nll, bpd = self.run(feed)
-        return nll, bpd
-
-
-class OnnxCondition(OnnxGraph):
-    def __call__(self, small: np.ndarray) -> np.ndarray:
-        return self.run({tn.SMALL_IMAGES: np.asarray(small, np.int64)})[0]
 
 
 # ---------------------------------------------------------------------------- parity

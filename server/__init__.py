@@ -1,3 +1,3 @@
-"""Triton deployment: the model repository writer (repository.py), the model glue
-(triton_models/), the cross-sequence sampling engine (engine.py, runner.py), the request
-protocol (protocol.py) and the tritonserver launcher (launcher.py, `python -m server`)."""
+"""Serving: the tritonserver launcher (launcher.py, `python -m server`) and deployment
+manifests (deploy/). A model repository is written by export/repository.py and executes only
+the torch-free runtime/ copied into it."""

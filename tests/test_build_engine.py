@@ -1,10 +1,8 @@
 """`python export/build_engine.py`: ONNX files and manifest from a checkpoint, clear failures,
 the TensorRT switch, and (marked gpu) a real TensorRT engine where TensorRT and CUDA exist."""
-import importlib.machinery
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,10 @@ import pytest
 import torch
 
 from export import build_engine
-from export import tensor_names as tn
+from runtime import tensor_names as tn
 from export.cells import build_cell
-from export.onnx_export import OnnxCell, OnnxScorer, export_scorer
+from export.onnx_export import export_scorer
+from runtime.onnx_graphs import OnnxCell, OnnxScorer
 from export.tensorrt_engine import float64_tensors, tensorrt_available
 from training.checkpoint import load_model, save_checkpoint
 from training.models import build_model
@@ -61,7 +60,7 @@ def test_script_exports_verified_onnx_and_a_manifest(pixelcnn_ckpt, tmp_path):
     model, _ = load_model(pixelcnn_ckpt)
     assert [s["name"] for s in cell["state"]] == build_cell(model).state_names
     assert cell["state"][0]["input"] == tn.state_in(cell["state"][0]["name"]) and cell["state"][0]["shape"][0] == -1
-    assert cell["max_abs_diff"] < 1e-4 and cell["bytes"] == (out / "cell.onnx").stat().st_size
+    assert cell["parity"] == "passed" and cell["parity_tolerance"] == 1e-4 and cell["bytes"] == (out / "cell.onnx").stat().st_size
 
     # The files run on their own: the runners read everything they need from them.
     assert OnnxCell(out / "cell.onnx").state_names == build_cell(model).state_names
@@ -119,22 +118,25 @@ def test_bad_checkpoint_exit_code_as_a_script(tmp_path):
     assert result.returncode == 2 and str(bad) in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_repository_writer_is_called_when_present(pixelcnn_ckpt, tmp_path, monkeypatch, capsys):
-    calls = []
-    fake = types.ModuleType("server.repository")
-    fake.__spec__ = importlib.machinery.ModuleSpec("server.repository", None)
-    fake.write_repository = lambda manifest, onnx_dir, repo_dir: calls.append((manifest["name"], onnx_dir, repo_dir))
-    monkeypatch.setitem(sys.modules, "server.repository", fake)
+def test_repository_is_self_contained(pixelcnn_ckpt, tmp_path):
+    """--repository writes both models with model.py, a copy of runtime/, the graphs and the
+    manifest; no generated text file holds an absolute path (or this machine's folders)."""
     out, repo = tmp_path / "out", tmp_path / "repo"
     assert build_engine.main(["--checkpoint", str(pixelcnn_ckpt), "--out", str(out), "--repository", str(repo), "--tensorrt", "off"]) == 0
-    assert calls == [("pixelcnn", out, repo)]
-
-
-def test_repository_writer_missing_is_reported(pixelcnn_ckpt, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "server.repository", None)  # find_spec then reports it absent
-    code = build_engine.main(["--checkpoint", str(pixelcnn_ckpt), "--out", str(tmp_path / "out"),
-                              "--repository", str(tmp_path / "repo"), "--tensorrt", "off"])
-    assert code == 0 and "repository writer (server/repository.py) is not available yet" in capsys.readouterr().out
+    runtime_modules = sorted(p.name for p in (REPO / "runtime").glob("*.py"))
+    for model, graphs in (("pixelcnn_score", ["scorer.onnx"]), ("pixelcnn_sample", ["cell.onnx"])):
+        version = repo / model / "1"
+        assert (repo / model / "config.pbtxt").is_file() and (version / "model.py").is_file()
+        assert sorted(p.name for p in (version / "runtime").glob("*.py")) == runtime_modules
+        assert all((version / g).is_file() for g in graphs) and (version / "manifest.json").is_file()
+    texts = [p for p in repo.rglob("*") if p.suffix in (".pbtxt", ".json", ".py")]
+    assert len(texts) > 2 * len(runtime_modules)
+    for path in texts:
+        text = path.read_text()
+        for folder in (str(tmp_path), str(REPO), str(Path.home())):
+            assert folder not in text, f"{path} mentions {folder}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint"]["file"] == pixelcnn_ckpt.name and len(manifest["checkpoint"]["sha256"]) == 64
 
 
 def test_cells_are_flagged_float64_and_the_scorer_is_not(pixelcnn_ckpt, tmp_path):

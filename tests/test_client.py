@@ -1,6 +1,6 @@
 """The gRPC client (client/) against a real tritonserver (loopback, free ports), one server for
 the module: a class-conditional RGB Gated PixelCNN whose config publishes levels / classes /
-stage rows as parameters, as server/repository.py writes it (max batch 4, to exercise
+stage rows as parameters, as export/repository.py writes it (max batch 4, to exercise
 chunking), and a grey multi-scale model whose parameters are taken out again, as a repository
 written by other means may lack them (the client then leaves value checks to the server)."""
 import json
@@ -20,7 +20,7 @@ from client.cli import main as cli_main  # noqa: E402
 from client.library import model_info  # noqa: E402
 from export.cells import build_cell, sample_cached  # noqa: E402
 from server.launcher import ServerError, TritonServer, find_tritonserver, free_port  # noqa: E402
-from server.runner import read_manifest  # noqa: E402
+from runtime.manifest import read_manifest  # noqa: E402
 from training.checkpoint import load_model, save_checkpoint  # noqa: E402
 from training.models import build_model  # noqa: E402
 

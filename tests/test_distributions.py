@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime import randomness as R
 from training import distributions as D
 
 
@@ -38,29 +39,29 @@ def test_logits_shape_must_fit_levels():
 
 
 def test_inverse_cdf_sampling_matches_the_distribution():
-    rng = D.sampling_rng(0)
+    rng = R.sampling_rng(0)
     logits = np.log(np.array([[0.1, 0.2, 0.7]] * 20000))
-    values = D.sample_from_logits(logits, rng.random(20000), 3)
+    values = R.sample_from_logits(logits, rng.random(20000), 3)
     freq = np.bincount(values, minlength=3) / 20000
     assert np.allclose(freq, [0.1, 0.2, 0.7], atol=0.015)
     # Bernoulli head: p(1) = sigmoid(logit)
-    ones = D.sample_from_logits(np.full((20000, 1), math.log(3)), rng.random(20000), 2).mean()
+    ones = R.sample_from_logits(np.full((20000, 1), math.log(3)), rng.random(20000), 2).mean()
     assert abs(ones - 0.75) < 0.015
 
 
 def test_temperature_zero_is_greedy_and_bad_temperature_is_refused():
     logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    assert D.sample_from_logits(logits, np.array([0.99, 0.99]), 3, temperature=0).tolist() == [1, 0]
+    assert R.sample_from_logits(logits, np.array([0.99, 0.99]), 3, temperature=0).tolist() == [1, 0]
     for bad in (float("nan"), -1.0, float("inf")):
         with pytest.raises(ValueError, match="temperature"):
-            D.sample_from_logits(logits, np.array([0.5, 0.5]), 3, temperature=bad)
+            R.sample_from_logits(logits, np.array([0.5, 0.5]), 3, temperature=bad)
 
 
 def test_row_uniforms_are_a_reproducible_stream():
-    a, b = D.sampling_rng(7), D.sampling_rng(7)
-    first = D.draw_row_uniforms(a, 4, 3, 5)
+    a, b = R.sampling_rng(7), R.sampling_rng(7)
+    first = R.draw_row_uniforms(a, 4, 3, 5)
     assert first.shape == (5, 3, 4)
-    assert np.array_equal(first, D.draw_row_uniforms(b, 4, 3, 5))
+    assert np.array_equal(first, R.draw_row_uniforms(b, 4, 3, 5))
 
 
 def test_bernoulli_log_prob_is_finite_for_extreme_logits():

@@ -9,10 +9,12 @@ import torch
 
 from export import build_engine
 from export.cells import build_cell, sample_cached
-from server.engine import Engine, SampleSpec, Stage
-from server.runner import OnnxRunner, read_manifest
+from runtime import rowloop
+from runtime.engine import Engine
+from runtime.rowloop import SampleSpec, Stage
+from runtime.manifest import read_manifest
+from runtime.runner import OnnxRunner
 from training.checkpoint import save_checkpoint
-from training.distributions import draw_row_uniforms, sampling_rng
 from training.models import build_model
 
 
@@ -42,19 +44,8 @@ class FakeRunner:
 
 
 def solo(runner, spec: SampleSpec) -> np.ndarray:
-    """The image one sequence should get: the runner on its own, row by row, same uniform stream."""
-    st = runner.stages[0]
-    rng = sampling_rng(spec.seed)
-    canvas = np.zeros((spec.batch, st.channels, st.height, st.width), np.int64)
-    r = 0 if spec.known is None else spec.known.shape[2]
-    if r:
-        canvas[:, :, :r] = spec.known
-    state = runner.initial_state(0, spec.batch)
-    for i in range(st.height):
-        u = draw_row_uniforms(rng, spec.batch, st.channels, st.width)
-        row, _, state = runner.run_row(0, state, u, np.full(spec.batch, 1.0), canvas[:, :, i], np.full(spec.batch, i < r))
-        canvas[:, :, i] = row
-    return canvas
+    """The image one sequence should get: the row loop with the runner on its own."""
+    return rowloop.sample(runner, spec).astype(np.int64)
 
 
 class Sink:
@@ -360,7 +351,7 @@ def exported(request, tmp_path_factory):
 
 def test_engine_images_are_sample_cached_images(exported):
     model, manifest, folder = exported
-    runner = OnnxRunner(manifest, folder)
+    runner = OnnxRunner.from_manifest(manifest, folder)
     engine = Engine(runner)
     c, h, w = manifest["shape"]
     conditional = manifest["num_classes"] > 0

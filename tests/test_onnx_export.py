@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from export import onnx_export as ox
-from export import tensor_names as tn
+from runtime import tensor_names as tn
+from runtime.onnx_graphs import OnnxCell, OnnxCondition, OnnxScorer
 from export.cells import CELLS, build_cell, sample_cached, teacher_forced_logits
 from export.cells.multiscale import MultiScaleSampler
-from training import distributions
+from runtime import rowloop
+from runtime.rowloop import SampleSpec
+from runtime.runner import OnnxRunner
 from training.models import ARCHITECTURES, build_model, config_class
 
 H = W = 6
@@ -108,8 +111,8 @@ def cells_of(case, exported):
     model, paths = exported(case)
     cell = build_cell(model)
     if isinstance(cell, MultiScaleSampler):
-        return model, [cell.small, cell.big], [ox.OnnxCell(paths["small_cell"]), ox.OnnxCell(paths["big_cell"])], ox.OnnxCondition(paths["condition"])
-    return model, [cell], [ox.OnnxCell(paths["cell"])], None
+        return model, [cell.small, cell.big], [OnnxCell(paths["small_cell"]), OnnxCell(paths["big_cell"])], OnnxCondition(paths["condition"])
+    return model, [cell], [OnnxCell(paths["cell"])], None
 
 
 def big_row_inputs(model, condition_map, i):
@@ -134,23 +137,9 @@ def onnx_teacher_forced(model, cells, condition, x, labels):
 
 
 def onnx_sample(model, cells, condition, n, seed, labels, temperature=1.0):
-    """The same uniform stream as sample_cached: every row of every stage draws one (W, C, n) row."""
-    rng = distributions.sampling_rng(seed)
-    temp, force = np.full(n, temperature), np.zeros(n, bool)
-    canvases = []
-    for stage, cell in enumerate(cells):
-        canvas = np.zeros((n, cell.channels, cell.height, cell.width), np.int64)
-        if stage == 1:
-            f = model.config.factor
-            canvas[:, :, ::f, ::f] = canvases[0]
-            cond_map = condition(canvases[0])
-        state = cell.initial_state(n)
-        for i in range(cell.height):
-            u = distributions.draw_row_uniforms(rng, n, cell.channels, cell.width)
-            extra = big_row_inputs(model, cond_map, i) if stage == 1 else {}
-            canvas[:, :, i], _, _, state = cell.run_row(state, u, temp, canvas[:, :, i], force, labels, **extra)
-        canvases.append(canvas)
-    return canvases[-1].astype(np.uint8)
+    """The exported cells through the row loop (the same loop as sample_cached's torch cells)."""
+    runner = OnnxRunner(cells, condition, model.config.factor if condition is not None else 1)
+    return rowloop.sample(runner, SampleSpec(batch=n, temperature=temperature, seed=seed, labels=labels))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -196,7 +185,7 @@ def test_one_row_with_mixed_force_matches_torch_outputs_and_state(case, exported
 @pytest.mark.parametrize("case", ["pixelcnn-grey-bernoulli", "pixelcnn-rgb-4", "gated-grey-4-labels", "multiscale-gated-labels", "multiscale-pixelcnn-bernoulli"])
 def test_scorer_matches_model_nll(case, exported):
     model, paths = exported(case)
-    scorer = ox.OnnxScorer(paths["scorer"])
+    scorer = OnnxScorer(paths["scorer"])
     for n in (1, 3):
         x = np.random.default_rng(n).integers(0, model.config.levels, (n, model.config.in_channels, H, W)).astype(np.uint8)
         labels = labels_for(model, n)
@@ -225,7 +214,7 @@ def test_graph_interface_uses_the_shared_names(exported):
 
 def test_runner_requires_labels_and_condition(exported):
     model, paths = exported("multiscale-gated-labels")
-    big = ox.OnnxCell(paths["big_cell"])
+    big = OnnxCell(paths["big_cell"])
     assert big.conditioned and big.num_classes == 2 and (big.height, big.width) == (H, W)
     args = (big.initial_state(1), np.zeros((W, 1, 1)), np.ones(1), np.zeros((1, 1, W), np.int64), np.zeros(1, bool))
     with pytest.raises(ValueError, match="condition"):
@@ -233,7 +222,7 @@ def test_runner_requires_labels_and_condition(exported):
     with pytest.raises(ValueError, match="labels"):
         big.run_row(*args, condition=np.zeros((1, model.big_model.condition_channels, W), np.float32), fixed=np.zeros(W, bool))
     with pytest.raises(ValueError, match="labels"):
-        ox.OnnxScorer(paths["scorer"]).score(np.zeros((1, 1, H, W), np.uint8))
+        OnnxScorer(paths["scorer"]).score(np.zeros((1, 1, H, W), np.uint8))
 
 
 def test_parity_check_catches_a_different_model(exported, tmp_path):

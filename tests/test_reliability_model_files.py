@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from export import build_engine
-from export.onnx_export import OnnxCell
+from runtime.onnx_graphs import OnnxCell
 from server.launcher import ServerError, TritonServer, find_tritonserver, free_port, load_failures
-from server.runner import ModelFilesError, OnnxRunner, artifact_path, read_manifest, scorer
+from runtime.manifest import ModelFilesError, artifact_path, read_manifest
+from runtime.runner import OnnxRunner, scorer
 from training.checkpoint import save_checkpoint
 from training.models import build_model
 
@@ -119,7 +120,7 @@ def copy(exported, tmp_path):
 
 def test_intact_export_loads(copy):
     manifest = read_manifest(copy)
-    assert OnnxRunner(manifest, copy).stages[0].name == "cell" and scorer(manifest, copy) is not None
+    assert OnnxRunner.from_manifest(manifest, copy).stages[0].name == "cell" and scorer(manifest, copy) is not None
 
 
 def test_a_flipped_byte_in_a_graph_is_caught_by_its_checksum(copy):
@@ -128,7 +129,7 @@ def test_a_flipped_byte_in_a_graph_is_caught_by_its_checksum(copy):
     flip_weights(copy / "cell.onnx")
     OnnxCell(copy / "cell.onnx")  # loads without complaint
     with pytest.raises(ModelFilesError, match=r"cell\.onnx: corrupted or replaced: sha256 [0-9a-f]{16}\.\.\. differs") as e:
-        OnnxRunner(read_manifest(copy), copy)
+        OnnxRunner.from_manifest(read_manifest(copy), copy)
     assert str(copy / "cell.onnx") in str(e.value) and "\n" not in str(e.value)
 
 

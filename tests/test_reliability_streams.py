@@ -32,10 +32,10 @@ tritonclient = pytest.importorskip("tritonclient.grpc")
 
 from export import build_engine  # noqa: E402
 from export.cells import build_cell, sample_cached  # noqa: E402
-from server import protocol as p  # noqa: E402
+from runtime import protocol as p  # noqa: E402
 from server.launcher import ServerError, TritonServer, find_tritonserver  # noqa: E402
-from server.repository import write_repository  # noqa: E402
-from server.runner import read_manifest  # noqa: E402
+from export.repository import write_repository  # noqa: E402
+from runtime.manifest import read_manifest  # noqa: E402
 from training.checkpoint import save_checkpoint  # noqa: E402
 from training.models import build_model  # noqa: E402
 

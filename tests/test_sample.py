@@ -6,7 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training import distributions, images, sample
+from export import sample
+from runtime.randomness import sampling_rng
+from training import distributions, images
+from training import sample as reference
 from training.checkpoint import save_checkpoint
 from training.images import grid_array, load_images, save_grid, to_display
 from training.models import ARCHITECTURES, build_model
@@ -110,8 +113,8 @@ def test_multiscale_samples_small_then_big():
     model = build_model("multiscale", dict(in_channels=1, height=4, width=4, levels=2, factor=2, hidden=4, layers=1))
     x = sample_reference(model, 3, seed=2)
     assert x.shape == (3, 1, 4, 4) and np.array_equal(x, sample_reference(model, 3, seed=2))
-    rng = distributions.sampling_rng(2)  # the small image uses the first rows of the stream
-    small = sample._sample_single(model.small_model, 3, rng, 1.0, None, None, 0, False).numpy()
+    rng = sampling_rng(2)  # the small image uses the first rows of the stream
+    small = reference._sample_single(model.small_model, 3, rng, 1.0, None, None, 0, False).numpy()
     assert np.array_equal(x[:, :, ::2, ::2], small)
     assert np.array_equal(sample_reference(model, 3, seed=2, known=x, known_rows=3), x)
     greedy = sample_reference(model, 2, seed=0, temperature=0)
@@ -216,7 +219,6 @@ def test_grid_array_pads_between_cells():
 
 
 def test_cached_and_reference_cli_paths_draw_the_same_images(tmp_path):
-    from training import sample
     from training.checkpoint import save_checkpoint
     from training.models import build_model
 

@@ -1,12 +1,12 @@
-"""server/repository.py: the folders and configs it writes (parsed with Triton's own
+"""export/repository.py: the folders and configs it writes (parsed with Triton's own
 ModelConfig protobuf), without starting a server."""
 import json
 
 import pytest
 from google.protobuf import text_format
 
-from server import protocol as p
-from server.repository import write_repository
+from runtime import protocol as p
+from export.repository import runtime_files, write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -36,11 +36,13 @@ def config(path):
 
 def test_score_and_sample_models_are_written(tmp_path):
     m = manifest(num_classes=3)
-    written = write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo", sequence_idle_s=7.5, max_sequences=99, project_root=tmp_path)
+    written = write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo", sequence_idle_s=7.5, max_sequences=99)
     assert [d.name for d in written] == ["tiny_score", "tiny_sample"]
     score, sample = tmp_path / "repo" / "tiny_score", tmp_path / "repo" / "tiny_sample"
-    assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "scorer.onnx"]
-    assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py"]
+    assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "runtime", "scorer.onnx"]
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py", "runtime"]
+    for model in (score, sample):  # the runtime package, byte for byte
+        assert {f.name: f.read_bytes() for f in (model / "1" / "runtime").iterdir()} == {f.name: f.read_bytes() for f in runtime_files()}
     assert json.loads((sample / "1" / "manifest.json").read_text()) == m
     assert "TritonPythonModel" in (sample / "1" / "model.py").read_text()
 
@@ -50,8 +52,7 @@ def test_score_and_sample_models_are_written(tmp_path):
     assert s.input[0].data_type == model_config_pb2.TYPE_UINT8 and s.input[1].data_type == model_config_pb2.TYPE_INT64
     assert [o.name for o in s.output] == [p.NLL_NATS, p.BITS_PER_DIM]
     assert list(s.dynamic_batching.preferred_batch_size) == [4, 8, 16] and s.dynamic_batching.max_queue_delay_microseconds > 0
-    root = s.parameters["project_root"].string_value  # the repository lies inside tmp_path
-    assert (tmp_path / "repo" / "tiny_score" / "1" / root).resolve() == tmp_path.resolve()
+    assert "project_root" not in s.parameters
 
     q = config(sample / "config.pbtxt")
     assert q.name == "tiny_sample" and q.max_batch_size == 0 and q.model_transaction_policy.decoupled
@@ -69,7 +70,7 @@ def test_unconditional_and_multiscale_models(tmp_path):
     m = manifest(name="ms", shape=(1, 8, 8), multiscale=True)
     write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo")
     sample = tmp_path / "repo" / "ms_sample"
-    assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "small_cell.onnx"]
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "runtime", "small_cell.onnx"]
     assert p.LABELS not in {i.name for i in config(sample / "config.pbtxt").input}
     score_inputs = config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input
     assert [i.name for i in score_inputs] == [p.IMAGES, p.IMAGES_HW]  # grey: N x C x H x W or N x H x W
@@ -99,7 +100,7 @@ def test_missing_files_and_bad_names_are_refused(tmp_path):
 
 
 def test_command_line_rewrites_with_other_settings(tmp_path, capsys):
-    from server.repository import main
+    from export.repository import main
 
     m = manifest()
     folder = onnx_folder(tmp_path, m)
@@ -120,11 +121,3 @@ def test_configs_publish_what_clients_validate_against(tmp_path):
         assert params["stage_rows"].string_value == rows
 
 
-def test_a_repository_inside_the_project_points_to_it_relatively(tmp_path):
-    m = manifest()
-    project = tmp_path / "project"
-    write_repository(m, onnx_folder(tmp_path, m), project / "model_repository", project_root=project)
-    for model in ("tiny_score", "tiny_sample"):
-        root = config(project / "model_repository" / model / "config.pbtxt").parameters["project_root"].string_value
-        assert root == "../../.."
-        assert (project / "model_repository" / model / "1" / root).resolve() == project.resolve()

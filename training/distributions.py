@@ -1,18 +1,15 @@
-"""Output heads (per-channel 256-way softmax or Bernoulli), NLL units, and sampling.
+"""Output heads (per-channel 256-way softmax or Bernoulli) and NLL units.
 
 Every model returns logits shaped (B, C, K, H, W): K = levels for the softmax head and K = 1
 for the Bernoulli head (levels == 2, one sigmoid logit for "pixel is 1").
 
-Sampling draws its randomness from numpy's PCG64 (`sampling_rng`) as uniforms in [0, 1) and
-turns them into values by inverting the CDF in float64. Every sampler in the project (reference,
-cached torch cells, onnxruntime cells inside Triton) uses this one function with the same
-uniform stream, so the same seed gives the same image on every path.
+Sampling (the random stream and the inverse-CDF draw) lives in runtime/randomness.py, which
+every sampler shares, with or without torch.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,39 +46,3 @@ def nll_nats(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor
 def nats_to_bits_per_dim(nats: torch.Tensor | float, dims: int):
     """Convert a per-image NLL in nats to bits per sub-pixel (C*H*W dimensions)."""
     return nats / (dims * LN2)
-
-
-def sampling_rng(seed: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(seed))
-
-
-def draw_row_uniforms(rng: np.random.Generator, batch: int, channels: int, width: int) -> np.ndarray:
-    """The uniforms that decide one image row: (W, C, B), consumed pixel by pixel, channel by channel.
-
-    Drawn a whole row at a time so that a stream resumed after k known rows skips exactly k draws.
-    """
-    return rng.random((width, channels, batch))
-
-
-def sample_from_logits(logits: np.ndarray, uniforms: np.ndarray, levels: int, temperature: float = 1.0) -> np.ndarray:
-    """Values (B,) int64 for one sub-pixel from logits (B, K) and uniforms (B,) by inverse CDF.
-
-    temperature 0 means greedy (the most likely value).
-    """
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    logits = np.asarray(logits, dtype=np.float64)
-    if levels == 2:
-        l = logits[:, 0]
-        if temperature == 0:
-            return (l > 0).astype(np.int64)
-        p1 = 1.0 / (1.0 + np.exp(-l / temperature))
-        return (uniforms < p1).astype(np.int64)
-    if temperature == 0:
-        return logits.argmax(axis=1).astype(np.int64)
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    cdf = np.cumsum(np.exp(z), axis=1)
-    # The first level whose CDF exceeds u * total; clip guards against rounding at the top.
-    idx = (cdf < (uniforms * cdf[:, -1])[:, None]).sum(axis=1)
-    return np.minimum(idx, levels - 1).astype(np.int64)

@@ -1,4 +1,5 @@
-"""Incremental row cells for every architecture, and the cached samplers built on them."""
+"""Incremental row cells for every architecture, and the cached sampler that runs them through
+the row loop (runtime/rowloop.py)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -12,7 +13,8 @@ from export.cells.gated_pixelcnn import GatedPixelCNNCell
 from export.cells.multiscale import MultiScaleSampler
 from export.cells.pixelcnn import PixelCNNCell
 from export.cells.row_lstm import RowLSTMCell
-from training import distributions
+from runtime import rowloop
+from runtime.rowloop import SampleSpec, Stage
 from training.models.diagonal_bilstm import DiagonalBiLSTM
 from training.models.gated_pixelcnn import GatedPixelCNN
 from training.models.multiscale import MultiScale
@@ -59,57 +61,56 @@ def teacher_forced_logits(
     return torch.stack(rows, dim=3), total
 
 
-def start_canvas(shape: tuple[int, ...], known: np.ndarray | None, known_rows: int, device) -> tuple[torch.Tensor, int]:
-    """A zero int64 canvas of `shape` with rows < known_rows copied from `known`, and the number
-    of rows actually known (0 when no known images are given)."""
-    canvas = torch.zeros(shape, dtype=torch.long, device=device)
-    if known is None or not known_rows:
-        return canvas, 0
-    canvas[:, :, :known_rows] = torch.from_numpy(np.asarray(known[:, :, :known_rows], dtype=np.int64)).to(device)
-    return canvas, known_rows
+class TorchRunner:
+    """The row loop's runner (runtime/rowloop.py) on torch cells: one RowCell, or the two
+    cells and the condition map of a MultiScaleSampler. State stays torch tensors on `device`."""
+
+    def __init__(self, cell: RowCell | MultiScaleSampler, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        if isinstance(cell, MultiScaleSampler):
+            self.cells, self.factor, self._condition = [cell.small, cell.big], cell.factor, cell.model.condition
+            self.stages = [Stage("small_cell", cell.small.channels, cell.small.height, cell.small.width),
+                           Stage("big_cell", cell.channels, cell.height, cell.width, conditioned=True)]
+        else:
+            self.cells, self.factor, self._condition = [cell], 1, None
+            self.stages = [Stage("cell", cell.channels, cell.height, cell.width)]
+        self.levels, self.num_classes = cell.levels, cell.model.config.num_classes
+
+    def initial_state(self, stage: int, batch: int) -> tuple[torch.Tensor, ...]:
+        return self.cells[stage].initial_state(batch, self.device)
+
+    def _tensor(self, a) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    @torch.no_grad()
+    def run_row(self, stage, state, uniforms, temperature, forced, force, labels=None, condition=None, fixed=None):
+        extra = {} if condition is None else dict(condition=self._tensor(condition), fixed=self._tensor(fixed))
+        labels = None if labels is None else self._tensor(labels)
+        row, logprob, _, state = self.cells[stage].run_row(state, self._tensor(uniforms), self._tensor(temperature),
+                                                           self._tensor(forced), self._tensor(force), labels, **extra)
+        return row.cpu().numpy(), logprob.cpu().numpy(), state
+
+    @torch.no_grad()
+    def condition(self, small: np.ndarray) -> np.ndarray:
+        return self._condition(self._tensor(small)).cpu().numpy()
 
 
-@torch.no_grad()
-def run_rows(
-    cell: RowCell,
-    rng: np.random.Generator,
-    canvas: torch.Tensor,
-    known_rows: int,
-    temperature: float,
-    labels: torch.Tensor | None = None,
-    row_inputs: Callable[[int], dict] = no_row_inputs,
-    progress=None,
-) -> torch.Tensor:
-    """Fill canvas (B, C, H, W) int64 row by row: rows < known_rows (and fixed pixels) are kept,
-    the others sampled with one row of uniforms from `rng` per row, copied rows included."""
-    n, dev = canvas.shape[0], canvas.device
-    state = cell.initial_state(n, dev)
-    temp = torch.full((n,), float(temperature), dtype=torch.float64, device=dev)
-    for i in range(cell.height):
-        u = torch.from_numpy(distributions.draw_row_uniforms(rng, n, cell.channels, cell.width)).to(dev)
-        force = torch.full((n,), i < known_rows, dtype=torch.bool, device=dev)
-        row, _, _, state = cell.run_row(state, u, temp, canvas[:, :, i], force, labels, **row_inputs(i))
-        canvas[:, :, i] = row
-        if progress is not None:
-            progress(i)
-    return canvas
-
-
-@torch.no_grad()
 def sample_cached(
-    cell: RowCell,
+    cell: RowCell | MultiScaleSampler,
     n: int,
     seed: int,
     temperature: float = 1.0,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor | np.ndarray | None = None,
     known: np.ndarray | None = None,
     known_rows: int = 0,
     device: str | torch.device = "cpu",
     progress=None,
 ) -> np.ndarray:
-    """Sample n images row by row with the cell; the same seed gives the reference sampler's image."""
-    if isinstance(cell, MultiScaleSampler):
-        return cell.sample(n, seed, temperature, labels, known, known_rows, device, progress)
-    canvas, known_rows = start_canvas((n, cell.channels, cell.height, cell.width), known, known_rows, device)
-    run_rows(cell, distributions.sampling_rng(seed), canvas, known_rows, temperature, labels, progress=progress)
-    return canvas.cpu().numpy().astype(np.uint8)
+    """Sample n images with the torch cells through the row loop (runtime/rowloop.py): the same
+    seed gives the reference sampler's image. `known` (n, C, >= known_rows, W): rows kept as given;
+    `progress(i)` after each row (multi-scale: the small rows, then the big ones, counted on)."""
+    if labels is not None:
+        labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels, np.int64).reshape(-1)
+    kept = np.asarray(known)[:, :, :known_rows] if known is not None and known_rows else None
+    spec = SampleSpec(batch=n, temperature=float(temperature), seed=seed, labels=labels, known=kept)
+    return rowloop.sample(TorchRunner(cell, device), spec, progress)

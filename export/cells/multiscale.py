@@ -12,19 +12,16 @@ Each part keeps its base architecture's state layout (export/cells/pixelcnn.py,
 export/cells/gated_pixelcnn.py) and a flat `forward`, so each part exports on its own; the
 condition map is one small convolution of s, computed once per image between the parts.
 
-The uniform stream is the reference sampler's (training/sample.py): the small image's rows, then
-the big image's rows, one row of uniforms per row, also for rows that are copied.
+Sampling runs both parts through the row loop (runtime/rowloop.py, via export.cells.TorchRunner),
+whose uniform stream is the reference sampler's: the small image's rows, then the big image's
+rows, one row of uniforms per row, also for rows that are copied.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn as nn
 
 from export.cells.base import RowCell
-from training import distributions
 from training.models.multiscale import MultiScale
 
 
@@ -91,32 +88,3 @@ class MultiScaleSampler(nn.Module):
         _, small_logprob = teacher_forced_logits(self.small, small, labels)
         logits, big_logprob = teacher_forced_logits(self.big, x, labels, self.row_inputs(self.model.condition(small)))
         return logits, small_logprob + big_logprob
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        seed: int,
-        temperature: float = 1.0,
-        labels: torch.Tensor | None = None,
-        known: np.ndarray | None = None,
-        known_rows: int = 0,
-        device: str | torch.device = "cpu",
-        progress=None,
-    ) -> np.ndarray:
-        """Like export.cells.sample_cached; `progress` gets the small rows, then the big ones, counted on."""
-        from export.cells import run_rows, sample_cached, start_canvas
-
-        f, c = self.factor, self.channels
-        canvas, known_rows = start_canvas((n, c, self.height, self.width), known, known_rows, device)
-        small_known = np.asarray(known)[:, :, ::f, ::f] if known_rows else None
-        small = sample_cached(self.small, n, seed, temperature, labels, small_known, math.ceil(known_rows / f), device, progress)
-        rng = distributions.sampling_rng(seed)
-        for _ in range(self.small.height):  # the small part's share of the stream
-            distributions.draw_row_uniforms(rng, n, c, self.small.width)
-
-        small_t = torch.from_numpy(small.astype(np.int64)).to(device)
-        canvas[:, :, ::f, ::f] = small_t  # the known rows' grid pixels are the small image's known rows
-        offset_progress = None if progress is None else (lambda i: progress(self.small.height + i))
-        run_rows(self.big, rng, canvas, known_rows, temperature, labels, self.row_inputs(self.model.condition(small_t)), offset_progress)
-        return canvas.cpu().numpy().astype(np.uint8)

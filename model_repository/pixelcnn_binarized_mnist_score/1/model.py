@@ -1,8 +1,9 @@
-"""Triton Python-backend glue of NAME_score (copied as model.py by server/repository.py).
+"""Triton Python-backend glue of NAME_score (copied as model.py, beside a copy of runtime/, by
+export/repository.py).
 
 Dynamic batching hands execute() several requests at once: the valid ones are scored in one
 onnxruntime call (at most max_batch images per call), the others get their own error.
-Protocol: server/protocol.py.
+Protocol: runtime/protocol.py.
 """
 import json
 import sys
@@ -11,25 +12,21 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# The runtime package is copied beside this file (export/repository.py): the repository needs
+# no project checkout. The stub runs Python in isolated mode (PYTHONPATH ignored), so the
+# folder goes on sys.path here, first, ahead of any other `runtime` the environment may hold.
+# No __pycache__ written into the repository: it may be read-only (a mounted volume).
+sys.dont_write_bytecode = True
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def use_project(config: dict, folder: Path) -> None:
-    """The stub runs Python in isolated mode (PYTHONPATH ignored): put the project on sys.path.
-    A relative project_root is relative to the model's version folder (a repository kept
-    inside the project, like model_repository/, then works from any clone)."""
-    root = config.get("parameters", {}).get("project_root", {}).get("string_value")
-    path = (folder / root).resolve() if root else None
-    if path is None or not (path / "server" / "runner.py").is_file():
-        raise pb_utils.TritonModelException(f"parameter project_root ({root!r}) is not the project's folder")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from runtime import protocol as p  # noqa: E402
+from runtime.manifest import read_manifest  # noqa: E402
+from runtime.runner import scorer  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        use_project(config, Path(args["model_repository"]) / args["model_version"])
-        from server.runner import read_manifest, scorer
-
         folder = Path(args["model_repository"]) / args["model_version"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         manifest = read_manifest(folder)
@@ -40,8 +37,6 @@ class TritonPythonModel:
     def parse(self, request):
         """-> (images (N, C, H, W) uint8, labels (N,) int64 or None); raises ValueError.
         Triton has already checked the dtype and the shape against config.pbtxt."""
-        from server import protocol as p
-
         given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
         if len(given) != 1:
             raise ValueError(f"send the images as exactly one of {p.IMAGES} (N x C x H x W) or {p.IMAGES_HW} (N x H x W, grey "
@@ -64,8 +59,6 @@ class TritonPythonModel:
         return images, labels
 
     def execute(self, requests):
-        from server import protocol as p
-
         responses = [None] * len(requests)
         valid = []  # (index, images, labels)
         for i, request in enumerate(requests):

@@ -2,17 +2,19 @@
 `write_repository` with its manifest):
 
     REPOSITORY/NAME_score/config.pbtxt    batch likelihood scorer, dynamic batching
-    REPOSITORY/NAME_score/1/              model.py, scorer.onnx, manifest.json
+    REPOSITORY/NAME_score/1/              model.py, runtime/, scorer.onnx, manifest.json
     REPOSITORY/NAME_sample/config.pbtxt   streaming, stateful row sampler
-    REPOSITORY/NAME_sample/1/             model.py, the cell(s) (+ condition.onnx), manifest.json
+    REPOSITORY/NAME_sample/1/             model.py, runtime/, the cell(s) (+ condition.onnx), manifest.json
 
 Both models run in Triton's Python backend (the wheel's server has no onnxruntime backend),
-which calls onnxruntime; model.py comes from server/triton_models/ and imports the project
-from `project_root`, a config parameter, because the backend's Python ignores PYTHONPATH.
-The request/response protocol is in server/protocol.py.
+which calls onnxruntime. A repository is self-contained: model.py (from export/triton_models/)
+imports only the copy of the torch-free runtime package (runtime/) written beside it, so a
+stock Triton with a Python environment holding numpy<2 and onnxruntime serves it from
+anywhere: no project checkout, no torch, no absolute path in any file. The request/response
+protocol is in runtime/protocol.py.
 
 To (re)write a repository from an export folder with other settings than build_engine's:
-    python -m server.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
+    python -m export.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
         [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
         [--sender-threads N]
 """
@@ -20,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
-from export.manifest import MANIFEST
-from server import protocol as p
+from runtime.manifest import MANIFEST
+from runtime import protocol as p
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+RUNTIME = Path(__file__).resolve().parent.parent / "runtime"  # copied into every model
 VERSION = "1"
 
 
@@ -110,16 +111,6 @@ def _files(manifest: dict, names: list[str]) -> list[str]:
     return [manifest["artifacts"][n]["file"] for n in names]
 
 
-def _root_seen_from(repository_dir: Path, project_root: str | Path) -> str:
-    """The project folder as model.py will look for it: relative to a model's version folder
-    (REPO/NAME/1) when the repository lies inside the project, so a checked-in repository
-    works in every clone; absolute otherwise."""
-    root, repo = Path(project_root).resolve(), repository_dir.resolve()
-    if repo == root or root in repo.parents:
-        return os.path.relpath(root, repo / "NAME" / "1")
-    return str(root)
-
-
 def stage_rows(manifest: dict) -> list[int]:
     """Rows streamed per stage: the full image, preceded by the small one for multi-scale models."""
     small = [manifest["multiscale"]["small_shape"][1]] if manifest.get("multiscale") else []
@@ -128,7 +119,7 @@ def stage_rows(manifest: dict) -> list[int]:
 
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
-                     onnx_threads: int = 1, sender_threads: int = 2, project_root: str | Path = PROJECT_ROOT) -> list[Path]:
+                     onnx_threads: int = 1, sender_threads: int = 2) -> list[Path]:
     """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
@@ -137,7 +128,7 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     if sequence_idle_s <= 0 or max_sequences < 1 or sender_threads < 0:
         raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1 and sender_threads >= 0")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
-    params = {"project_root": _root_seen_from(repository_dir, project_root), "onnx_threads": str(onnx_threads),
+    params = {"onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
@@ -161,6 +152,7 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         (tmp / VERSION).mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(config)
         shutil.copyfile(TEMPLATES / template, tmp / VERSION / "model.py")
+        copy_runtime(tmp / VERSION / RUNTIME.name)
         for f in files:
             shutil.copyfile(onnx_dir / f, tmp / VERSION / f)
         (tmp / VERSION / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -171,8 +163,19 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     return written
 
 
+def runtime_files() -> list[Path]:
+    """The runtime package's modules, as every model gets them (sorted: a stable repository)."""
+    return sorted(RUNTIME.glob("*.py"))
+
+
+def copy_runtime(target: Path) -> None:
+    target.mkdir(parents=True)
+    for f in runtime_files():
+        shutil.copyfile(f, target / f.name)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.repository", description="Write NAME_score and NAME_sample from an export folder.")
+    parser = argparse.ArgumentParser(prog="python -m export.repository", description="Write NAME_score and NAME_sample from an export folder.")
     parser.add_argument("--export", required=True, help="folder with manifest.json and the ONNX files (export/build_engine.py --out)")
     parser.add_argument("--repository", required=True)
     parser.add_argument("--sequence-idle-s", type=float, default=60.0, help="free a sampling sequence idle this long")

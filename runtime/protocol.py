@@ -35,7 +35,7 @@ unless said otherwise:
 """
 from __future__ import annotations
 
-from export import tensor_names as tn
+from runtime import tensor_names as tn
 
 SCORE_SUFFIX = "_score"
 SAMPLE_SUFFIX = "_sample"

@@ -2,11 +2,8 @@
 batched cell call per step (per stage), whatever request each sequence came from.
 
 Knows nothing of Triton. The caller supplies
-    a runner   the cells (server/runner.py runs the exported ONNX graphs; tests use a fake):
-               `stages`, `factor`, `levels`, `num_classes`, `initial_state(stage, batch)`,
-               `run_row(stage, state, uniforms, temperature, forced, force, labels, condition,
-               fixed) -> (row (B, C, W), logprob (B,), new state)` and, for multi-scale models,
-               `condition(small images) -> (B, cond, H, W)`;
+    a runner   the cells, as the row loop (runtime/rowloop.py) describes: runtime/runner.py
+               runs the exported ONNX graphs, tests use a fake;
     a sink     per request: where its rows go (`row(event)`, `done()`, `error(message)`,
                `cancelled()`); the Triton glue wraps a response sender in one.
 
@@ -18,9 +15,10 @@ sequence's state is freed when its image is complete, at an `end`, on an error, 
 client is gone, or after `idle_timeout` seconds without an open request (Triton forgets idle
 sequences without telling the model, so the engine must expire its own).
 
-Randomness is the project-wide stream (training.distributions): one `draw_row_uniforms` per
-row of every stage, known rows included, so a sequence gives exactly the image that
-export.cells.sample_cached gives with the same seed, also after a resume from known rows.
+What a row step does to a sequence (its random stream, known rows, stages) is the row loop's
+(runtime/rowloop.py), the same code export.cells.sample_cached runs: a sequence gives exactly
+the image that sampler gives with the same seed, also after a resume from known rows. The
+engine only schedules: which sequences share a cell call, requests, sending, expiry.
 
 Threading: `start`/`resume` only validate and queue; everything else (the sequences, the
 runner) happens on one worker thread (`start_worker`), or on the caller's thread when a test
@@ -45,16 +43,7 @@ from typing import Any, Callable, Hashable, Protocol
 
 import numpy as np
 
-from training.distributions import draw_row_uniforms, sampling_rng
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    channels: int
-    height: int
-    width: int
-    conditioned: bool = False  # the multi-scale big cell: condition rows and grid columns as inputs
+from runtime.rowloop import RowSequence, SampleSpec, Stage, call_row
 
 
 @dataclass
@@ -79,17 +68,6 @@ class Sink(Protocol):
 
 
 @dataclass
-class SampleSpec:
-    """What a START request asks for; `Engine.validate` checks it against the model."""
-
-    batch: int = 1
-    temperature: float = 1.0  # <= 0 is greedy
-    seed: int = 0
-    labels: np.ndarray | None = None  # (B,) int64, class-conditional models only
-    known: np.ndarray | None = None  # (B, C, R, W) uint8: the first R rows are kept as given
-
-
-@dataclass
 class _Request:
     sink: Sink
     rows_left: int | None  # None: until the image is complete
@@ -99,16 +77,13 @@ class _Request:
 @dataclass
 class _Sequence:
     key: Hashable
-    spec: SampleSpec
-    rng: np.random.Generator
-    canvases: list[np.ndarray]  # per stage (B, C, H_s, W_s) int64, known values filled in
-    known_rows: list[int]  # per stage
-    state: tuple = ()
-    stage: int = 0
-    row: int = 0
-    condition: np.ndarray | None = None  # big stage: (B, cond, H, W)
+    job: RowSequence  # the row loop's state of this sampling job (runtime/rowloop.py)
     requests: deque = field(default_factory=deque)
     last_active: float = 0.0
+
+    @property
+    def spec(self) -> SampleSpec:
+        return self.job.spec
 
 
 class Outbox:
@@ -182,7 +157,6 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16):
         self.runner = runner
         self.stages: list[Stage] = list(runner.stages)
-        self.factor = int(getattr(runner, "factor", 1) or 1)
         self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
         self._sequences: dict[Hashable, _Sequence] = {}  # worker thread only
         self._inbox: deque = deque()
@@ -237,7 +211,8 @@ class Engine:
         return spec
 
     def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True) -> None:
-        """Open sequence `key` (replacing an open one); raises ValueError for bad parameters."""
+        """Open sequence `key` (a START for a key that is live is refused on the request's sink);
+        raises ValueError for bad parameters."""
         self._check_rows(max_rows)
         self.validate(spec)
         self._post(("start", key, spec, _Request(sink, max_rows, end)))
@@ -317,7 +292,7 @@ class Engine:
         ready = self._ready()
         groups: dict[Any, list[_Sequence]] = defaultdict(list)
         for seq in ready:
-            groups[(seq.stage, self._fixed(seq).tobytes() if self.stages[seq.stage].conditioned else None)].append(seq)
+            groups[seq.job.group()].append(seq)
         for seqs in groups.values():
             chunk, size = [], 0
             for seq in seqs:  # at most max_batch images per call; each sequence has <= max_batch
@@ -353,7 +328,7 @@ class Engine:
                         self._end_when_streamed(self._sequences[key])
                     continue
                 try:
-                    seq = self._open(key, spec)
+                    seq = _Sequence(key, RowSequence.open(self.runner, spec), last_active=self.clock())
                 except Exception as e:  # noqa: BLE001 - reported to the client, not raised
                     self.counts["refused"] += 1
                     self._outbox.put(key, request.sink.error, f"cannot start sequence {key}: {e}")
@@ -376,30 +351,6 @@ class Engine:
             seq.requests[-1].end = True
         else:
             self._free(seq, "ended")
-
-    def _open(self, key, spec: SampleSpec) -> _Sequence:
-        b = spec.batch
-        canvases, known_rows = [], []
-        for st in self.stages:
-            canvases.append(np.zeros((b, st.channels, st.height, st.width), np.int64))
-        r = 0 if spec.known is None else spec.known.shape[2]
-        if len(self.stages) == 1:
-            known_rows = [r]
-        else:  # multi-scale: the small image's known rows are the grid rows among them
-            f = self.factor
-            known_rows = [math.ceil(r / f), r]
-            if r:
-                canvases[0][:, :, :known_rows[0]] = spec.known[:, :, ::f, ::f]
-        if r:
-            canvases[-1][:, :, :r] = spec.known
-        seq = _Sequence(key, spec, sampling_rng(spec.seed), canvases, known_rows, last_active=self.clock())
-        seq.state = self.runner.initial_state(0, b)
-        return seq
-
-    def _fixed(self, seq: _Sequence) -> np.ndarray:
-        """(W,) bool: the big stage's columns of this row that belong to the small image."""
-        w, f = self.stages[seq.stage].width, self.factor
-        return (np.arange(w) % f == 0) & (seq.row % f == 0)
 
     def _housekeeping(self) -> None:
         now = self.clock()
@@ -426,68 +377,34 @@ class Engine:
                 self._free(seq, "expired")
 
     def _run(self, seqs: list[_Sequence]) -> None:
-        """One batched cell call for these sequences (same stage, same grid columns)."""
-        stage_index = seqs[0].stage
-        st = self.stages[stage_index]
-        sizes = [s.spec.batch for s in seqs]
+        """One batched cell call for these sequences (one group of the row loop)."""
+        stage = seqs[0].job.stage
         try:
-            state = tuple(np.concatenate(parts, axis=0) for parts in zip(*(s.state for s in seqs)))
-            uniforms = np.concatenate([draw_row_uniforms(s.rng, s.spec.batch, st.channels, st.width) for s in seqs], axis=2)
-            temperature = np.concatenate([np.full(s.spec.batch, s.spec.temperature, np.float64) for s in seqs])
-            forced = np.concatenate([s.canvases[stage_index][:, :, s.row] for s in seqs], axis=0)
-            force = np.concatenate([np.full(s.spec.batch, s.row < s.known_rows[stage_index]) for s in seqs])
-            labels = np.concatenate([s.spec.labels for s in seqs]) if self.runner.num_classes else None
-            condition = fixed = None
-            if st.conditioned:
-                condition = np.concatenate([s.condition[:, :, s.row] for s in seqs], axis=0)
-                fixed = self._fixed(seqs[0])
             self.calls += 1
-            row, logprob, new_state = self.runner.run_row(stage_index, state, uniforms, temperature, forced, force,
-                                                          labels, condition, fixed)
+            results = call_row(self.runner, [s.job for s in seqs])
         except Exception as e:  # noqa: BLE001 - every sequence in the call gets the error
             for seq in seqs:
                 self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
             return
-        offsets = np.cumsum([0] + sizes)
-        active, batched = len(self._sequences), int(offsets[-1])
-        for seq, a, b in zip(seqs, offsets[:-1], offsets[1:]):
-            seq.state = tuple(s[a:b] for s in new_state)
-            values = np.asarray(row[a:b], np.int64)
-            seq.canvases[stage_index][:, :, seq.row] = values
-            event = RowEvent(seq.key, stage_index, seq.row, values.astype(np.uint8), np.asarray(logprob[a:b], np.float32), active, batched)
+        active, batched = len(self._sequences), sum(s.spec.batch for s in seqs)
+        for seq, (row, logprob, state) in zip(seqs, results):
+            index = seq.job.row
             try:
-                self._advance(seq)
+                seq.job.take(self.runner, row, state)
             except Exception as e:  # noqa: BLE001 - the multi-scale condition graph failed
                 self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
                 continue
+            seq.last_active = self.clock()
             request = seq.requests[0]
-            self._outbox.put_row(seq.key, request.sink, event)
+            self._outbox.put_row(seq.key, request.sink, RowEvent(seq.key, stage, index, row.astype(np.uint8), logprob, active, batched))
             self.counts["rows"] += 1
             if request.rows_left is not None:
                 request.rows_left -= 1
-            if seq.stage == len(self.stages):  # image complete: every open request is done
+            if seq.job.done:  # image complete: every open request is done
                 for r in seq.requests:
                     self._outbox.put(seq.key, r.sink.done)
                 seq.requests.clear()
                 self._free(seq, "completed")
-
-    def _advance(self, seq: _Sequence) -> None:
-        seq.row += 1
-        seq.last_active = self.clock()
-        if seq.row < self.stages[seq.stage].height:
-            return
-        seq.stage, seq.row = seq.stage + 1, 0
-        if seq.stage == len(self.stages):
-            return
-        # Multi-scale: the small image is complete; it conditions the big stage and fills its grid.
-        small = seq.canvases[seq.stage - 1]
-        seq.condition = np.asarray(self.runner.condition(small), np.float32)
-        f, big = self.factor, seq.canvases[seq.stage]
-        big[:, :, ::f, ::f] = small
-        r = seq.known_rows[seq.stage]
-        if r:
-            big[:, :, :r] = seq.spec.known
-        seq.state = self.runner.initial_state(seq.stage, seq.spec.batch)
 
     def _free(self, seq: _Sequence, why: str) -> None:
         if self._sequences.pop(seq.key, None) is not None:

@@ -1,8 +1,9 @@
-"""Triton Python-backend glue of NAME_sample (copied as model.py by server/repository.py).
+"""Triton Python-backend glue of NAME_sample (copied as model.py, beside a copy of runtime/, by
+export/repository.py).
 
 Streaming (decoupled) and stateful: requests only validate and queue work for the row engine
-(server/engine.py), whose worker thread advances all active sequences together and streams
-each sequence's rows through its own response sender. Protocol: server/protocol.py.
+(runtime/engine.py), whose worker thread advances all active sequences together and streams
+each sequence's rows through its own response sender. Protocol: runtime/protocol.py.
 """
 import json
 import secrets
@@ -14,23 +15,24 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# The runtime package is copied beside this file (export/repository.py): the repository needs
+# no project checkout. The stub runs Python in isolated mode (PYTHONPATH ignored), so the
+# folder goes on sys.path here, first, ahead of any other `runtime` the environment may hold.
+# No __pycache__ written into the repository: it may be read-only (a mounted volume).
+sys.dont_write_bytecode = True
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime import protocol as p  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.manifest import read_manifest  # noqa: E402
+from runtime.rowloop import SampleSpec  # noqa: E402
+from runtime.runner import OnnxRunner  # noqa: E402
+
 START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.2  # is_cancelled() is a round trip to the server: not on every row
 METRICS_PERIOD_S = 0.5  # so is every metric update
-
-
-def use_project(config: dict, folder: Path) -> None:
-    """The stub runs Python in isolated mode (PYTHONPATH ignored): put the project on sys.path.
-    A relative project_root is relative to the model's version folder (a repository kept
-    inside the project, like model_repository/, then works from any clone)."""
-    root = config.get("parameters", {}).get("project_root", {}).get("string_value")
-    path = (folder / root).resolve() if root else None
-    if path is None or not (path / "server" / "runner.py").is_file():
-        raise pb_utils.TritonModelException(f"parameter project_root ({root!r}) is not the project's folder")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 
 class ResponseSink:
@@ -44,8 +46,6 @@ class ResponseSink:
         self._checked, self._cancelled = 0.0, False
 
     def row(self, event) -> None:
-        from server import protocol as p
-
         values = {
             p.STAGE: np.array([event.stage], np.int32),
             p.ROW_INDEX: np.array([event.index], np.int32),
@@ -129,14 +129,10 @@ def array(request, name: str):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        use_project(config, Path(args["model_repository"]) / args["model_version"])
-        from server.engine import Engine
-        from server.runner import OnnxRunner, read_manifest
-
         folder = Path(args["model_repository"]) / args["model_version"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         manifest = read_manifest(folder)
-        runner = OnnxRunner(manifest, folder, threads=int(params.get("onnx_threads", "1")))
+        runner = OnnxRunner.from_manifest(manifest, folder, threads=int(params.get("onnx_threads", "1")))
         # Triton forgets idle sequences without telling the model: expire ours on the same clock.
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         # Sender threads: each response is a round trip to the server; several overlap them with
@@ -149,9 +145,6 @@ class TritonPythonModel:
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads")
 
     def execute(self, requests):
-        from server import protocol as p
-        from server.engine import SampleSpec
-
         for request in requests:
             sink = ResponseSink(request)
             key, flags = request.correlation_id(), request.flags()

@@ -1,0 +1,434 @@
+"""Cross-sequence sampling engine: every active sequence advances one row per step, in one
+batched cell call per step (per stage), whatever request each sequence came from.
+
+Knows nothing of Triton. The caller supplies
+    a runner   the cells, as the row loop (runtime/rowloop.py) describes: runtime/runner.py
+               runs the exported ONNX graphs, tests use a fake;
+    a sink     per request: where its rows go (`row(event)`, `done()`, `error(message)`,
+               `cancelled()`); the Triton glue wraps a response sender in one.
+
+A sequence is one sampling job (B images, one seed) keyed by the caller's id (Triton's
+correlation id). `start` opens it (refused while one with the same key is live), `resume` adds a request
+to it; each request asks for up to `max_rows` more rows (None: to the end) and may `end` the
+sequence when its rows are done. Rows go to the oldest open request of the sequence. The
+sequence's state is freed when its image is complete, at an `end`, on an error, when the
+client is gone, or after `idle_timeout` seconds without an open request (Triton forgets idle
+sequences without telling the model, so the engine must expire its own).
+
+What a row step does to a sequence (its random stream, known rows, stages) is the row loop's
+(runtime/rowloop.py), the same code export.cells.sample_cached runs: a sequence gives exactly
+the image that sampler gives with the same seed, also after a resume from known rows. The
+engine only schedules: which sequences share a cell call, requests, sending, expiry.
+
+Threading: `start`/`resume` only validate and queue; everything else (the sequences, the
+runner) happens on one worker thread (`start_worker`), or on the caller's thread when a test
+drives `step()` itself. Sink calls go through an `Outbox`: with `senders=0` they run inline; with
+`senders=K` they run on K sender threads, so that sending a step's rows (a round trip to the
+Triton server per response, ~0.5 ms) overlaps the next step's cell call instead of adding to it.
+Every message of one sequence goes to the same sender, so a stream's order is kept. A sequence
+runs at most `max_ahead` rows ahead of what its sender has sent: the cell calls of a tiny model
+outpace the sends many times over, and without that bound every stream's rows would pile up in
+the outbox (memory), a client that cancels would be noticed only after the engine had made (and
+the senders still had to send) its whole image, and new streams would wait behind the pile.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol
+
+import numpy as np
+
+from runtime.rowloop import RowSequence, SampleSpec, Stage, call_row
+
+
+@dataclass
+class RowEvent:
+    key: Hashable  # the sequence
+    stage: int  # index into runner.stages
+    index: int  # row index within the stage
+    row: np.ndarray  # (B, C, W) uint8
+    logprob: np.ndarray  # (B,) float32, log p of the row (grid columns left out in the big stage)
+    active: int  # sequences held by the engine after this step
+    batched: int  # images in the cell call that made this row (all sequences in the call)
+
+
+class Sink(Protocol):
+    def row(self, event: RowEvent) -> None: ...
+
+    def done(self) -> None: ...  # the request's last message
+
+    def error(self, message: str) -> None: ...  # also the request's last message
+
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Request:
+    sink: Sink
+    rows_left: int | None  # None: until the image is complete
+    end: bool
+
+
+@dataclass
+class _Sequence:
+    key: Hashable
+    job: RowSequence  # the row loop's state of this sampling job (runtime/rowloop.py)
+    requests: deque = field(default_factory=deque)
+    last_active: float = 0.0
+
+    @property
+    def spec(self) -> SampleSpec:
+        return self.job.spec
+
+
+class Outbox:
+    """Sink calls, inline (`senders=0`) or on sender threads, in order per sequence key.
+    A sink whose `row` raised (client gone) is remembered in `failed` for the engine to drop.
+    `pending(key)`: rows of that key queued and not yet sent; `on_sent(key, left)` is called by
+    a sender after each of them (the engine waits on it when a sequence is too far ahead)."""
+
+    def __init__(self, senders: int = 0, on_sent: Callable[[Hashable, int], None] | None = None):
+        self.failed: dict[int, str] = {}  # id(sink) -> why; written by senders, read by the worker
+        self._pending: Counter = Counter()
+        self._pending_lock = threading.Lock()
+        self._on_sent = on_sent
+        self._queues = [queue.SimpleQueue() for _ in range(senders)]
+        self._threads = [threading.Thread(target=self._loop, args=(q,), name=f"row-sender-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def put(self, key: Hashable, fn: Callable, *args) -> None:
+        """A message that is not a row (done, error): failures are the client's, not counted."""
+        self._send(key, None, fn, args)
+
+    def put_row(self, key: Hashable, sink, event) -> None:
+        if self._queues:
+            with self._pending_lock:
+                self._pending[key] += 1
+        self._send(key, sink, sink.row, (event,))
+
+    def pending(self, key: Hashable) -> int:
+        return self._pending.get(key, 0)
+
+    def _send(self, key, row_sink, fn, args) -> None:
+        if self._queues:
+            self._queues[hash(key) % len(self._queues)].put((key, row_sink, fn, args))
+        else:
+            self._call(row_sink, fn, args)
+
+    def _call(self, row_sink, fn, args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a client that is gone must not stop the engine
+            if row_sink is not None:  # later rows would be lost: the sequence must go
+                self.failed[id(row_sink)] = str(e) or type(e).__name__
+
+    def _loop(self, q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            key, row_sink, fn, args = item
+            self._call(row_sink, fn, args)
+            if row_sink is not None:
+                with self._pending_lock:
+                    left = self._pending[key] = self._pending[key] - 1
+                    if not left:
+                        del self._pending[key]
+                if self._on_sent is not None:
+                    self._on_sent(key, left)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop the senders."""
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout)
+
+
+class Engine:
+    def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16):
+        self.runner = runner
+        self.stages: list[Stage] = list(runner.stages)
+        self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
+        self._sequences: dict[Hashable, _Sequence] = {}  # worker thread only
+        self._inbox: deque = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.max_ahead = max_ahead  # rows a sequence may have queued for its sender (see the module notes)
+        self._outbox = Outbox(senders, on_sent=self._row_sent)
+        self.calls = 0  # batched cell calls so far (tests, metrics)
+        # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
+        self.counts: Counter = Counter()
+
+    # -- any thread ------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        last = self.stages[-1]
+        return last.channels, last.height, last.width
+
+    def validate(self, spec: SampleSpec) -> SampleSpec:
+        """Check a START request's parameters; raises ValueError with a message for the client."""
+        c, h, w = self.shape
+        levels, classes = self.runner.levels, self.runner.num_classes
+        if not 1 <= spec.batch <= self.max_batch:
+            raise ValueError(f"BATCH_SIZE must be in [1, {self.max_batch}], got {spec.batch}")
+        # A tiny T > 0 (5e-324) makes logits / T overflow to inf and the softmax NaN: the row would be
+        # neither sampled nor greedy. 1e-6 is far from that and already as good as greedy.
+        min_temperature = 1e-6
+        if not (math.isfinite(spec.temperature) and (spec.temperature == 0 or spec.temperature >= min_temperature)):
+            raise ValueError(f"TEMPERATURE must be 0 (greedy) or a finite number >= {min_temperature:g}, got {spec.temperature}")
+        if not 0 <= spec.seed < 2**64:
+            raise ValueError(f"SEED must be in [0, 2**64), got {spec.seed}")
+        if classes:
+            if spec.labels is None:
+                raise ValueError("this model is class-conditional: LABELS (one class id, or one per image) is required")
+            labels = np.asarray(spec.labels, np.int64).reshape(-1)
+            if labels.size == 1:
+                labels = np.repeat(labels, spec.batch)
+            if labels.shape != (spec.batch,):
+                raise ValueError(f"LABELS must hold 1 class id or one per image ({spec.batch}), got {labels.size}")
+            if labels.min() < 0 or labels.max() >= classes:
+                raise ValueError(f"LABELS must be in [0, {classes}), got {labels.tolist()}")
+            spec.labels = labels
+        elif spec.labels is not None:
+            raise ValueError("this model is not class-conditional: do not send LABELS")
+        if spec.known is not None:
+            known = np.asarray(spec.known)
+            if known.ndim != 4 or known.shape[0] != spec.batch or known.shape[1] != c or known.shape[3] != w or known.shape[2] > h:
+                raise ValueError(f"KNOWN must be {spec.batch} x {c} x R x {w} (R <= {h} known rows), got {' x '.join(map(str, known.shape))}")
+            if known.size and int(known.max()) >= levels:
+                raise ValueError(f"KNOWN values must be < {levels} (the model's levels), got {int(known.max())}")
+            spec.known = known.astype(np.int64)
+        return spec
+
+    def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True) -> None:
+        """Open sequence `key` (a START for a key that is live is refused on the request's sink);
+        raises ValueError for bad parameters."""
+        self._check_rows(max_rows)
+        self.validate(spec)
+        self._post(("start", key, spec, _Request(sink, max_rows, end)))
+
+    def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False) -> None:
+        """Ask an open sequence for more rows (all remaining when max_rows is None)."""
+        self._check_rows(max_rows)
+        self._post(("resume", key, None, _Request(sink, max_rows, end)))
+
+    def forget(self, key: Hashable) -> None:
+        """The caller no longer knows sequence `key` (Triton forgets an id at an END flag, even
+        on a request it refused): end it once what it already asked for is streamed."""
+        self._post(("forget", key, None, None))
+
+    @staticmethod
+    def _check_rows(max_rows):
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"MAX_ROWS must be >= 0, got {max_rows}")
+
+    def _post(self, item) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the sampler is shutting down")
+            self._inbox.append(item)
+            self._cv.notify()
+
+    def start_worker(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="row-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; open requests get an error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._drain_inbox()
+        for seq in list(self._sequences.values()):
+            self._drop(seq, "the sampler is shutting down", "shutdown")
+        self._outbox.close(timeout)
+
+    # -- worker ----------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._sequences)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopping:
+                    return
+                if not self._inbox and not self._ready():
+                    self._cv.wait(self.poll)
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a bug must not leave every stream hanging
+                for seq in list(self._sequences.values()):
+                    self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}", "failed")
+
+    def _ready(self) -> list[_Sequence]:
+        return [s for s in self._sequences.values()
+                if s.requests and s.requests[0].rows_left != 0 and self._outbox.pending(s.key) < self.max_ahead]
+
+    def _row_sent(self, key: Hashable, left: int) -> None:
+        """Sender threads: wake the worker once a held-back sequence is half drained, not at its
+        first sent row, so that the sequences held back meanwhile go on together in one call."""
+        if left == self.max_ahead // 2:
+            with self._cv:
+                self._cv.notify()
+
+    def step(self) -> bool:
+        """Take queued requests, tidy up, then one row for every sequence that has a request
+        waiting for rows. Returns whether any row was made."""
+        self._drain_inbox()
+        self._housekeeping()
+        ready = self._ready()
+        groups: dict[Any, list[_Sequence]] = defaultdict(list)
+        for seq in ready:
+            groups[seq.job.group()].append(seq)
+        for seqs in groups.values():
+            chunk, size = [], 0
+            for seq in seqs:  # at most max_batch images per call; each sequence has <= max_batch
+                if chunk and size + seq.spec.batch > self.max_batch:
+                    self._run(chunk)
+                    chunk, size = [], 0
+                chunk.append(seq)
+                size += seq.spec.batch
+            if chunk:
+                self._run(chunk)
+        self._housekeeping()
+        return bool(ready)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._cv:
+                if not self._inbox:
+                    return
+                kind, key, spec, request = self._inbox.popleft()
+            if kind == "forget":
+                if key in self._sequences:
+                    self._end_when_streamed(self._sequences[key])
+                continue
+            if self._stopping:
+                self._outbox.put(key, request.sink.error, "the sampler is shutting down")
+                continue
+            if kind == "start":
+                if key in self._sequences:  # the live sequence is someone's stream: leave it alone
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"sequence {key} is already active: a START request needs a new "
+                                     f"sequence id (or end this one first: sequence_end with MAX_ROWS 0)")
+                    if request.end:  # Triton forgets the id at this END: no later request can reach the live one
+                        self._end_when_streamed(self._sequences[key])
+                    continue
+                try:
+                    seq = _Sequence(key, RowSequence.open(self.runner, spec), last_active=self.clock())
+                except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"cannot start sequence {key}: {e}")
+                    continue
+                self._sequences[key] = seq
+                self.counts["started"] += 1
+            else:
+                seq = self._sequences.get(key)
+                if seq is None:
+                    self.counts["refused"] += 1
+                    self._outbox.put(key, request.sink.error, f"sequence {key} is not active (finished, cancelled, expired after "
+                                              f"{self.idle_timeout:g} s idle, or never started): send a START request")
+                    continue
+            seq.requests.append(request)
+            seq.last_active = self.clock()
+
+    def _end_when_streamed(self, seq: _Sequence) -> None:
+        """The caller's id is gone: end the sequence once its open requests are streamed."""
+        if seq.requests:
+            seq.requests[-1].end = True
+        else:
+            self._free(seq, "ended")
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        if self._outbox.failed:  # forget failures of sinks no sequence waits on any more
+            waiting = {id(r.sink) for seq in self._sequences.values() for r in seq.requests}
+            for sink_id in list(self._outbox.failed):
+                if sink_id not in waiting:
+                    self._outbox.failed.pop(sink_id, None)
+        for seq in list(self._sequences.values()):
+            while seq.requests and seq.requests[0].rows_left == 0:  # a request's rows are all sent
+                request = seq.requests.popleft()
+                self._outbox.put(seq.key, request.sink.done)
+                seq.last_active = now
+                if request.end:
+                    self._drop(seq, f"sequence {seq.key} was ended by an earlier request", "ended")  # anything queued after the end
+                    break
+            if seq.key not in self._sequences:
+                continue
+            if seq.requests and id(seq.requests[0].sink) in self._outbox.failed:
+                self._drop(seq, f"cannot send: {self._outbox.failed.pop(id(seq.requests[0].sink))}", "disconnected")
+            elif seq.requests and _safe(seq.requests[0].sink.cancelled, default=False):
+                self._drop(seq, "cancelled", "cancelled")
+            elif not seq.requests and now - seq.last_active > self.idle_timeout:
+                self._free(seq, "expired")
+
+    def _run(self, seqs: list[_Sequence]) -> None:
+        """One batched cell call for these sequences (one group of the row loop)."""
+        stage = seqs[0].job.stage
+        try:
+            self.calls += 1
+            results = call_row(self.runner, [s.job for s in seqs])
+        except Exception as e:  # noqa: BLE001 - every sequence in the call gets the error
+            for seq in seqs:
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
+            return
+        active, batched = len(self._sequences), sum(s.spec.batch for s in seqs)
+        for seq, (row, logprob, state) in zip(seqs, results):
+            index = seq.job.row
+            try:
+                seq.job.take(self.runner, row, state)
+            except Exception as e:  # noqa: BLE001 - the multi-scale condition graph failed
+                self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
+                continue
+            seq.last_active = self.clock()
+            request = seq.requests[0]
+            self._outbox.put_row(seq.key, request.sink, RowEvent(seq.key, stage, index, row.astype(np.uint8), logprob, active, batched))
+            self.counts["rows"] += 1
+            if request.rows_left is not None:
+                request.rows_left -= 1
+            if seq.job.done:  # image complete: every open request is done
+                for r in seq.requests:
+                    self._outbox.put(seq.key, r.sink.done)
+                seq.requests.clear()
+                self._free(seq, "completed")
+
+    def _free(self, seq: _Sequence, why: str) -> None:
+        if self._sequences.pop(seq.key, None) is not None:
+            self.counts[why] += 1
+
+    def _drop(self, seq: _Sequence, message: str, why: str) -> None:
+        """Free the sequence; each of its open requests gets `message` as an error."""
+        if self._sequences.get(seq.key) is seq:
+            self._free(seq, why)
+        for request in seq.requests:
+            self._outbox.put(seq.key, request.sink.error, message)
+        seq.requests.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Live sequences and counters since start: sequences started / completed / ended /
+        cancelled / disconnected / expired / failed / shutdown, requests refused, rows streamed,
+        batched cell calls. Worker thread (or, approximately, any thread: ints only)."""
+        keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
+        return {"live": len(self._sequences), **{k: self.counts[k] for k in keys}, "calls": self.calls}
+
+
+def _safe(fn, *args, default=None):
+    """Call a sink method; a sink that fails (client gone) must not stop the worker."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        return default

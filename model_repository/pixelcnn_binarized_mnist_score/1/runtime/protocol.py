@@ -1,0 +1,66 @@
+"""What clients send to and get from the two Triton models of an exported checkpoint NAME.
+
+NAME_score (Python backend, dynamic batching, max_batch_size = the export's max_batch):
+    in   IMAGES        uint8 N x C x H x W, values in [0, levels)
+         IMAGES_HW     uint8 N x H x W, grey models only, instead of IMAGES (Triton fixes an
+                       input's rank, so the two layouts are two inputs; send exactly one)
+         LABELS        int64 N x 1, class-conditional models only (required there)
+    out  NLL_NATS      float32 N x 1, -log p(image) in nats
+         BITS_PER_DIM  float32 N x 1, NLL_NATS / (C * H * W * ln 2)
+
+NAME_sample (Python backend, decoupled = streaming, stateful: every request carries a sequence
+id, Triton's correlation id; max_batch_size 0). All inputs are optional and hold one value
+unless said otherwise:
+  START request (sequence_start=True):
+         BATCH_SIZE    int32, images in this sequence (default: KNOWN's, else 1; at most max_batch)
+         TEMPERATURE   float64, >= 0, 0 = greedy (default 1)
+         SEED          uint64 (default: a random one); the same seed gives the same images as
+                       export.cells.sample_cached / training.sample.sample_reference
+         LABELS        int64 1 or B class ids (class-conditional models only, required there)
+         KNOWN         uint8 B x C x R x W: the first R rows of every image are kept as given
+                       (completion, or resuming a stream after R received rows)
+         MAX_ROWS      int32, rows to stream for this request (default: all of them)
+  later requests of the same sequence: MAX_ROWS only (default: all remaining rows);
+  sequence_end=True frees the sequence once the request's rows are sent (MAX_ROWS 0 = cancel).
+  Responses, one per row, in order (known rows included):
+         STAGE         int32 [1], the stage (0; multi-scale: 0 the small image, 1 the full one)
+         ROW_INDEX     int32 [1], the row within its stage
+         ROW           uint8 B x C x W_stage, the row's values
+         ROW_LOGPROB   float32 B, log p of the row (multi-scale full stage: grid pixels left out)
+         ACTIVE        int32 [1], sequences the sampler holds
+         CALL_BATCH    int32 [1], images in the cell call that made the row (all sequences in it)
+  then an empty response flagged final (tritonclient: enable_empty_final_response=True).
+  A sequence is freed when its image is complete, at sequence_end, on an error, when the
+  client cancels, or after the idle timeout without a request; errors arrive per request.
+"""
+from __future__ import annotations
+
+from runtime import tensor_names as tn
+
+SCORE_SUFFIX = "_score"
+SAMPLE_SUFFIX = "_sample"
+
+IMAGES, LABELS, NLL_NATS, BITS_PER_DIM = tn.IMAGES, tn.LABELS, tn.NLL_NATS, tn.BITS_PER_DIM
+IMAGES_HW = "IMAGES_HW"
+
+BATCH_SIZE = "BATCH_SIZE"
+TEMPERATURE = tn.TEMPERATURE
+SEED = "SEED"
+KNOWN = "KNOWN"
+MAX_ROWS = "MAX_ROWS"
+START_ONLY = (BATCH_SIZE, TEMPERATURE, SEED, LABELS, KNOWN)
+
+STAGE = "STAGE"
+ROW_INDEX = "ROW_INDEX"
+ROW = tn.ROW
+ROW_LOGPROB = "ROW_LOGPROB"
+ACTIVE = "ACTIVE"
+CALL_BATCH = "CALL_BATCH"
+
+
+def score_model(name: str) -> str:
+    return name + SCORE_SUFFIX
+
+
+def sample_model(name: str) -> str:
+    return name + SAMPLE_SUFFIX
