@@ -174,7 +174,7 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, cwd=str(PROJECT_ROOT), start_new_session=True)
+                                            env=env, cwd=str(self.repository), start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:

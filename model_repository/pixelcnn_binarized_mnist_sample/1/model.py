@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import runtime  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.manifest import read_manifest  # noqa: E402
@@ -142,7 +143,8 @@ class TritonPythonModel:
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
-                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads")
+                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
+                                 f"runtime from {Path(runtime.__file__).parent}")
 
     def execute(self, requests):
         for request in requests:

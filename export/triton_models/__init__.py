@@ -1,0 +1,1 @@
+"""Triton Python-backend model templates, copied as model.py by export/repository.py."""
