@@ -73,7 +73,10 @@ def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | Non
     from training.data import load
     from training.data_flags import data_spec_from_args
 
-    data = load(data_spec_from_args(args), args.split)
+    try:
+        data = load(data_spec_from_args(args), args.split)
+    except ImportError as e:  # e.g. rgb-patches reads scikit-image's photographs
+        raise ClientError(f"data set {args.data!r} needs the full install (pip install '.[full]'): {e}") from None
     info = client.info
     if data.shape != info.shape or (info.levels and data.levels != info.levels):
         raise ClientError(f"{data.description}: images {data.shape} with {data.levels} levels do not fit model "

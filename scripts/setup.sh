@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   # torch first and pinned: this picks the local CPU build instead of CUDA wheels.
   "$VENV/bin/pip" install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/pip" install -q -e '.[full,dev]' 2>&1 | grep -v '^WARNING: Location' || true
   "$VENV/bin/python" -c 'import torch, numpy, onnxruntime, tritonclient.grpc'
   echo "$want" > "$stamp"
 else

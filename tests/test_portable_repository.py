@@ -73,6 +73,35 @@ def test_a_copied_repository_serves_from_a_torch_free_environment(deployed, tmp_
         assert f"runtime from {repository.resolve() / f'{name}_sample' / '1' / 'runtime'}" in log
 
 
+@pytest.mark.triton
+@pytest.mark.slow
+def test_the_client_install_samples_and_scores_without_torch(deployed, tmp_path):
+    """`pip install .[client]` into a fresh environment: no torch, and the CLI samples and scores."""
+    models, repository, _ = deployed
+    venv = tmp_path / "client-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=180)
+    python = str(venv / "bin" / "python")
+    done = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{REPO}[client]"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True, cwd=tmp_path).returncode != 0
+    plain = models["plain"].model
+    with serve(repository, tmp_path / "triton.log") as server:
+        cli = [python, "-m", "client"]
+        sample = subprocess.run(cli + ["sample", "--url", server.grpc_url, "--model", "plain", "--n", "2", "--seed", "3",
+                                       "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert sample.returncode == 0, sample.stderr
+        images = np.load(tmp_path / "s.npy")
+        np.testing.assert_array_equal(images, expected_images(plain, 2, 3))
+        score = subprocess.run(cli + ["score", "--url", server.grpc_url, "--model", "plain", "--json", str(tmp_path / "s.npy")],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert score.returncode == 0, score.stderr
+    got = [r["nll_nats"] for r in json.loads(score.stdout)["scores"]]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, plain.nll(torch.from_numpy(images).long()).numpy(), rtol=1e-5, atol=1e-3)
+
+
 TORCH_FREE = textwrap.dedent("""
     import importlib.util, json, sys, types
     sys.modules["torch"] = None  # any `import torch` now raises ImportError
