@@ -81,7 +81,11 @@ def test_the_client_install_samples_and_scores_without_torch(deployed, tmp_path)
     venv = tmp_path / "client-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=180)
     python = str(venv / "bin" / "python")
-    done = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{REPO}[client]"],
+    # From a copy of the sources: pip builds in the source tree and would leave build/ in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", ".triton", "runs", "build", "__pycache__",
+                                                                 "*.egg-info", "model_repository", "checkpoints"))
+    done = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[client]"],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert subprocess.run([python, "-c", "import torch"], capture_output=True, cwd=tmp_path).returncode != 0
