@@ -84,6 +84,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def spread(runs: list[float]) -> dict:
+    """What a timed path reports: the median as `seconds` (ratios and targets use it: on a shared
+    CPU the best run flatters a path and the worst measures the neighbours), min, max, all runs."""
+    return {"seconds": statistics.median(runs), "min_seconds": min(runs), "max_seconds": max(runs),
+            "runs": [round(r, 6) for r in runs]}
+
+
 def summary(runs: list[float]) -> dict:
     """The best run is what a ratio uses: on a shared CPU, slower runs measure the neighbours."""
     return {"seconds": min(runs), "median_seconds": statistics.median(runs), "runs": [round(r, 6) for r in runs]}

@@ -16,15 +16,19 @@ Naive sampling of a 28x28 batch takes ~30 s per architecture on a 2-core CPU. --
 times only the first N rows (of each stage, for multi-scale) and extrapolates by the number of
 sub-pixels: each one costs exactly one full forward pass wherever it is, so the cost is linear
 (`naive_extrapolated_from_rows` in the JSON); then only the naive sampler's finished pixels are
-compared. Other times are the best of --repeats runs after one warm-up run, the three cheap
-paths interleaved so that load from other processes hits them alike. The targets of the issue
-(>= 100x over naive for PixelCNN-type models, >= 30x for the LSTMs, sampling <= 10x a scoring
-pass) are recorded in "targets", not enforced.
+compared. Every path (naive included) runs --repeats times after one warm-up run, the paths
+interleaved so that load from other processes hits them alike; each reports the median (its
+`seconds`, which every speedup and target uses) with min, max and all runs, and the load
+average is recorded before and after. The targets of the issue (>= 100x over naive for
+PixelCNN-type models, >= 30x for the LSTMs, sampling <= 10x a scoring pass) are recorded in
+"targets" as met / not met, not enforced.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
+from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
 from export import onnx_export as ox
 from export.cells import CELLS, build_cell, sample_cached
 from runtime import rowloop
@@ -169,38 +173,43 @@ def bench_model(model, args, workdir: Path) -> dict:
         return model.nll(x, lt)
 
     score()
-    runs = {"torch": [], "onnx": [], "score": []}
-    for _ in range(args.repeats):
-        for name, fn in (("torch", torch_path), ("onnx", onnx_path), ("score", score)):
-            runs[name].append(timed(fn)[0])
-
     with torch.no_grad():
         for _ in range(WARMUP_PASSES):
             model(x, lt)
-    naive = naive_sample(model, n, args.seed, labels, args.naive_rows)
+    # Every path the same number of times, interleaved, so that load from other processes hits
+    # them alike; the naive path's time per repeat is extrapolated from its rows (see the notes).
+    runs = {"naive": [], "naive_measured": [], "torch": [], "onnx": [], "score": []}
+    for _ in range(args.repeats):
+        naive = naive_sample(model, n, args.seed, labels, args.naive_rows)
+        runs["naive"].append(naive["seconds"])
+        runs["naive_measured"].append(naive["measured"])
+        for name, fn in (("torch", torch_path), ("onnx", onnx_path), ("score", score)):
+            runs[name].append(timed(fn)[0])
     partial = args.naive_rows if args.naive_rows is not None and args.naive_rows < cfg.height else None
 
-    scoring = {**summary(runs["score"]), "images_per_s": n / min(runs["score"])}
+    scoring = spread(runs["score"])
+    scoring["images_per_s"] = n / scoring["seconds"]
+    naive_stats = spread(runs["naive"])
     result = {
         "model": {"arch": ox.arch_name(model), "config": dataclasses.asdict(cfg),
                   "parameters": sum(p.numel() for p in model.parameters()), "family": family(model)},
         "pixels": pixels,
         "naive": {
-            "seconds": naive["seconds"],  # extrapolated to the whole batch when run on some rows
-            "measured_seconds": naive["measured"],
-            "pixels_per_s": pixels / naive["seconds"],
+            **naive_stats,  # extrapolated to the whole batch when run on some rows
+            "measured_seconds": statistics.median(runs["naive_measured"]),
+            "pixels_per_s": pixels / naive_stats["seconds"],
             "full": partial is None,
             "naive_extrapolated_from_rows": partial,
         },
         "scoring": scoring,
     }
-    for name, image, path_runs in (("torch", torch_image, runs["torch"]), ("onnx", onnx_image, runs["onnx"])):
-        best = min(path_runs)
+    for name, path_runs in (("torch", runs["torch"]), ("onnx", runs["onnx"])):
+        stats = spread(path_runs)
         result[f"cached_{name}"] = {
-            **summary(path_runs),
-            "pixels_per_s": pixels / best,
-            "speedup_over_naive": naive["seconds"] / best,
-            "vs_scoring": best / scoring["seconds"],
+            **stats,
+            "pixels_per_s": pixels / stats["seconds"],
+            "speedup_over_naive": naive_stats["seconds"] / stats["seconds"],  # ratios of medians
+            "vs_scoring": stats["seconds"] / scoring["seconds"],
         }
     result["cached_onnx"]["export_seconds"] = export_seconds
 
@@ -240,7 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help="override the architecture default (random init only)")
     p.add_argument("--layers", type=int, help="override the architecture default (random init only)")
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="torch and onnxruntime intra-op threads")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each cached path and of scoring (best counts)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of every path (the median counts)")
     p.add_argument("--naive-rows", type=int, help="time only this many rows of the naive sampler and extrapolate")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -319,6 +328,7 @@ def main(argv=None) -> int:
                 result = bench_model(model, args, workdir)
                 payload["results"][arch] = result
                 per_arch[arch] = targets(result["model"]["family"], result)
+        payload["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         payload["config"]["archs"] = list(payload["results"])  # the checkpoint's, with --checkpoint
         payload["identical"] = all(r["identical"] for r in payload["results"].values())
         payload["targets"] = {

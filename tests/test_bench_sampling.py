@@ -32,10 +32,10 @@ def test_partial_naive_run_writes_the_json_and_the_paths_agree(tmp_path, capsys)
         assert r["pixels"] == 2 * 6 * 6
         naive = r["naive"]
         assert naive["naive_extrapolated_from_rows"] == 2 and naive["full"] is False
-        assert naive["seconds"] > naive["measured_seconds"] > 0
+        assert naive["seconds"] > naive["measured_seconds"] > 0 and len(naive["runs"]) == 1  # as many runs as every path
         for path in PATHS:
             p = r[path]
-            assert p["seconds"] > 0 and len(p["runs"]) == 1
+            assert p["seconds"] > 0 and len(p["runs"]) == 1 and p["min_seconds"] <= p["seconds"] <= p["max_seconds"]
             assert p["speedup_over_naive"] == pytest.approx(naive["seconds"] / p["seconds"])
             assert p["vs_scoring"] == pytest.approx(p["seconds"] / r["scoring"]["seconds"])
         assert r["cached_onnx"]["export_seconds"] > 0
@@ -106,3 +106,8 @@ def test_summary_keeps_the_best_run():
     s = common.summary([0.3, 0.1, 0.2])
     assert s["seconds"] == 0.1 and s["median_seconds"] == 0.2 and s["runs"] == [0.3, 0.1, 0.2]
     assert np.isclose(common.timed(lambda: 1)[0], 0, atol=1.0)
+
+
+def test_paths_report_the_median_with_min_and_max():
+    s = common.spread([3.0, 1.0, 2.0, 10.0, 2.5])
+    assert (s["seconds"], s["min_seconds"], s["max_seconds"]) == (2.5, 1.0, 10.0) and len(s["runs"]) == 5
