@@ -5,6 +5,8 @@
     REPOSITORY/NAME_score/1/              model.py, runtime/, scorer.onnx, manifest.json
     REPOSITORY/NAME_sample/config.pbtxt   streaming, stateful row sampler
     REPOSITORY/NAME_sample/1/             model.py, runtime/, the cell(s) (+ condition.onnx), manifest.json
+    REPOSITORY/NAME_*/perf_analyzer_input.json   request data for Triton's perf_analyzer
+                                          (--input-data; python -m bench.perf_analyzer uses it)
 
 Both models run in Triton's Python backend (the wheel's server has no onnxruntime backend),
 which calls onnxruntime. A repository is self-contained: model.py (from export/triton_models/)
@@ -107,6 +109,34 @@ def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dic
     )
 
 
+PERF_INPUT = "perf_analyzer_input.json"
+PERF_STREAMS = 4  # sampler: data streams (seeds 0..3), which perf_analyzer takes in turn per new sequence
+
+
+def perf_analyzer_inputs(manifest: dict) -> dict[str, dict]:
+    """perf_analyzer's --input-data for each model ({model name: JSON document}): random data is
+    no use here (image values must lie in [0, levels), class ids in [0, num_classes), and the
+    two image inputs of a grey scorer are exclusive), and the sampler needs a START request.
+
+    NAME_score: one all-zero image (valid at any number of levels) as IMAGES (+ LABELS 0);
+      perf_analyzer's -b sets how many go in a request.
+    NAME_sample: sequences of one request each, with sequence start and end set by
+      perf_analyzer: BATCH_SIZE 1, TEMPERATURE 1, SEED 0..3 (+ LABELS 0), so every request
+      streams a whole image, row by row, then its final response."""
+    c, h, w = manifest["shape"]
+    conditional = bool(manifest["num_classes"])
+    score = {p.IMAGES: [0] * (c * h * w)}
+    if conditional:
+        score[p.LABELS] = [0]
+    streams = []
+    for seed in range(PERF_STREAMS):
+        start = {p.BATCH_SIZE: [1], p.TEMPERATURE: [1.0], p.SEED: [seed]}
+        if conditional:  # LABELS has a variable dimension: its shape goes with it
+            start[p.LABELS] = {"content": [0], "shape": [1]}
+        streams.append([start])
+    return {p.score_model(manifest["name"]): {"data": [score]}, p.sample_model(manifest["name"]): {"data": streams}}
+
+
 def _files(manifest: dict, names: list[str]) -> list[str]:
     return [manifest["artifacts"][n]["file"] for n in names]
 
@@ -143,6 +173,7 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     if missing:
         raise FileNotFoundError(f"{onnx_dir}: missing exported files {missing} (run export/build_engine.py)")
 
+    perf_inputs = perf_analyzer_inputs(manifest)
     repository_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for model, (template, files, config) in models.items():
@@ -151,6 +182,7 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / VERSION).mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(config)
+        (tmp / PERF_INPUT).write_text(json.dumps(perf_inputs[model]) + "\n")
         shutil.copyfile(TEMPLATES / template, tmp / VERSION / "model.py")
         copy_runtime(tmp / VERSION / RUNTIME.name)
         for f in files:

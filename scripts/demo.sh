@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The main job, end to end on a shipped checkpoint: check it, export it, serve it on a real
 # Triton server, stream samples, complete and score images through the gRPC client, stop.
+# DEMO_SHORT=1: the same steps with fewer images (the suite's tests/test_demo.py runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo}
 CKPT=${DEMO_CHECKPOINT:-checkpoints/pixelcnn_binarized_mnist.pt}
 mkdir -p "$OUT"
+if [ -n "${DEMO_SHORT:-}" ]; then EVAL_N=100 SAMPLE_N=4 COMPLETE_N=2 COMPLETE_K=2
+else EVAL_N=1000 SAMPLE_N=16 COMPLETE_N=4 COMPLETE_K=3; fi
 
 if [ ! -f "$CKPT" ]; then
   echo "== no shipped checkpoint at $CKPT: training a small PixelCNN for 2 minutes instead"
@@ -15,8 +18,8 @@ if [ ! -f "$CKPT" ]; then
   CKPT=$OUT/train/best.pt
 fi
 
-echo "== 1. validation NLL of $CKPT on 1000 binarized-MNIST validation images (in process)"
-$PY -m training.evaluate --checkpoint "$CKPT" --split valid --limit 1000
+echo "== 1. validation NLL of $CKPT on $EVAL_N binarized-MNIST validation images (in process)"
+$PY -m training.evaluate --checkpoint "$CKPT" --split valid --limit $EVAL_N
 
 echo "== 2. export: ONNX row cell + scorer (checked against torch) and a Triton repository -> $OUT/repository"
 $PY export/build_engine.py --checkpoint "$CKPT" --out "$OUT/export" --repository "$OUT/repository" --name demo
@@ -35,11 +38,11 @@ for _ in $(seq 120); do grep -q "tritonserver ready" "$OUT/server.out" && break
 cat "$OUT/server.out"
 URL=127.0.0.1:$GRPC
 
-echo "== 4. streaming 16 samples row by row over gRPC -> $OUT/samples.png"
-$PY -m client sample --url "$URL" --model demo --n 16 --seed 0 --out "$OUT/samples.png" --npy "$OUT/samples.npy"
+echo "== 4. streaming $SAMPLE_N samples row by row over gRPC -> $OUT/samples.png"
+$PY -m client sample --url "$URL" --model demo --n $SAMPLE_N --seed 0 --out "$OUT/samples.png" --npy "$OUT/samples.npy"
 
-echo "== 5. completing 4 validation images from their top half -> $OUT/completions.png"
-$PY -m client complete --url "$URL" --model demo --data binarized-mnist --split valid --n 4 --k 3 --seed 0 \
+echo "== 5. completing $COMPLETE_N validation images from their top half -> $OUT/completions.png"
+$PY -m client complete --url "$URL" --model demo --data binarized-mnist --split valid --n $COMPLETE_N --k $COMPLETE_K --seed 0 \
     --out "$OUT/completions.png"
 
 echo "== 6. scoring the streamed samples and 1 validation image through the scorer"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh 2-core CPU machine (registries only, no GPU):
-#   .venv with the project, the real tritonserver binary under .triton/, and Debian's
-#   Fashion-MNIST under /usr/share/datasets/fashion-mnist/.
+#   .venv with the project, the real tritonserver binary under .triton/, Debian's
+#   Fashion-MNIST under /usr/share/datasets/fashion-mnist/, and Debian's libb64 for perf_analyzer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -39,11 +39,21 @@ if [ ! -x "$TS/backends/python/triton_python_backend_stub" ]; then
 fi
 [ -x "$TS/bin/tritonserver" ] || { echo "[setup] tritonserver binary missing after install" >&2; exit 1; }
 
-# Data: Debian ships Fashion-MNIST as IDX files; nothing is downloaded at run time.
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  echo "[setup] installing Debian package dataset-fashion-mnist"
+# Debian packages: Fashion-MNIST as IDX files (nothing is downloaded at run time), and libb64,
+# which perf_analyzer (shipped in the tritonclient wheel; bench/perf_analyzer.py) links.
+apt_missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
+dpkg-query -W -f='${Status}' libb64-0d 2>/dev/null | grep -q 'ok installed' || apt_missing+=(libb64-0d)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${apt_missing[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
+
+# perf_analyzer also needs libcudart.so.12: PyPI's nvidia-cuda-runtime-cu12 (the `full` extra);
+# bench/perf_analyzer.py puts its lib/ folder on LD_LIBRARY_PATH, as this check does.
+CUDART=$("$VENV/bin/python" -c 'import nvidia.cuda_runtime as m, os; print(os.path.join(list(m.__path__)[0], "lib"))')
+pa=$(LD_LIBRARY_PATH="$CUDART${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$VENV/bin/perf_analyzer" --version 2>&1) \
+  || { echo "[setup] perf_analyzer does not start: $pa" >&2; exit 1; }
 echo "[setup] done"

@@ -1,0 +1,58 @@
+"""The shipped checkpoints' validation NLL, the figures of the README's checkpoint table.
+
+    python -m bench.checkpoints [--json bench/results/checkpoints.json] [CHECKPOINT ...]
+
+Every checkpoints/*.pt (or the files given) is scored on its data set's FULL validation split
+with training.evaluate (the binarized-MNIST test split is held out); each entry also records
+the checkpoint's architecture, size, step, epochs and training hours, and the file's sha256, so
+a figure can always be traced to the exact weights it was measured on.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import machine_info, write_json
+from runtime.manifest import file_sha256
+from training import evaluate
+from training.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def describe(path: Path) -> dict:
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    args = argparse.Namespace(checkpoint=str(path), data=None, data_dir=None, bits=None, data_arg=[], split="valid",
+                              limit=None, batch_size=256, threads=None)
+    score = evaluate.run(args)
+    return {
+        "file": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+        "sha256": file_sha256(path), "arch": ckpt["arch"],
+        "size": {k: cfg[k] for k in ("hidden", "layers", "kernel", "num_classes", "levels") if k in cfg},
+        "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "hours": ckpt.get("hours"),
+        "valid_nll_nats": score["nll_nats"], "valid_bits_per_dim": score["bits_per_dim"],
+        "valid_images": score["n_images"], "data": score["data"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.checkpoints", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="*", help="default: checkpoints/*.pt")
+    p.add_argument("--json", default="bench/results/checkpoints.json")
+    args = p.parse_args(argv)
+    paths = [Path(c) for c in args.checkpoints] or sorted((ROOT / "checkpoints").glob("*.pt"))
+    results = {}
+    for path in paths:
+        print(f"{path.name} ...", file=sys.stderr, flush=True)
+        results[path.stem] = describe(path)
+        r = results[path.stem]
+        print(f"  {r['valid_nll_nats']:.2f} nats, {r['valid_bits_per_dim']:.4f} bits/dim on {r['valid_images']} images", file=sys.stderr)
+    write_json(args.json, {"benchmark": "checkpoints", "split": "valid", "machine": machine_info(), "results": results})
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
