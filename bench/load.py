@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import queue
 import re
 import sys
 import tempfile
@@ -39,11 +38,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
 from bench.serving import export, labels_for, triton_version
 from client.library import ROW_OUTPUTS, PixelClient, Row
+from client.stream import SampleStream, sample_inputs
 from runtime import protocol as p
 from server.launcher import TritonServer
 from export.repository import stage_rows
@@ -57,50 +56,21 @@ MAX_MESSAGES = 20
 
 # ---------------------------------------------------------------------------- clients
 
-class TimedStream:
-    """One gRPC channel and stream to NAME_sample, one sequence at a time; the callback stamps
-    each response's arrival."""
-
-    def __init__(self, url: str, model: str, timeout: float):
-        self.model, self.timeout = model, timeout
-        self.client = grpcclient.InferenceServerClient(url)
-        self.responses = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((time.perf_counter(), result, error)))
-        self.outputs = [grpcclient.InferRequestedOutput(n) for n in (*ROW_OUTPUTS, p.CALL_BATCH)]
-
-    def sample(self, seed: int, labels: np.ndarray | None) -> tuple[list[Row], list[float], list[int]]:
-        """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row)."""
-        inputs = [_tensor(p.BATCH_SIZE, np.array([1], np.int32), "INT32"), _tensor(p.SEED, np.array([seed], np.uint64), "UINT64")]
-        if labels is not None:
-            inputs.append(_tensor(p.LABELS, labels, "INT64"))
-        times, rows, batched = [time.perf_counter()], [], []
-        self.client.async_stream_infer(p.sample_model(self.model), inputs, outputs=self.outputs, sequence_id=_sequence_id(),
-                                       sequence_start=True, sequence_end=True, enable_empty_final_response=True)
-        while True:
-            try:
-                at, result, error = self.responses.get(timeout=self.timeout)
-            except queue.Empty:
-                raise RuntimeError(f"no row for {self.timeout:g} s") from None
-            if error is not None:
-                raise RuntimeError(f"{p.sample_model(self.model)}: {error}")
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return rows, times, batched
-            rows.append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]), result.as_numpy(p.ROW),
-                            result.as_numpy(p.ROW_LOGPROB)))
-            times.append(at)
-            batched.append(int(result.as_numpy(p.CALL_BATCH)[0]))
-
-    def close(self) -> None:
-        try:
-            self.client.stop_stream(cancel_requests=True)
-        finally:
-            self.client.close()
+def timed_stream(url: str, timeout: float) -> SampleStream:
+    """One gRPC channel and stream to the server, one sequence at a time; every response is
+    stamped with its arrival time in the stream's callback (client/stream.py)."""
+    return SampleStream(url, outputs=(*ROW_OUTPUTS, p.CALL_BATCH), timeout=timeout)
 
 
-def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(np.ascontiguousarray(value))
-    return t
+def sample_timed(stream: SampleStream, model: str, seed: int, labels: np.ndarray | None) -> tuple[list[Row], list[float], list[int]]:
+    """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row); an error
+    response raises RuntimeError, no final response within the stream's timeout StreamTimeout."""
+    sent = stream.send(p.sample_model(model), _sequence_id(), sample_inputs(batch=1, seed=seed, labels=labels), start=True,
+                       end=True)
+    rows, errors = stream.collect()
+    if errors:
+        raise RuntimeError(f"{p.sample_model(model)}: {errors[0]}")
+    return rows, [sent] + [r.at for r in rows], [r.batched for r in rows]
 
 
 _ids = itertools.count(1)
@@ -148,33 +118,33 @@ class Errors:
 def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: list[float], errors: Errors, k: int,
             timeout: float) -> dict:
     """One stream's loop: images until stop[0] (set at the release), the last one finished."""
-    labels = labels_for(manifest, 1, k)
-    stream = TimedStream(url, manifest["name"], timeout)
+    labels, model = labels_for(manifest, 1, k), manifest["name"]
+    stream = timed_stream(url, timeout)
     gaps, firsts, batched, images = [], [], [], 0
     try:
         try:
-            rows, _, _ = stream.sample(next(seeds), labels)  # warm-up
+            rows, _, _ = sample_timed(stream, model, next(seeds), labels)  # warm-up
             check_image(rows, manifest)
         except Exception as e:  # noqa: BLE001 - counted; the timed loop still runs
             errors.add(f"warm-up: {e}")
-            stream.close()
-            stream = TimedStream(url, manifest["name"], timeout)
+            stream.close(cancel=True)
+            stream = timed_stream(url, timeout)
         start.wait()
         while time.perf_counter() < stop[0]:
             try:
-                rows, times, calls = stream.sample(next(seeds), labels)
+                rows, times, calls = sample_timed(stream, model, next(seeds), labels)
                 check_image(rows, manifest)
             except Exception as e:  # noqa: BLE001 - counted; a broken stream is replaced
                 errors.add(str(e))
-                stream.close()
-                stream = TimedStream(url, manifest["name"], timeout)
+                stream.close(cancel=True)
+                stream = timed_stream(url, timeout)
                 continue
             firsts.append(times[1] - times[0])
             gaps.extend(np.diff(times[1:]))
             batched.extend(calls)
             images += 1
     finally:
-        stream.close()
+        stream.close(cancel=True)
     return {"images": images, "gaps": gaps, "firsts": firsts, "batched": batched, "rows": images * sum(stage_rows(manifest))}
 
 

@@ -17,7 +17,7 @@ with the same onnxruntime thread count. Measured in one run, on one machine:
             sequence (BATCH_SIZE 1), started together: the aggregate pixel rate, and the
             CALL_BATCH of the rows, the images per cell call (the engine's cross-sequence
             batching). PixelClient does not expose CALL_BATCH, so these streams are bare
-            tritonclient streams (`RowStream`).
+            gRPC streams (client/stream.py's SampleStream).
   scoring   PixelClient.score over --score-images images (chunks of the model's max batch), and
             the same images as many small concurrent requests (--score-clients threads, each
             with its own PixelClient, --score-request images per request) that Triton's dynamic
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import queue
 import re
 import sys
 import tempfile
@@ -46,10 +45,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
 from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
 from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
+from client.stream import SampleStream, sample_inputs
 from runtime.onnx_graphs import OnnxScorer
 from runtime import protocol as p
 from runtime import rowloop
@@ -117,45 +116,21 @@ def score_in_process(scorer: OnnxScorer, images: np.ndarray, labels, max_batch: 
 
 # ---------------------------------------------------------------------------- through Triton
 
-def _tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(np.ascontiguousarray(value))
-    return t
+def row_stream(url: str) -> SampleStream:
+    """A bare stream to the server that also reads what PixelClient leaves out: the CALL_BATCH
+    and ACTIVE of every row."""
+    return SampleStream(url, outputs=(*ROW_OUTPUTS, p.CALL_BATCH, p.ACTIVE), timeout=120.0)
 
 
-class RowStream:
-    """One gRPC stream to NAME_sample that also reads what PixelClient leaves out: the
-    CALL_BATCH and ACTIVE of every row. One sequence at a time."""
-
-    def __init__(self, url: str, model: str, shape: tuple[int, int, int], timeout: float = 120.0):
-        self.model, self.shape, self.timeout = model, shape, timeout
-        self.client = grpcclient.InferenceServerClient(url)
-        self.responses = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-
-    def sample(self, n: int, seed: int, labels: np.ndarray | None) -> tuple[np.ndarray, list[int], list[int]]:
-        """-> (images uint8 (n, C, H, W), CALL_BATCH per row, ACTIVE per row)."""
-        inputs = [_tensor(p.BATCH_SIZE, np.array([n], np.int32), "INT32"), _tensor(p.SEED, np.array([seed], np.uint64), "UINT64")]
-        if labels is not None:
-            inputs.append(_tensor(p.LABELS, np.asarray(labels, np.int64), "INT64"))
-        outputs = [grpcclient.InferRequestedOutput(n) for n in (*ROW_OUTPUTS, p.CALL_BATCH, p.ACTIVE)]
-        self.client.async_stream_infer(p.sample_model(self.model), inputs, outputs=outputs, sequence_id=correlation_id(),
-                                       sequence_start=True, sequence_end=True, enable_empty_final_response=True)
-        rows, batched, active = [], [], []
-        while True:
-            result, error = self.responses.get(timeout=self.timeout)
-            if error is not None:
-                raise RuntimeError(f"{p.sample_model(self.model)}: {error}")
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return assemble(rows, self.shape), batched, active
-            rows.append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]), result.as_numpy(p.ROW),
-                            result.as_numpy(p.ROW_LOGPROB)))
-            batched.append(int(result.as_numpy(p.CALL_BATCH)[0]))
-            active.append(int(result.as_numpy(p.ACTIVE)[0]))
-
-    def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
+def stream_sample(stream: SampleStream, model: str, n: int, seed: int, labels: np.ndarray | None,
+                  shape: tuple[int, int, int]) -> tuple[np.ndarray, list[int], list[int]]:
+    """One sequence of n images on the stream -> (images uint8 (n, C, H, W), CALL_BATCH per row,
+    ACTIVE per row)."""
+    stream.send(p.sample_model(model), correlation_id(), sample_inputs(batch=n, seed=seed, labels=labels), start=True, end=True)
+    rows, errors = stream.collect()
+    if errors:
+        raise RuntimeError(f"{p.sample_model(model)}: {errors[0]}")
+    return assemble(rows, shape), [r.batched for r in rows], [r.active for r in rows]
 
 
 def together(jobs: list) -> tuple[float, list]:
@@ -235,7 +210,7 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     scorer = OnnxScorer(folder / manifest["artifacts"]["scorer"]["file"], args.onnx_threads)
     client = PixelClient(server.grpc_url, model=name)
     most = max(args.streams)
-    streams = [RowStream(server.grpc_url, name, shape) for _ in range(most)]
+    streams = [row_stream(server.grpc_url) for _ in range(most)]
     score_clients = [PixelClient(server.grpc_url, model=name) for _ in range(args.score_clients)]
     rng = np.random.default_rng(seed)
     # Random levels: the content does not change the cost of a scoring pass.
@@ -247,7 +222,7 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
         return client.sample_images(n, seed=seed, label=labels)
 
     def triton_stream_sample():
-        return streams[0].sample(n, seed, labels)
+        return stream_sample(streams[0], name, n, seed, labels, shape)
 
     def process_sample():
         return sample_in_process(runner, n, seed, labels)
@@ -257,7 +232,8 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
 
     def concurrent(k):
         """k streams, stream i: one image, seed + i."""
-        return lambda: together([lambda i=i: streams[i].sample(1, seed + i, labels_for(manifest, 1, i)) for i in range(k)])
+        return lambda: together([lambda i=i: stream_sample(streams[i], name, 1, seed + i, labels_for(manifest, 1, i), shape)
+                                 for i in range(k)])
 
     def engine_sequences(k):
         """The same k single-image sequences through the engine in process: the streams' ceiling."""
@@ -323,7 +299,9 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
             for path, fn in order:
                 once(path, fn, timed_run=True)
     finally:
-        for closable in [*streams, client, *score_clients]:
+        for stream in streams:
+            stream.close(cancel=True)  # bounded: a stream that does not close is left behind
+        for closable in [client, *score_clients]:
             closable.close()
 
     # -- comparisons: every run of every path against the in-process one

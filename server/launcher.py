@@ -33,6 +33,13 @@ TRITON_HOME = PROJECT_ROOT / ".triton" / "pytriton" / "tritonserver"
 HOST = "127.0.0.1"
 
 
+# Triton's words when it cannot bind a port: gRPC and HTTP make it exit, metrics it goes on without.
+BIND_FAILED = re.compile(r"failed to start (GRPC|HTTP|Metrics) service: .*already in use", re.I)
+# Start-ups tried when a free port picked here was taken by another process before tritonserver
+# bound it (free_port releases the port it found: a race on a busy machine, not an error).
+START_ATTEMPTS = 3
+
+
 class ServerError(RuntimeError):
     """tritonserver could not be started (the message says why)."""
 
@@ -66,6 +73,14 @@ def check_port(port: int, what: str) -> int:
         except OSError as e:
             raise ServerError(f"{what} port {port} on {HOST} is already in use ({e.strerror})") from None
     return port
+
+
+def _is_free(port: int, what: str) -> bool:
+    try:
+        check_port(port, what)
+        return True
+    except ServerError:
+        return False
 
 
 def model_names(repository: Path) -> list[str]:
@@ -147,40 +162,60 @@ class TritonServer:
         self.models = model_names(self.repository)
         if not self.models:
             raise ServerError(f"model repository {self.repository} holds no model (no */config.pbtxt)")
-        taken = set()
-        for what, port in self.ports.items():
-            if port is None:
-                port = free_port()
-                while port in taken:
-                    port = free_port()
-            elif port in taken:
-                raise ServerError(f"{what} port {port} is given twice")
-            self.ports[what] = check_port(port, what)
-            taken.add(port)
+        picked = [what for what, port in self.ports.items() if port is None]  # free ports chosen here
         env = python_env(self.venv)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        args = [
-            str(binary), f"--model-repository={self.repository}",
-            f"--backend-directory={binary.parent.parent / 'backends'}",
-            f"--http-address={HOST}", f"--http-port={self.ports['http']}",
-            f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
-            "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10",
-            *self.extra_args,
-        ]
-        with open(self.log_path, "wb") as log:
-            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, cwd=str(self.repository), start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self._choose_ports()
+            args = [
+                str(binary), f"--model-repository={self.repository}",
+                f"--backend-directory={binary.parent.parent / 'backends'}",
+                f"--http-address={HOST}", f"--http-port={self.ports['http']}",
+                f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
+                f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
+                "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10",
+                *self.extra_args,
+            ]
+            with open(self.log_path, "wb") as log:
+                # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
+                self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=env, cwd=str(self.repository), start_new_session=True)
+            try:
+                self._wait_ready()
+                return self
+            except ServerError:
+                self.stop()
+                busy = BIND_FAILED.search(self.log())
+                if busy is None:
+                    raise
+                what = busy.group(1).lower()
+                if what not in picked or attempt == START_ATTEMPTS:
+                    tries = f" (ports picked {attempt} times)" if what in picked else ""
+                    raise ServerError(f"{what} port {self.ports[what]} on {HOST} is already in use: taken while tritonserver "
+                                      f"started{tries} (full log: {self.log_path})") from None
+                for what in picked:  # another process took one between free_port() and tritonserver's bind
+                    self.ports[what] = None
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _choose_ports(self) -> None:
+        """Free ports for those not given; every port checked (a busy given one is a ServerError)."""
+        taken = set()
+        for what, port in self.ports.items():
+            if port is None:
+                for _ in range(20):  # one found free can be taken before it is checked
+                    port = free_port()
+                    if port not in taken and _is_free(port, what):
+                        break
+            elif port in taken:
+                raise ServerError(f"{what} port {port} is given twice")
+            self.ports[what] = check_port(port, what)
+            taken.add(port)
 
     def _get(self, path: str) -> int:
         try:
@@ -191,6 +226,13 @@ class TritonServer:
         except OSError:
             return 0
 
+    def _metrics(self) -> str:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+                return r.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -198,7 +240,11 @@ class TritonServer:
             if code is not None:
                 raise ServerError(self._failure(f"tritonserver exited with code {code} during start-up"))
             if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
-                return
+                # Triton does not exit when it cannot bind the metrics port: the endpoint must be its own.
+                if BIND_FAILED.search(self.log()):
+                    raise ServerError(self._failure("tritonserver could not bind a port"))
+                if "--allow-metrics=false" in self.extra_args or f'model="{self.models[0]}"' in self._metrics():
+                    return
             time.sleep(0.1)
         raise ServerError(self._failure(f"tritonserver was not ready after {self.startup_timeout:g} s"))
 

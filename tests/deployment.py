@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import re
@@ -28,12 +29,18 @@ import torch
 
 from export import build_engine
 from export.repository import write_repository
+from runtime.engine import Engine
 from runtime.manifest import read_manifest
 from server.launcher import ServerError, TritonServer, find_tritonserver
 from training.checkpoint import load_model, save_checkpoint
 from training.models import build_model
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+# What a busy 2-core machine (training runs, other test processes) may add to the time of any
+# one event a test waits for: scheduling stalls of the server, its stubs or the test itself.
+# Bounds on how soon something must happen are the configured period plus this.
+BUSY_SLACK_S = 5.0
 
 
 @dataclass
@@ -160,6 +167,17 @@ def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         if labels.get("model") == model:
             found["live" if name.endswith("live_sequences") else labels["event"]] = int(float(value))
+    return found
+
+
+def sampler_periods() -> dict[str, float]:
+    """How often the sampler looks at things, for bounds derived from them: CANCEL_CHECK_S (a
+    request's is_cancelled polling) and METRICS_PERIOD_S (metrics pushes), read from the Triton
+    glue export/triton_models/sample_model.py (it imports Triton's own module, so it cannot be
+    imported here), and ENGINE_POLL_S, the engine's default housekeeping period (idle expiry)."""
+    text = (REPO / "export" / "triton_models" / "sample_model.py").read_text()
+    found = {k: float(re.search(rf"^{k} = ([0-9.]+)", text, re.M).group(1)) for k in ("CANCEL_CHECK_S", "METRICS_PERIOD_S")}
+    found["ENGINE_POLL_S"] = float(inspect.signature(Engine).parameters["poll"].default)
     return found
 
 

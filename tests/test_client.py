@@ -4,7 +4,6 @@ stage rows as parameters, as export/repository.py writes it (max batch 4, to exe
 chunking), and a grey multi-scale model whose parameters are taken out again, as a repository
 written by other means may lack them (the client then leaves value checks to the server)."""
 import json
-import re
 import subprocess
 import sys
 
@@ -13,59 +12,34 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("tritonclient.grpc")
+from tests.deployment import Tiny, export_models, require, serve, set_metadata
+
+require("tritonclient.grpc")
 
 from client import ClientError, PixelClient, Row, assemble  # noqa: E402
 from client.cli import main as cli_main  # noqa: E402
 from client.library import model_info  # noqa: E402
 from export.cells import build_cell, sample_cached  # noqa: E402
-from server.launcher import ServerError, TritonServer, find_tritonserver, free_port  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
-from training.checkpoint import load_model, save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from server.launcher import free_port  # noqa: E402
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 GATED = dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
 MULTISCALE = dict(in_channels=1, height=6, width=4, levels=3, base_arch="gated_pixelcnn", hidden=6, layers=1,
                   small_config=dict(kernel=3), big_config=dict(kernel=3))
-METADATA = ("levels", "num_classes", "stage_rows")
-
-
-def set_metadata(config_path, values: dict | None) -> None:
-    """Give a config.pbtxt exactly these metadata parameters (None: none of them), keeping the others."""
-    text = config_path.read_text()
-    block = re.search(r"parameters \[\n(.*?)\n\]\n", text, re.S)
-    entries = [e.rstrip(",") for e in block.group(1).split("\n") if not any(f'key: "{k}"' in e for k in METADATA)]
-    entries += [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in (values or {}).items()]
-    config_path.write_text(text[:block.start()] + "parameters [\n" + ",\n".join(entries) + "\n]\n" + text[block.end():])
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """(server, {name: (model, manifest)})."""
-    try:
-        find_tritonserver()
-    except ServerError as e:  # pragma: no cover - `make setup` installs it
-        pytest.skip(str(e))
     root = tmp_path_factory.mktemp("client")
     repository = root / "repository"
-    jobs = {}
-    for name, arch, config, max_batch in (("gated", "gated_pixelcnn", GATED, 4), ("ms", "multiscale", MULTISCALE, 8)):
-        torch.manual_seed(1)
-        save_checkpoint(root / f"{name}.pt", {"arch": arch, "config": config, "model": build_model(arch, dict(config)).state_dict(), "step": 1})
-        jobs[name] = subprocess.Popen(
-            [sys.executable, str(REPO / "export" / "build_engine.py"), "--checkpoint", str(root / f"{name}.pt"), "--out", str(root / name),
-             "--name", name, "--tensorrt", "off", "--max-batch", str(max_batch), "--repository", str(repository)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    models = {}
-    for name, job in jobs.items():  # both exports run at once (they write different model folders)
-        out, _ = job.communicate(timeout=300)
-        assert job.returncode == 0, out
-        models[name] = (load_model(root / f"{name}.pt")[0], read_manifest(root / name))
+    exported = export_models(root, [Tiny("gated", "gated_pixelcnn", GATED, max_batch=4),
+                                    Tiny("ms", "multiscale", MULTISCALE, max_batch=8)], repository)
+    models = {name: (m.model, m.manifest) for name, m in exported.items()}
     published = (repository / "gated_score" / "config.pbtxt").read_text()
     assert all(f'key: "{k}" value: {{ string_value: "{v}" }}' in published for k, v in dict(levels=4, num_classes=2, stage_rows=5).items())
     set_metadata(repository / "ms_score" / "config.pbtxt", None)
-    with TritonServer(repository, log_path=root / "triton.log") as server:
+    with serve(repository, root / "triton.log") as server:
         yield server, models
 
 

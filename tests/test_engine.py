@@ -477,3 +477,32 @@ def test_sequences_held_back_by_slow_sends_still_share_cell_calls():
     # 30 calls if the six went in lockstep, 180 if each went alone; held back and let go one at a
     # time, they would drift apart (measured: 2 rows ahead 150 calls, 4: 60, 16: 32).
     assert len(runner.calls) <= 45, len(runner.calls)
+
+
+def test_requests_that_arrive_together_share_every_cell_call():
+    """The worker thread with sender threads, as in the server: two open sequences whose requests
+    for rows reach the engine before its next step share every cell call of their images (all 5
+    images in each). Through Triton the two requests race the worker, so sharing is left to
+    chance there (tests/test_server_triton.py); here the worker is certainly kept from starting
+    a step while both are posted: the test holds the engine's condition, which the worker takes
+    before every step and for every inbox access, and which posting takes again (an RLock)."""
+    runner = FakeRunner(h=5)
+    engine = Engine(runner, max_batch=16, senders=2)
+    engine.start_worker()
+    try:
+        opened = [Sink(), Sink()]
+        engine.start(31, SampleSpec(batch=2, seed=31), opened[0], max_rows=0, end=False)
+        engine.start(32, SampleSpec(batch=3, seed=32), opened[1], max_rows=0, end=False)
+        assert all(s.finished.wait(10) for s in opened) and not any(s.rows or s.errors for s in opened)
+        a, b = Sink(), Sink()
+        with engine._cv:  # no step starts meanwhile
+            engine.resume(31, a, end=True)
+            time.sleep(0.05)  # the second request well after the first, as a busy machine may deliver it
+            engine.resume(32, b, end=True)
+        assert a.finished.wait(10) and b.finished.wait(10) and not (a.errors or b.errors)
+    finally:
+        engine.stop()
+    assert runner.calls == [(0, 5)] * 5
+    assert {e.batched for e in a.rows + b.rows} == {5}
+    np.testing.assert_array_equal(a.image(), solo(FakeRunner(h=5), SampleSpec(batch=2, seed=31)))
+    np.testing.assert_array_equal(b.image(), solo(FakeRunner(h=5), SampleSpec(batch=3, seed=32)))

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import PixelClient
 from export import build_engine
 from export.cells import build_cell, sample_cached
-from server.launcher import TritonServer
+from tests.deployment import require, serve
 from training.checkpoint import load_model
 from training.data import load
 
@@ -38,11 +37,13 @@ def test_checked_in_repository_is_what_the_writer_produces_now(tmp_path):
 
 
 @pytest.mark.triton
-def test_checked_in_repository_serves_the_shipped_checkpoint():
+def test_checked_in_repository_serves_the_shipped_checkpoint(tmp_path):
+    require("tritonclient.grpc")
+    from client import PixelClient
+
     model, _ = load_model(CHECKPOINT)
     images = load("binarized-mnist", "valid").images[:4]
-    with TritonServer(REPOSITORY) as server:
-        client = PixelClient(server.grpc_url, model=NAME)
+    with serve(REPOSITORY, tmp_path / "triton.log") as server, PixelClient(server.grpc_url, model=NAME) as client:
         scores = client.score(images)
         sampled = client.sample_images(2, seed=11)
     with torch.no_grad():

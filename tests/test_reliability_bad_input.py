@@ -2,44 +2,38 @@
 error naming the problem (one line, no traceback, within a deadline), and a correct request right
 after still gets the right answer. Two tiny models cover both kinds of head and conditioning: a
 grey binary (levels 2, Bernoulli) unconditional PixelCNN and an RGB class-conditional Gated
-PixelCNN with 4 levels. Requests are built with plain tritonclient, not the project's client, so
-the server's own checks are what is tested. A hypothesis fuzz then sends 2500 random requests."""
+PixelCNN with 4 levels. Requests go out as built (client/stream.py over plain tritonclient), not
+through PixelClient, which checks them first, so the server's own checks are what is tested.
+
+A hypothesis fuzz then sends 2500 random requests. Its oracles: a refused request's message names
+an input at fault (or the sequence id / START flag at fault); a scored request's NLL is the
+model's; every row of an accepted sampling request is the in-process sampler's row
+(runtime.rowloop.sample with the exported cells) for its sequence's seed and known prefix."""
 import itertools
 import math
-import queue
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-tritonclient = pytest.importorskip("tritonclient.grpc")
+from tests.deployment import Tiny, export_models, require, sampler_metrics, serve, wait_for
+
+tritonclient = require("tritonclient.grpc")
+require("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
-from export.cells import build_cell, sample_cached  # noqa: E402
+from client.stream import SampleStream, tensor  # noqa: E402
 from runtime import protocol as p  # noqa: E402
-from server.launcher import ServerError, TritonServer, find_tritonserver  # noqa: E402
-from export.repository import write_repository  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
-from training.checkpoint import load_model, save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from runtime import rowloop  # noqa: E402
+from runtime.runner import OnnxRunner  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
 
-try:
-    find_tritonserver()
-except ServerError as e:  # pragma: no cover - `make setup` installs it
-    pytest.skip(str(e), allow_module_level=True)
-
-REPO = Path(__file__).resolve().parent.parent
 BINARY = dict(in_channels=1, height=6, width=5, levels=2, hidden=6, layers=1, kernel=3)
 RGB = dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
 MAX_BATCH = 4  # small, so "over the maximum" is a cheap request
@@ -53,6 +47,7 @@ SAMPLE_SEED = 4242
 class Model:
     name: str
     model: torch.nn.Module
+    runner: OnnxRunner  # the exported cells in process: the sampler's oracle (runtime.rowloop.sample)
     c: int
     h: int
     w: int
@@ -67,40 +62,36 @@ class Model:
     def __repr__(self):  # hypothesis prints the strategies' arguments
         return f"Model({self.name})"
 
+    def expected(self, batch, seed, temperature=1.0, labels=None, known=None) -> np.ndarray:
+        """The in-process sampler's images (batch, C, H, W) for a START request's values, as the
+        engine takes them: one label stands for every image, KNOWN rows are kept."""
+        if labels is not None:
+            labels = np.asarray(labels, np.int64).reshape(-1)
+            labels = np.repeat(labels, batch) if labels.size == 1 else labels
+        spec = rowloop.SampleSpec(batch=batch, temperature=temperature, seed=seed, labels=labels, known=known)
+        return rowloop.sample(self.runner, spec)
+
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """(server, {"bin": Model, "rgb": Model})."""
     root = tmp_path_factory.mktemp("bad_input")
-    repository = root / "repository"
+    tinies = [Tiny("bin", "pixelcnn", BINARY, max_batch=MAX_BATCH, seed=2), Tiny("rgb", "gated_pixelcnn", RGB, max_batch=MAX_BATCH, seed=2)]
+    exported = export_models(root, tinies, root / "repository", sequence_idle_s=IDLE_S)
     models = {}
-    for name, arch, config in (("bin", "pixelcnn", BINARY), ("rgb", "gated_pixelcnn", RGB)):
-        torch.manual_seed(2)
-        save_checkpoint(root / f"{name}.pt", {"arch": arch, "config": config, "model": build_model(arch, dict(config)).state_dict(), "step": 1})
-        out = root / name
-        result = subprocess.run([sys.executable, str(REPO / "export" / "build_engine.py"), "--checkpoint", str(root / f"{name}.pt"),
-                                 "--out", str(out), "--name", name, "--tensorrt", "off", "--max-batch", str(MAX_BATCH)],
-                                capture_output=True, text=True, timeout=300, cwd=REPO)
-        assert result.returncode == 0, result.stdout + result.stderr
-        write_repository(read_manifest(out), out, repository, sequence_idle_s=IDLE_S)
-        model = load_model(root / f"{name}.pt")[0]
+    for name, config in (("bin", BINARY), ("rgb", RGB)):
+        model, runner = exported[name].model, OnnxRunner.from_manifest(exported[name].manifest, exported[name].export_dir)
         c, h, w, levels, classes = config["in_channels"], config["height"], config["width"], config["levels"], config.get("num_classes", 0)
         images = np.random.default_rng(1).integers(0, levels, (2, c, h, w)).astype(np.uint8)
         labels = np.array([0, 1]) if classes else None
         sample_labels = [1, 0] if classes else None
         with torch.no_grad():
             nll = model.nll(torch.from_numpy(images).long(), None if labels is None else torch.from_numpy(labels)).numpy()
-        sample = sample_cached(build_cell(model), 2, SAMPLE_SEED, 1.0, None if classes == 0 else torch.tensor(sample_labels))
-        models[name] = Model(name, model, c, h, w, levels, classes, images, labels, nll, np.asarray(sample), sample_labels)
-    with TritonServer(repository, log_path=root / "triton.log") as server:
+        m = Model(name, model, runner, c, h, w, levels, classes, images, labels, nll, None, sample_labels)
+        m.sample = m.expected(2, SAMPLE_SEED, labels=sample_labels)
+        models[name] = m
+    with serve(root / "repository", root / "triton.log") as server:
         yield server, models
-
-
-def tensor(name, value, dtype):
-    value = np.asarray(value, dtype=object if dtype == "BYTES" else triton_to_np_dtype(dtype))
-    t = tritonclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value.copy(order="C"))  # not ascontiguousarray: it makes a scalar 1-d
-    return t
 
 
 def build(tensors: dict) -> list:
@@ -113,36 +104,6 @@ def check_message(message: str, pattern: str) -> None:
     assert not TRACEBACK.search(message) and "\n" not in message.strip(), f"not one clear line: {message!r}"
 
 
-class Stream:
-    """One gRPC stream to the samplers; every response lands on one queue."""
-
-    def __init__(self, url):
-        self.client = tritonclient.InferenceServerClient(url)
-        self.q = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.q.put((result, error)))
-
-    def request(self, model, seq, inputs, start=False, end=False):
-        """Send one request; (rows, error) once its final response is in. rows: dicts."""
-        self.client.async_stream_infer(model, inputs, sequence_id=seq, sequence_start=start, sequence_end=end,
-                                       enable_empty_final_response=True)
-        rows, deadline = [], time.monotonic() + DEADLINE_S
-        while True:
-            try:
-                result, error = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no final response from {model} within {DEADLINE_S} s (sequence {seq}, {len(rows)} rows so far)")
-            if error is not None:  # an error is the request's last message
-                return rows, str(error)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return rows, None
-            rows.append(dict(stage=int(result.as_numpy(p.STAGE)[0]), index=int(result.as_numpy(p.ROW_INDEX)[0]),
-                             row=result.as_numpy(p.ROW), logprob=result.as_numpy(p.ROW_LOGPROB)))
-
-    def close(self):
-        self.client.stop_stream()
-        self.client.close()
-
-
 @pytest.fixture(scope="module")
 def scorer(deployed):
     client = tritonclient.InferenceServerClient(deployed[0].grpc_url)
@@ -152,9 +113,11 @@ def scorer(deployed):
 
 @pytest.fixture(scope="module")
 def stream(deployed):
-    s = Stream(deployed[0].grpc_url)
+    """One stream for the module's sampler requests; stream.request(...) -> (rows, error or None),
+    a request without its final response within DEADLINE_S raises StreamTimeout (a hang)."""
+    s = SampleStream(deployed[0].grpc_url, timeout=DEADLINE_S)
     yield s
-    s.close()
+    assert s.close(cancel=True), "the stream did not close in time"
 
 
 SEQ = itertools.count(100)  # every case its own sequence ids
@@ -191,14 +154,14 @@ def assert_scores_correctly(client, m: Model):
     np.testing.assert_allclose(nll[:, 0], m.nll, rtol=1e-5, atol=1e-4)
 
 
-def assert_samples_correctly(stream: Stream, m: Model):
+def assert_samples_correctly(stream: SampleStream, m: Model):
     tensors = {p.BATCH_SIZE: ([2], "INT32"), p.SEED: ([SAMPLE_SEED], "UINT64")}
     if m.classes:
         tensors[p.LABELS] = (m.sample_labels, "INT64")
     rows, error = stream.request(f"{m.name}_sample", next(SEQ), build(tensors), start=True, end=True)
     assert error is None, error
-    assert [r["index"] for r in rows] == list(range(m.h))
-    np.testing.assert_array_equal(np.stack([r["row"] for r in rows], axis=2), m.sample)
+    assert [r.index for r in rows] == list(range(m.h))
+    np.testing.assert_array_equal(np.stack([r.pixels for r in rows], axis=2), m.sample)
 
 
 # -- the scorer: one bad request per case, for both models --------------------------------------
@@ -354,8 +317,8 @@ def test_a_second_start_for_a_live_sequence_is_refused_and_the_live_one_goes_on(
     check_message(error, rf"sequence {seq} is already active")
     rest, error = stream.request(f"{name}_sample", seq, [], end=True)  # the live stream is untouched: same seed, same image
     assert error is None
-    assert [r["index"] for r in first + rest] == list(range(m.h))
-    np.testing.assert_array_equal(np.stack([r["row"] for r in first + rest], axis=2), m.sample)
+    assert [r.index for r in first + rest] == list(range(m.h))
+    np.testing.assert_array_equal(np.stack([r.pixels for r in first + rest], axis=2), m.sample)
     assert_samples_correctly(stream, m)
 
 
@@ -388,7 +351,7 @@ def test_a_refused_request_with_sequence_end_frees_the_sequence_id(deployed, str
     check_message(error, pattern)
     rows, error = stream.request(f"{name}_sample", seq, start_request(m), start=True, end=True)
     assert error is None, error
-    np.testing.assert_array_equal(np.stack([r["row"] for r in rows], axis=2), m.sample)
+    np.testing.assert_array_equal(np.stack([r.pixels for r in rows], axis=2), m.sample)
 
 
 def test_a_second_start_with_sequence_end_frees_the_sequence_id(deployed, stream):
@@ -500,6 +463,55 @@ def score_is_valid(m: Model, tensors: dict) -> bool:
     return True
 
 
+BATCH = "batch-size"  # the batch dimension at fault: Triton says "batch-size must be <= N"
+CORRELATION = "correlation ID"  # a sequence id of 0: Triton asks for "a non-zero ... correlation ID"
+NO_INPUTS = "request has 0 inputs"  # no input at all: Triton's words
+
+
+def names_one(message: str, culprits: set[str]) -> bool:
+    """Whether the message names one of the culprits: an input name as a whole word (IMAGES is
+    not named by IMAGES_HW), or one of the phrases above."""
+    return any(re.search(re.escape(c) if c in (BATCH, CORRELATION, NO_INPUTS) else rf"\b{re.escape(c)}\b", message) for c in culprits)
+
+
+def score_culprits(m: Model, tensors: dict) -> set[str]:
+    """What is wrong with a scoring request (the protocol, runtime/protocol.py): every input at
+    fault (missing ones too), BATCH for a batch over the maximum; empty for a valid request.
+    A request wrong in several ways may be refused for any of them."""
+    allowed = {p.IMAGES} | ({p.IMAGES_HW} if m.c == 1 else set()) | ({p.LABELS} if m.classes else set())
+    culprits = set(tensors) - allowed
+    # Triton takes every input's first dimension as the batch and checks it first: over the
+    # maximum, or not the same in every input (then it names any one of them).
+    if any(v.ndim and v.shape[0] > MAX_BATCH for v, _ in tensors.values()):
+        culprits.add(BATCH)
+    if len({v.shape[0] for v, _ in tensors.values() if v.ndim}) > 1:
+        culprits |= {n for n, (v, _) in tensors.items() if v.ndim}
+    layouts = [n for n in (p.IMAGES, p.IMAGES_HW) if n in tensors]
+    if len(layouts) != 1:
+        culprits |= set(layouts) or {p.IMAGES}  # both sent, or IMAGES missing
+    if not tensors:
+        culprits.add(NO_INPUTS)
+    batches = set()
+    for layout in layouts:
+        if not right(tensors[layout], "UINT8", (None, m.c, m.h, m.w) if layout == p.IMAGES else (None, m.h, m.w)):
+            culprits.add(layout)
+            continue
+        images = tensors[layout][0]
+        batches.add(images.shape[0])
+        if images.shape[0] == 0 or (images.size and images.max() >= m.levels):
+            culprits.add(layout)
+    if m.classes:
+        if p.LABELS not in tensors or not right(tensors[p.LABELS], "INT64", (None, 1)):
+            culprits.add(p.LABELS)
+        else:
+            labels = tensors[p.LABELS][0]
+            if labels.shape[0] == 0 or (labels.size and (labels.min() < 0 or labels.max() >= m.classes)):
+                culprits.add(p.LABELS)
+            if batches and labels.shape[0] not in batches:  # one label per image
+                culprits |= {p.LABELS, *layouts}
+    return culprits
+
+
 def fuzz_settings(n):
     return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
@@ -535,11 +547,14 @@ def test_fuzz_score(deployed, scorer):
         tensors = data.draw(score_request(m))
         nll, error = score(scorer, m, build(tensors))
         valid = score_is_valid(m, tensors)
+        culprits = score_culprits(m, tensors)
+        assert valid == (not culprits), f"the two oracles disagree: valid {valid}, culprits {culprits}"
         if error is not None:
             counts["refused"] += 1
             one_line_error(error)
             assert not valid, f"a valid request was refused: {error}"
             assert error.startswith("[StatusCode.INVALID_ARGUMENT]"), error
+            assert names_one(error, culprits), f"names none of {sorted(culprits)}: {error!r}"
             return
         counts["scored"] += 1
         assert valid, "an invalid request was scored"
@@ -551,15 +566,15 @@ def test_fuzz_score(deployed, scorer):
         np.testing.assert_allclose(nll[:, 0], want, rtol=1e-4, atol=1e-3)
 
     one()
+    print(f"\nscorer fuzz: {counts}")
     assert min(counts.values()) > N_SCORE_FUZZ // 10, counts  # both paths well exercised
-    assert deployed[0].running() and scorer.is_server_live()
+    assert deployed[0].running() and scorer.is_server_live(client_timeout=DEADLINE_S)
     for m in models.values():
         assert_scores_correctly(scorer, m)
 
 
 SAMPLE_INPUTS = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8", p.MAX_ROWS: "INT32"}
 MIN_TEMPERATURE = 1e-6
-STATE_ERROR = r"is already active|is not active|must specify the START flag"
 
 
 def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
@@ -582,6 +597,43 @@ def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
         if labels.size not in (1, batch) or labels.min() < 0 or labels.max() >= m.classes:
             return True
     return known is not None and (known.shape[0] != batch or known.shape[2] > m.h or (known.size and known.max() >= m.levels))
+
+
+def triton_culprits(m: Model, tensors: dict, seq: int) -> set[str]:
+    """What Triton itself refuses in a sampler request, before the model sees it: sequence id 0,
+    inputs the model does not have, inputs of the wrong dtype or shape."""
+    dims = {p.BATCH_SIZE: (1,), p.TEMPERATURE: (1,), p.SEED: (1,), p.LABELS: (None,), p.KNOWN: (None, m.c, None, m.w), p.MAX_ROWS: (1,)}
+    allowed = set(SAMPLE_INPUTS) - (set() if m.classes else {p.LABELS})
+    culprits = (set(tensors) - allowed) | {n for n, t in tensors.items() if n in allowed and not right(t, SAMPLE_INPUTS[n], dims[n])}
+    return culprits | ({CORRELATION} if seq == 0 else set())
+
+
+def sample_culprits(m: Model, tensors: dict, start: bool, seq: int) -> set[str]:
+    """What is wrong with a sampler request whatever the sequence's state: the inputs at fault,
+    CORRELATION for sequence id 0; empty where sample_must_fail is False. Triton's own checks
+    (the sequence id, input names, dtypes, shapes) come before the model sees anything, so where
+    one fails only those are returned; otherwise every fault the model's checks can name."""
+    culprits = triton_culprits(m, tensors, seq)
+    if culprits:
+        return culprits
+    if p.MAX_ROWS in tensors and first(tensors[p.MAX_ROWS]) < 0:
+        culprits.add(p.MAX_ROWS)
+    if not start:
+        return culprits | (set(tensors) & set(p.START_ONLY))
+    known = tensors[p.KNOWN][0] if p.KNOWN in tensors else None
+    batch = int(first(tensors[p.BATCH_SIZE])) if p.BATCH_SIZE in tensors else 1 if known is None else known.shape[0]
+    t = float(first(tensors[p.TEMPERATURE])) if p.TEMPERATURE in tensors else 1.0
+    if not 1 <= batch <= MAX_BATCH:
+        culprits.add(p.BATCH_SIZE if p.BATCH_SIZE in tensors else p.KNOWN)  # without BATCH_SIZE, KNOWN's images are the batch
+    if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+        culprits.add(p.TEMPERATURE)
+    if m.classes:
+        labels = tensors[p.LABELS][0] if p.LABELS in tensors else np.zeros(0)
+        if labels.size == 0 or labels.size not in (1, batch) or labels.min() < 0 or labels.max() >= m.classes:
+            culprits.add(p.LABELS)
+    if known is not None and (known.shape[0] != batch or known.shape[2] > m.h or (known.size and known.max() >= m.levels)):
+        culprits.add(p.KNOWN)
+    return culprits
 
 
 def sample_table(m: Model) -> dict:
@@ -617,11 +669,29 @@ def sample_request(draw, m: Model, start: bool):
 FUZZ_SEQUENCES = range(5000, 5040)  # few ids, so that later requests often find a live sequence
 
 
+STATE_ERROR_START = r"is already active"  # a START for a live sequence id
+STATE_ERROR_LATER = r"is not active|must specify the START flag"  # a later request for a sequence not (or no longer) open
+
+
 def test_fuzz_sample(deployed, stream):
-    """Random requests and sequence flags: well-formed rows or one clear line; afterwards the
-    server answers right and every sequence the fuzz left open has expired."""
+    """Random requests and sequence flags: well-formed rows or one clear line naming what is at
+    fault; every row accepted is the in-process sampler's row for its sequence's START request
+    (where that named a seed); afterwards the server answers right and every sequence the fuzz
+    left open has expired."""
     server, models = deployed
     counts = {"rows": 0, "refused": 0}
+    checked = [0]  # accepted requests whose rows were compared with the in-process sampler's
+    # (model, sequence id) -> its last accepted START's values (None: no SEED, the image is unknown);
+    # an accepted later request can only continue that sequence: any other START was refused.
+    opened: dict[tuple[str, int], dict | None] = {}
+    images: dict[tuple[str, int], np.ndarray] = {}
+
+    def expected(m: Model, key) -> np.ndarray | None:
+        if opened.get(key) is None:
+            return None
+        if key not in images:
+            images[key] = m.expected(**opened[key])
+        return images[key]
 
     @fuzz_settings(N_SAMPLE_FUZZ)
     @given(data=st.data())
@@ -632,52 +702,65 @@ def test_fuzz_sample(deployed, stream):
         tensors = data.draw(sample_request(m, start))
         rows, error = stream.request(f"{m.name}_sample", seq, build(tensors), start=start, end=end)
         must_fail = sample_must_fail(m, tensors, start, seq)
+        culprits = sample_culprits(m, tensors, start, seq)
+        assert must_fail == bool(culprits), f"the two oracles disagree: must fail {must_fail}, culprits {culprits}"
         if error is not None:
             counts["refused"] += 1
             one_line_error(error)
-            assert must_fail or re.search(STATE_ERROR, error), f"a valid request was refused: {error}"
+            if must_fail:  # named, or (a later request that passed Triton's checks) its missing START flag is at fault too
+                flag = not start and not triton_culprits(m, tensors, seq) and re.search(STATE_ERROR_LATER, error)
+                assert names_one(error, culprits) or flag, f"names none of {sorted(culprits)}: {error!r}"
+            else:
+                assert re.search(STATE_ERROR_START if start else STATE_ERROR_LATER, error), f"a valid request was refused: {error}"
             assert not rows or not start, "rows of a refused START request"
             return
         assert not must_fail, "an invalid request was answered"
         counts["rows"] += 1
+        key = (m.name, seq)
+        if start:
+            known = tensors[p.KNOWN][0] if p.KNOWN in tensors else None
+            opened[key] = None if p.SEED not in tensors else dict(
+                batch=int(first(tensors[p.BATCH_SIZE])) if p.BATCH_SIZE in tensors else 1 if known is None else known.shape[0],
+                seed=int(first(tensors[p.SEED])), labels=tensors[p.LABELS][0] if p.LABELS in tensors else None, known=known,
+                temperature=float(first(tensors[p.TEMPERATURE])) if p.TEMPERATURE in tensors else 1.0)
+            images.pop(key, None)
         max_rows = int(first(tensors[p.MAX_ROWS])) if p.MAX_ROWS in tensors else None
-        indices = [r["index"] for r in rows]
-        assert all(r["stage"] == 0 for r in rows) and np.all(np.diff(indices) == 1), indices
+        indices = [r.index for r in rows]
+        assert all(r.stage == 0 for r in rows) and np.all(np.diff(indices) == 1), indices
         assert max_rows is None or len(rows) <= max_rows
         if start:
             assert len(rows) == (m.h if max_rows is None else min(max_rows, m.h)) and (not rows or indices[0] == 0)
             batch = int(first(tensors[p.BATCH_SIZE])) if p.BATCH_SIZE in tensors else len(tensors[p.KNOWN][0]) if p.KNOWN in tensors else 1
-            assert all(r["row"].shape[0] == batch for r in rows)
-        batches = {r["row"].shape[0] for r in rows}
+            assert all(r.pixels.shape[0] == batch for r in rows)
+        batches = {r.pixels.shape[0] for r in rows}
         assert len(batches) <= 1 and all(1 <= b <= MAX_BATCH for b in batches)
         for r in rows:
-            b = r["row"].shape[0]
-            assert r["row"].shape == (b, m.c, m.w) and r["row"].dtype == np.uint8 and r["row"].max() < m.levels
-            assert r["logprob"].shape == (b,) and np.all(np.isfinite(r["logprob"])) and np.all(r["logprob"] <= 1e-4)
+            b = r.pixels.shape[0]
+            assert r.pixels.shape == (b, m.c, m.w) and r.pixels.dtype == np.uint8 and r.pixels.max() < m.levels
+            assert r.logprob.shape == (b,) and np.all(np.isfinite(r.logprob)) and np.all(r.logprob <= 1e-4)
         if start and p.KNOWN in tensors:
             known = tensors[p.KNOWN][0]
             for r in rows[:known.shape[2]]:
-                np.testing.assert_array_equal(r["row"], known[:, :, r["index"]])
+                np.testing.assert_array_equal(r.pixels, known[:, :, r.index])
+        want = expected(m, key) if rows else None
+        if want is not None:  # the sequence's own image, row by row, wherever in it this request is
+            for r in rows:
+                np.testing.assert_array_equal(r.pixels, want[:, :, r.index], err_msg=f"{key} row {r.index} {opened[key]}")
+            checked[0] += 1
 
     one()
+    print(f"\nsampler fuzz: {counts}, {checked[0]} compared with the in-process sampler")
     assert min(counts.values()) > N_SAMPLE_FUZZ // 10, counts
-    assert server.running() and stream.client.is_server_live()
+    assert checked[0] > N_SAMPLE_FUZZ // 20, checked  # the image oracle well exercised (~180 of 1250)
+    assert server.running() and stream.client.is_server_live(client_timeout=DEADLINE_S)
     for m in models.values():
         assert_samples_correctly(stream, m)
-        assert_live_sequences_drain(server, f"{m.name}_sample", IDLE_S + 5.0)
+        assert_live_sequences_drain(server, f"{m.name}_sample")
 
 
-def live_sequences(server, model) -> int | None:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    found = re.search(rf'^pixelrnn_sampler_live_sequences{{model="{model}"}} (\S+)$', text, re.M)
-    return None if found is None else int(float(found.group(1)))
-
-
-def assert_live_sequences_drain(server, model, timeout):
-    deadline, live = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        live = live_sequences(server, model)
-        if live == 0:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{model} still holds {live} sequences {timeout:g} s after the fuzz")
+def assert_live_sequences_drain(server, model):
+    """No sequence held: the fuzz's last open ones expire IDLE_S after their last request, seen
+    within the engine's and the metrics' periods (0.5 s each); the slack is for a busy machine."""
+    timeout = IDLE_S + 0.5 + 0.5 + 10.0
+    metrics, drained = wait_for(lambda: sampler_metrics(server, model), lambda m: m.get("live") == 0, timeout, interval=0.2)
+    assert drained, f"{model} still holds {metrics.get('live')} sequences {timeout:g} s after the fuzz"

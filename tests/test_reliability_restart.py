@@ -4,35 +4,33 @@ serves again, and the client resumes the image from the rows it already has (a K
 by hand or with PixelClient's retries): under the same seed it ends with the uninterrupted
 run's image, which is export.cells.sample_cached's.
 
-A kill follows the k-th row the client reads, while the server goes on making rows: the models
-are tall (256 and 64 + 128 rows) and tiny so that it lands mid-image, and where a busy machine
-lets the server finish first anyway, the test tries again with the next seed."""
+A kill follows the k-th row the client reads: the reading thread freezes the server (SIGSTOP to
+its process group) at once, then the kill (tests/deployment.kill_hard) and the restart run on
+another thread. The models are tall (256 and 64 + 128 rows) and tiny, so the freeze lands
+mid-image unless the server made and sent every remaining row between the client's read and
+the freeze. Nothing outside the server can pace it, so that stays possible on a busy machine:
+then the kill missed, and the test tries again with the next seed, up to len(SEEDS) tries, as
+its name says; a test that needed more than one try says so in a KillRetried warning and in its
+`kill_tries` property (junit XML)."""
 import os
 import re
 import signal
 import threading
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
-import torch
 
-pytest.importorskip("tritonclient.grpc")
+from tests.deployment import Tiny, export_models, kill_hard, launch, require
+
+require("tritonclient.grpc")
 
 from client import cli  # noqa: E402
 from client.library import ClientError, PixelClient, assemble  # noqa: E402
-from export import build_engine  # noqa: E402
 from export.cells import build_cell, sample_cached  # noqa: E402
-from server.launcher import ServerError, TritonServer, find_tritonserver  # noqa: E402
-from training.checkpoint import load_model, save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from server.launcher import TritonServer  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
-
-try:
-    find_tritonserver()
-except ServerError as e:  # pragma: no cover - `make setup` installs it
-    pytest.skip(str(e), allow_module_level=True)
 
 MODELS = {
     "tall": ("gated_pixelcnn", dict(in_channels=1, height=256, width=4, levels=2, hidden=6, layers=1, kernel=3)),
@@ -45,23 +43,30 @@ SEEDS = (11, 12, 13)  # one more try for each kill that came after the image was
 LOST = r"lost the connection to the Triton server at 127\.0\.0\.1:\d+ after (\d+) rows \(.+\)"
 
 
+class KillRetried(UserWarning):
+    """A kill came after the server had finished the image: the test tried again."""
+
+
+def report_tries(record_property, tries: int, what: str) -> None:
+    record_property("kill_tries", tries)
+    if tries > 1:
+        warnings.warn(KillRetried(f"{what}: {tries - 1} kill(s) came after the image was done; landed on try {tries} of {len(SEEDS)}"))
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """{name: (repository, torch model)}: a repository per model, so a (re)start loads two models."""
     root = tmp_path_factory.mktemp("restart")
     models = {}
     for name, (arch, config) in MODELS.items():
-        torch.manual_seed(1)
-        save_checkpoint(root / f"{name}.pt", {"arch": arch, "config": config, "model": build_model(arch, dict(config)).state_dict(), "step": 1})
-        assert build_engine.main(["--checkpoint", str(root / f"{name}.pt"), "--out", str(root / name), "--name", name,
-                                  "--tensorrt", "off", "--repository", str(root / f"{name}-repository")]) == 0
-        models[name] = (root / f"{name}-repository", load_model(root / f"{name}.pt")[0])
+        exported = export_models(root, [Tiny(name, arch, config)], root / f"{name}-repository")
+        models[name] = (root / f"{name}-repository", exported[name].model)
     return models
 
 
 class Crashable:
-    """A server that can crash (SIGKILL to its process group: tritonserver and its backend
-    stubs) and start again on the same repository and ports."""
+    """A server that can crash (tests/deployment.kill_hard: SIGKILL to its process group,
+    tritonserver and its backend stubs) and start again on the same repository and ports."""
 
     def __init__(self, repository, logs):
         self.repository, self.logs, self.starts = repository, logs, 0
@@ -70,22 +75,19 @@ class Crashable:
 
     def _start(self, ports) -> TritonServer:
         self.starts += 1
-        return TritonServer(self.repository, grpc_port=ports.get("grpc"), http_port=ports.get("http"),
-                            metrics_port=ports.get("metrics"), log_path=self.logs / f"triton-{self.starts}.log").start()
+        return launch(self.repository, self.logs / f"triton-{self.starts}.log", grpc_port=ports.get("grpc"),
+                      http_port=ports.get("http"), metrics_port=ports.get("metrics"))
 
     @property
     def url(self) -> str:
         return self.server.grpc_url
 
+    def freeze(self) -> None:
+        """SIGSTOP the server's process group: it makes and sends nothing more (kill() follows)."""
+        os.killpg(self.server.process.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
-        """The Python backend's shared memory regions outlive a crash (a stopped server removes
-        its own): this removes them after the kill."""
-        pid = self.server.process.pid
-        regions = set(re.findall(r"/dev/shm/triton_python_backend_shm_region_\S+", Path(f"/proc/{pid}/maps").read_text()))
-        os.killpg(pid, signal.SIGKILL)
-        self.server.process.wait()
-        for region in regions:
-            Path(region).unlink(missing_ok=True)
+        kill_hard(self.server)
 
     def restart(self) -> None:
         self.server = self._start(self.ports)
@@ -120,10 +122,11 @@ def expected(model, n, seed):
 
 class CrashAfter:
     """A background thread that kills the server once the client has read `rows` rows, then
-    restarts it (unless restart=False). The reading thread calls row(k) after its k-th row and
-    waits there for the kill before it reads on."""
+    restarts it (unless restart=False). The reading thread calls row(k) after its k-th row: at
+    `rows` it freezes the server itself, at once, and waits there for the kill before it reads on."""
 
     def __init__(self, crash: Crashable, rows: int, restart: bool = True):
+        self.crash = crash
         self.rows, self.reached, self.killed, self.failures = rows, threading.Event(), threading.Event(), []
         self.thread = threading.Thread(target=self._run, args=(crash, restart), daemon=True)
         self.thread.start()
@@ -140,7 +143,8 @@ class CrashAfter:
             self.killed.set()
 
     def row(self, k: int) -> None:
-        if k == self.rows:
+        if k == self.rows and not self.reached.is_set():  # not again in a resumed stream: the server is a new one
+            self.crash.freeze()
             self.reached.set()
             assert self.killed.wait(60)
 
@@ -162,10 +166,11 @@ class CrashAfter:
         assert not self.failures, self.failures
 
 
-def test_kill_mid_stream_is_one_clear_error_and_a_restarted_server_continues_from_the_prefix(deployed, servers):
+def test_kill_mid_stream_is_one_clear_error_and_a_restarted_server_continues_from_the_prefix__3_seeds_for_a_kill_mid_image(
+        deployed, servers, record_property):
     crash, model, h = servers("tall"), deployed["tall"][1], MODELS["tall"][1]["height"]
     client = PixelClient(crash.url, "tall")
-    for seed in SEEDS:
+    for tries, seed in enumerate(SEEDS, 1):
         crash.ensure_up()
         want = client.sample_images(1, seed=seed)  # the uninterrupted run
         rows, lost = CrashAfter(crash, 3, restart=False).read(client.sample(1, seed=seed))
@@ -173,6 +178,7 @@ def test_kill_mid_stream_is_one_clear_error_and_a_restarted_server_continues_fro
             break
     else:
         pytest.fail("every kill came after the image was done")
+    report_tries(record_property, tries, "kill mid-stream")
     np.testing.assert_array_equal(want, expected(model, 1, seed))
     message = str(lost)
     assert "\n" not in message and re.fullmatch(LOST, message), message
@@ -200,10 +206,11 @@ def test_kill_mid_stream_is_one_clear_error_and_a_restarted_server_continues_fro
     (3, "small image"),  # only full-image rows make a prefix: it starts over, same seed
     (SMALL_ROWS + 5, "full image"),
 ])
-def test_retries_carry_multiscale_sampling_across_a_kill_and_restart(deployed, servers, kill_at, where):
+def test_retries_carry_multiscale_sampling_across_a_kill_and_restart__3_seeds_for_a_kill_mid_image(
+        deployed, servers, record_property, kill_at, where):
     crash, model, n, h = servers("ms"), deployed["ms"][1], 2, MODELS["ms"][1]["height"]
     client = PixelClient(crash.url, "ms")
-    for seed in SEEDS:
+    for tries, seed in enumerate(SEEDS, 1):
         crash.ensure_up()
         want = client.sample_images(n, seed=seed)
         uninterrupted = [(r.stage, r.index) for r in client.sample(n, seed=seed)]
@@ -218,6 +225,7 @@ def test_retries_carry_multiscale_sampling_across_a_kill_and_restart(deployed, s
             break
     else:
         pytest.fail(f"no kill came in the {where}: {notes}")
+    report_tries(record_property, tries, f"multi-scale, kill in the {where}")
     np.testing.assert_array_equal(want, expected(model, n, seed))
     assert len(notes) == 2, notes
     received = int(lost.group(1))
@@ -227,9 +235,10 @@ def test_retries_carry_multiscale_sampling_across_a_kill_and_restart(deployed, s
     client.close()
 
 
-def test_cli_retries_say_where_they_resume_and_give_the_uninterrupted_image(deployed, servers, tmp_path, capsys, monkeypatch):
+def test_cli_retries_say_where_they_resume_and_give_the_uninterrupted_image__3_seeds_for_a_kill_mid_image(
+        deployed, servers, tmp_path, capsys, monkeypatch, record_property):
     crash, h, real, npy = servers("tall"), MODELS["tall"][1]["height"], PixelClient._stream, tmp_path / "samples.npy"
-    for seed in SEEDS:
+    for tries, seed in enumerate(SEEDS, 1):
         crash.ensure_up()
         crasher = CrashAfter(crash, 6)
 
@@ -251,5 +260,6 @@ def test_cli_retries_say_where_they_resume_and_give_the_uninterrupted_image(depl
             break
     else:
         pytest.fail("every kill came after the image was done")
+    report_tries(record_property, tries, "CLI retries")
     assert len(lost) == 1, err
     assert f"warning: the server is back: resuming from row {lost[0].group(1)} of {h}" in lines, err

@@ -12,7 +12,6 @@ that was never ended has nothing in flight to cancel: only the idle timeout free
 import itertools
 import json
 import os
-import queue
 import re
 import select
 import signal
@@ -20,31 +19,22 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-tritonclient = pytest.importorskip("tritonclient.grpc")
+from tests.deployment import BUSY_SLACK_S, Tiny, export_models, require, sampler_periods, serve, wait_for
+from tests import deployment
 
-from export import build_engine  # noqa: E402
+require("tritonclient.grpc")
+
+from client.stream import OWN_CONNECTION, SampleStream, sample_inputs  # noqa: E402
 from export.cells import build_cell, sample_cached  # noqa: E402
-from runtime import protocol as p  # noqa: E402
-from server.launcher import ServerError, TritonServer, find_tritonserver  # noqa: E402
-from export.repository import write_repository  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
-
-try:
-    find_tritonserver()
-except ServerError as e:  # pragma: no cover - `make setup` installs it
-    pytest.skip(str(e), allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 # Tall and thin: one image (2048 rows) takes over half a second even alone, well past the ~0.2 s
@@ -54,56 +44,39 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = dict(in_channels=1, height=2048, width=4, levels=4, num_classes=0, hidden=6, layers=1, kernel=3)
 MODEL = "tall_sample"
 IDLE_S = 1.5
-# Metrics are pushed every 0.5 s and idle sequences are looked at every 0.5 s.
-SETTLE_S = IDLE_S + 5.0
+PERIODS = sampler_periods()  # the sampler's is_cancelled polling, metrics pushes and idle checks
+# A dropped client is seen freed on the metrics endpoint within one is_cancelled poll and one
+# metrics push; an idle sequence within one idle check and one push after IDLE_S.
+NOTICE_S = PERIODS["CANCEL_CHECK_S"] + PERIODS["METRICS_PERIOD_S"] + BUSY_SLACK_S
+SETTLE_S = IDLE_S + PERIODS["ENGINE_POLL_S"] + PERIODS["METRICS_PERIOD_S"] + BUSY_SLACK_S
 CONCURRENCY = 20
+CLOSE_S = 30.0  # bound of a stream's close
 ids = itertools.count(1000)  # every sequence of the module has its own id
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("streams")
-    torch.manual_seed(0)
-    model = build_model("gated_pixelcnn", dict(CONFIG))
-    save_checkpoint(root / "tall.pt", {"arch": "gated_pixelcnn", "config": CONFIG, "model": model.state_dict(), "step": 1})
-    out = root / "export"
-    assert build_engine.main(["--checkpoint", str(root / "tall.pt"), "--out", str(out), "--name", "tall", "--tensorrt", "off"]) == 0
-    write_repository(read_manifest(out), out, root / "repository", sequence_idle_s=IDLE_S)
-    with TritonServer(root / "repository", log_path=root / "triton.log") as server:
-        # The metrics endpoint can come up a moment after the server reports ready.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                sampler_metrics(server)
-                break
-            except (OSError, AssertionError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield server, model
+    exported = export_models(root, [Tiny("tall", "gated_pixelcnn", CONFIG, seed=0, writer=dict(sequence_idle_s=IDLE_S))],
+                             root / "repository")
+    with serve(root / "repository", root / "triton.log") as server:
+        # The sampler's metrics appear with its first push, a moment after the server is ready.
+        metrics, up = wait_for(lambda: deployment.sampler_metrics(server, MODEL), lambda m: "live" in m, 10 + BUSY_SLACK_S)
+        assert up, f"no pixelrnn_sampler_live_sequences for {MODEL} on {server.metrics_url}: {metrics}"
+        yield server, exported["tall"].model
 
 
 # -- what the server says ------------------------------------------------------------------------
 def sampler_metrics(server) -> dict[str, int]:
     """{"live": n, event: count} from the sampler's Triton custom metrics."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    found = {}
-    for name, labels, value in re.findall(r"^(pixelrnn_sampler_\w+)\{([^}]*)\} (\S+)$", text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if labels.get("model") == MODEL:
-            found["live" if name.endswith("live_sequences") else labels["event"]] = int(float(value))
+    found = deployment.sampler_metrics(server, MODEL)
     assert "live" in found, f"no pixelrnn_sampler_live_sequences for {MODEL} on {server.metrics_url}"
     return found
 
 
 def wait_until(server, ok, timeout=SETTLE_S) -> dict[str, int]:
     """Poll the metrics until ok(metrics); the last metrics seen either way."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = sampler_metrics(server)
-        if ok(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
+    return wait_for(lambda: sampler_metrics(server), ok, timeout)[0]
 
 
 def quiet(server, timeout=SETTLE_S) -> dict[str, int]:
@@ -112,7 +85,7 @@ def quiet(server, timeout=SETTLE_S) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     last = sampler_metrics(server)
     while True:
-        time.sleep(0.6)
+        time.sleep(PERIODS["METRICS_PERIOD_S"] + 0.1)
         m = sampler_metrics(server)
         if m == last and m["live"] == 0:
             return m
@@ -155,40 +128,12 @@ def rss_kb(pid: int) -> dict[str, int]:
 
 
 # -- clients ---------------------------------------------------------------------------------------
-def start_inputs(seed, max_rows=None):
-    inputs = []
-    for name, value, dtype, np_dtype in ((p.SEED, seed, "UINT64", np.uint64), (p.MAX_ROWS, max_rows, "INT32", np.int32)):
-        if value is not None:
-            t = tritonclient.InferInput(name, [1], dtype)
-            t.set_data_from_numpy(np.array([value], np_dtype))
-            inputs.append(t)
-    return inputs
-
-
-# Every client on a TCP connection of its own, as separate client processes would be: channels of
-# one process share connections by default, and one closing can then cut another's new stream.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
-
-
-def open_stream(url, seq, seed, max_rows=None, end=True):
-    """A client with one stream and a START request on it; its responses (or errors) on a queue."""
-    client = tritonclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
-    responses = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put(error if error is not None else result))
-    client.async_stream_infer(MODEL, start_inputs(seed, max_rows), sequence_id=seq, sequence_start=True, sequence_end=end,
-                              enable_empty_final_response=True)
-    return client, responses
-
-
-def take_rows(responses, k, timeout=60):
-    """The next k rows of a stream (final responses skipped); an error fails the test."""
-    rows = []
-    while len(rows) < k:
-        r = responses.get(timeout=timeout)
-        assert not isinstance(r, Exception), str(r)
-        if not r.get_response().parameters["triton_final_response"].bool_param:
-            rows.append(r.as_numpy(p.ROW))
-    return rows
+def open_stream(url, seq, seed, max_rows=None, end=True) -> SampleStream:
+    """A client with one stream, on a TCP connection of its own as a separate client process
+    would be (client.stream.OWN_CONNECTION), and a START request on it."""
+    stream = SampleStream(url, channel_args=OWN_CONNECTION, timeout=60.0)
+    stream.send(MODEL, seq, sample_inputs(seed=seed, max_rows=max_rows), start=True, end=end)
+    return stream
 
 
 def abandon(url, style, k):
@@ -198,38 +143,30 @@ def abandon(url, style, k):
     left_open  MAX_ROWS k without sequence_end, then a clean close: nothing in flight to cancel,
                only the idle timeout can free the sequence"""
     seq = next(ids)
-    client, responses = open_stream(url, seq, seq, max_rows=k if style == "left_open" else None, end=style != "left_open")
-    take_rows(responses, k)
+    stream = open_stream(url, seq, seq, max_rows=k if style == "left_open" else None, end=style != "left_open")
+    stream.take_rows(k)
     if style == "cancel":
-        client.stop_stream(cancel_requests=True)
+        closed = stream.close(cancel=True, timeout=CLOSE_S)
     elif style == "channel":
-        client._channel.close()  # what a client that exits or drops its channel does to the call
-        client.stop_stream(cancel_requests=True)  # tidies up the client's own thread only: the call is gone
+        closed = stream.drop_channel(timeout=CLOSE_S)  # what a client that exits or drops its channel does to the call
     elif style == "left_open":
-        client.close()  # waits for the request's final response: every row it asked for came
+        closed = stream.close(timeout=CLOSE_S)  # waits for the request's final response: every row it asked for came
     else:
         raise ValueError(style)
+    assert closed, f"{style}: the client's stream did not close within {CLOSE_S:g} s"
 
 
 # A client process that opens some streams, reports once each has a few rows, then waits to be killed.
 CHILD = r"""
-import os, queue, sys
-import numpy as np
-import tritonclient.grpc as g
+import os, sys
+from client.stream import OWN_CONNECTION, SampleStream, sample_inputs
 url, model, first, n, k = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-clients = []
-for seq in range(first, first + n):  # connected first, so that the images start together
-    c, q = g.InferenceServerClient(url, channel_args=[("grpc.use_local_subchannel_pool", 1)]), queue.Queue()
-    c.start_stream(callback=lambda result, error, q=q: q.put(error))
-    clients.append((seq, c, q))
-for seq, c, q in clients:
-    t = g.InferInput("SEED", [1], "UINT64")
-    t.set_data_from_numpy(np.array([seq], np.uint64))
-    c.async_stream_infer(model, [t], sequence_id=seq, sequence_start=True, sequence_end=True)
 try:
-    for seq, c, q in clients:
-        for _ in range(k):
-            assert q.get(timeout=60) is None
+    streams = [SampleStream(url, channel_args=OWN_CONNECTION, timeout=60.0) for _ in range(n)]  # connected first, so that the images start together
+    for seq, stream in enumerate(streams, first):
+        stream.send(model, seq, sample_inputs(seed=seq), start=True, end=True)
+    for stream in streams:
+        stream.take_rows(k)
 except BaseException as e:  # the stream threads would keep a failed process alive: leave now
     print(f"failed: {type(e).__name__}: {e}", flush=True)
     os._exit(1)
@@ -243,11 +180,11 @@ def spawn_doomed(url, n, k) -> subprocess.Popen:
     for _ in range(n - 1):
         next(ids)
     return subprocess.Popen([sys.executable, "-c", CHILD, url, MODEL, str(first), str(n), str(k)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def kill_when_streaming(proc: subprocess.Popen, timeout: float = 90) -> None:
-    # Bounded: the child gives up after 60 s without a row; never wait on it for ever.
+    # Bounded: the child gives up after 60 s without its rows; never wait on it for ever.
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else "(nothing)"
     if line.strip() != "rows":
@@ -263,11 +200,15 @@ def abandon_many(url, styles: dict[str, int], killed: list[int]) -> None:
     procs = [spawn_doomed(url, n, 2) for n in killed]
     jobs = [s for s, n in styles.items() for _ in range(n)]
     jobs = [jobs[i] for i in np.random.default_rng(0).permutation(len(jobs))]
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
+    pool = ThreadPoolExecutor(CONCURRENCY)
+    try:
         done = [pool.submit(abandon, url, s, 1 + i % 4) for i, s in enumerate(jobs)]
         done += [pool.submit(kill_when_streaming, proc) for proc in procs]
+        deadline = time.monotonic() + 300  # every client's own waits are bounded (rows 60 s, close 30 s, child 90 s)
         for f in done:
-            f.result()
+            f.result(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -288,7 +229,7 @@ def test_each_disconnect_style_is_noticed_mid_image(served):
         seen[style] = time.monotonic() - t0
         assert after["live"] == 0, f"{style}: the sequence is still live {seen[style]:.1f} s after the client went"
         assert only(delta(after, before), started=1, cancelled=1), f"{style}: {delta(after, before)}"
-        assert seen[style] < 2.0  # 0.2 s polling of is_cancelled, 0.5 s metrics period, margin
+        assert seen[style] < NOTICE_S, f"{style}: freed {seen[style]:.1f} s after the client went"
     print("freed after (s, as seen on the metrics endpoint):", {k: round(v, 2) for k, v in seen.items()})
 
 
@@ -297,14 +238,11 @@ def test_a_clean_close_mid_image_waits_for_the_image_and_frees_it(served):
     and still receives every row it asked for, then the sequence completes."""
     server, _ = served
     before = quiet(server)
-    client, responses = open_stream(server.grpc_url, next(ids), 5)
-    take_rows(responses, 1)
-    client.close()
-    rest = []
-    while not responses.empty():
-        r = responses.get()
-        assert not isinstance(r, Exception), str(r)
-        rest.append(r)
+    stream = open_stream(server.grpc_url, next(ids), 5)
+    stream.take_rows(1)
+    assert stream.close(timeout=60.0), "the clean close did not end within 60 s"
+    rest = stream.received()
+    assert not [r.error for r in rest if r.error], [r.error for r in rest if r.error]
     assert len(rest) == CONFIG["height"]  # 2047 more rows and the final response
     after = wait_until(server, lambda m: m["live"] == 0 and only(delta(m, before), started=1, completed=1))
     assert only(delta(after, before), started=1, completed=1), delta(after, before)
@@ -341,7 +279,7 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
     after = wait_until(server, lambda m: m["live"] == 0 and only(delta(m, warm), **expected))
     settled_s = time.monotonic() - dropped_at
     stop.set()
-    watcher.join()
+    watcher.join(10)
     rss["after_200"] = rss_kb(server.process.pid)
 
     assert after["live"] == 0, f"{after['live']} sequences still live {settled_s:.1f} s after the last of 200 clients went"
@@ -350,9 +288,9 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
     assert only(delta(after, warm), **expected), delta(after, warm)
 
     # Still serving, and correctly: a full image equal to the reference sampler's.
-    client, responses = open_stream(url, next(ids), 4321)
-    image = np.stack(take_rows(responses, CONFIG["height"]), axis=2)
-    client.close()
+    stream = open_stream(url, next(ids), 4321)
+    image = np.stack([r.pixels for r in stream.take_rows(CONFIG["height"])], axis=2)
+    assert stream.close(timeout=CLOSE_S)
     np.testing.assert_array_equal(image, sample_cached(build_cell(model), 1, 4321))
 
     total = {k: sum(v.values()) for k, v in rss.items()}
@@ -377,26 +315,37 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
 
 
 def test_an_idle_sequence_expires_after_the_timeout_and_is_then_refused_clearly(served):
+    """A sequence whose request is done but that was never ended is held until IDLE_S after its
+    last request, then freed as expired. Its last request reached the engine after `sent`, so
+    it cannot be freed before sent + IDLE_S: every look at the metrics that ended before then
+    must show it held, and the first one that shows it gone must come after then."""
     server, _ = served
     before = quiet(server)
     seq = next(ids)
-    client, responses = open_stream(server.grpc_url, seq, seq, max_rows=1, end=False)
-    take_rows(responses, 1)
-    opened = time.monotonic()
-    held = wait_until(server, lambda m: m["started"] > before["started"], timeout=0.9 * IDLE_S)  # before it can expire
-    assert held["live"] == 1, "the sequence left open is not held"
-    after = wait_until(server, lambda m: m["live"] == 0 and only(delta(m, before), started=1, expired=1))
-    freed_s = time.monotonic() - opened
-    assert after["live"] == 0, f"the idle sequence is still live {freed_s:.1f} s after its last request"
-    assert freed_s >= IDLE_S - 0.1, f"freed after {freed_s:.2f} s, before the {IDLE_S} s idle timeout"
-    assert only(delta(after, before), started=1, expired=1), delta(after, before)
+    sent = time.monotonic()
+    stream = open_stream(server.grpc_url, seq, seq, max_rows=1, end=False)
+    stream.take_rows(1)
+    held, freed_s = [], None  # live counts seen while it cannot have expired yet
+    limit = SETTLE_S + 10.0  # a leak, not a slow machine, if nothing has happened by then
+    while freed_s is None:
+        m = sampler_metrics(server)
+        looked = time.monotonic()
+        if m["started"] > before["started"]:  # metrics pushed after the START
+            if looked < sent + IDLE_S:
+                held.append(m["live"])
+            elif m["live"] == 0 and only(delta(m, before), started=1, expired=1):
+                freed_s = looked - sent
+        assert looked - sent < limit, f"the idle sequence is still live {looked - sent:.1f} s after its request: {m}"
+        time.sleep(0.05)
+    assert held == [1] * len(held), f"freed before the {IDLE_S} s idle timeout: live {held}"
+    assert freed_s >= IDLE_S  # certain unless the sampler frees it early: nothing else ends it
+    if not held:  # a machine so busy that no look fell within the idle timeout
+        warnings.warn(f"no look at the metrics within the {IDLE_S} s the sequence had to be held: not checked")
 
     # Triton's sequence batcher (once it dropped the sequence too) or the sampler refuses more rows.
-    client.async_stream_infer(MODEL, start_inputs(None, 1), sequence_id=seq, enable_empty_final_response=True)
-    error = responses.get(timeout=30)
-    while not isinstance(error, Exception) and error.get_response().parameters["triton_final_response"].bool_param:
-        error = responses.get(timeout=30)  # the first request's final response
-    client.close()
-    assert isinstance(error, Exception), "a request on an expired sequence got rows"
-    print(f"\nexpired after {freed_s:.2f} s (timeout {IDLE_S} s); then: {error}")
-    assert str(seq) in str(error) and "START" in str(error), str(error)
+    stream.send(MODEL, seq, sample_inputs(max_rows=1))
+    rows, errors = stream.collect(finals=2)  # the first request's final response, then this one's error
+    assert stream.close(cancel=True, timeout=CLOSE_S)
+    assert not rows and len(errors) == 1, "a request on an expired sequence got rows"
+    print(f"\nexpired, seen {freed_s:.2f} s after the START was sent (timeout {IDLE_S} s; held in {len(held)} looks); then: {errors[0]}")
+    assert str(seq) in errors[0] and "START" in errors[0], errors[0]
