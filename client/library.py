@@ -36,6 +36,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from client.stream import close_stream
 from runtime import protocol as p
 
 DEFAULT_URL = "localhost:8001"
@@ -382,9 +383,9 @@ class PixelClient:
                 reported = None
             raise self._fail(reported or e, f"streaming from {p.sample_model(self.model)}") from None
         finally:
-            # Closing early (an error, or the caller stopped reading) cancels the server's sequences.
-            stream.stop_stream(cancel_requests=not finished)
-            stream.close()
+            # Closing early (an error, or the caller stopped reading) cancels the server's sequences;
+            # bounded, as a server that never ends the stream would hold stop_stream for ever.
+            close_stream(stream, cancel=not finished, timeout=self.row_timeout)
 
     def sample_images(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
                       known_rows: int = 0, **resume) -> np.ndarray:

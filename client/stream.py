@@ -104,6 +104,32 @@ def sample_inputs(*, batch: int | None = None, temperature: float | None = None,
     return inputs
 
 
+def close_stream(client: grpcclient.InferenceServerClient, cancel: bool, timeout: float) -> bool:
+    """stop_stream + close of a tritonclient client within `timeout` s; whether that finished.
+    stop_stream joins the stream's response thread, which a server that never ends the stream
+    holds for ever: it runs on a daemon thread joined with the bound; past it the channel is
+    closed under the stream (which cancels the call) and False is returned."""
+    failed = []
+
+    def stop():
+        try:
+            client.stop_stream(cancel_requests=cancel)
+            client.close()
+        except Exception as e:  # noqa: BLE001 - raised on the caller's thread
+            failed.append(e)
+
+    closer = threading.Thread(target=stop, name="sample-stream-close", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        client._channel.close()  # no public way to cancel the call from outside the stream
+        closer.join(5.0)
+        return False
+    if failed:
+        raise failed[0]
+    return True
+
+
 class SampleStream:
     """One gRPC channel with one bidirectional stream to a Triton server. The responses of every
     request sent on it land on one queue, in arrival order; get / collect / request / take_rows
@@ -220,32 +246,11 @@ class SampleStream:
         """End the stream and close the channel within `timeout` s; returns whether that finished.
         cancel=False is a half-close: tritonclient waits until the server has sent every
         response asked for (they still land on the queue: received()). cancel=True cancels the
-        gRPC call, and the server sees the requests in flight cancelled.
-        tritonclient's stop_stream joins its response thread, which a server that never ends the
-        stream holds for ever, so it runs on a daemon thread joined with the bound; past it the
-        channel is closed under the stream (which cancels the call) and False is returned."""
+        gRPC call, and the server sees the requests in flight cancelled. See close_stream."""
         if self._closed:
             return True
         self._closed = True
-        failed = []
-
-        def stop():
-            try:
-                self.client.stop_stream(cancel_requests=cancel)
-                self.client.close()
-            except Exception as e:  # noqa: BLE001 - raised on the caller's thread
-                failed.append(e)
-
-        closer = threading.Thread(target=stop, name="sample-stream-close", daemon=True)
-        closer.start()
-        closer.join(timeout)
-        if closer.is_alive():
-            self.client._channel.close()  # no public way to cancel the call from outside the stream
-            closer.join(5.0)
-            return False
-        if failed:
-            raise failed[0]
-        return True
+        return close_stream(self.client, cancel, timeout)
 
     def drop_channel(self, timeout: float = 30.0) -> bool:
         """Close the gRPC channel under the open stream, as a client that exits or loses its

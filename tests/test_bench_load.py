@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("tritonclient.grpc")
+from tests.deployment import require, require_tritonserver  # noqa: E402
+
+require("tritonclient.grpc")
 
 from bench import common  # noqa: E402
 from bench import load  # noqa: E402
 from client.library import Row  # noqa: E402
-from server.launcher import ServerError, find_tritonserver  # noqa: E402
 from training.checkpoint import save_checkpoint  # noqa: E402
 from training.models import build_model  # noqa: E402
 
@@ -26,10 +27,7 @@ MANIFEST = {"shape": [1, 8, 4], "levels": 3, "multiscale": {"small_shape": [1, 4
 @pytest.mark.triton
 @pytest.mark.reliability
 def test_bounded_load_run_has_no_errors_and_writes_consistent_figures(tmp_path, capsys):
-    try:
-        find_tritonserver()
-    except ServerError as e:  # pragma: no cover - `make setup` installs it
-        pytest.skip(str(e))
+    require_tritonserver()
     torch.manual_seed(1)
     checkpoint = tmp_path / "ms.pt"
     save_checkpoint(checkpoint, {"arch": "multiscale", "config": CONFIG, "model": build_model("multiscale", dict(CONFIG)).state_dict(),

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("tritonclient.grpc")
+from tests.deployment import require, require_tritonserver  # noqa: E402
+
+require("tritonclient.grpc")
 
 from bench import common  # noqa: E402
 from bench import serving  # noqa: E402
-from server.launcher import ServerError, find_tritonserver  # noqa: E402
 from training.checkpoint import save_checkpoint  # noqa: E402
 from training.models import build_model  # noqa: E402
 
@@ -25,10 +26,7 @@ TIMED = ("seconds", "median_seconds", "runs")
 
 @pytest.fixture(scope="module")
 def tritonserver():
-    try:
-        find_tritonserver()
-    except ServerError as e:  # pragma: no cover - `make setup` installs it
-        pytest.skip(str(e))
+    require_tritonserver()
 
 
 def checkpoint(tmp_path, name):
