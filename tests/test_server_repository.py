@@ -8,7 +8,9 @@ from google.protobuf import text_format
 from runtime import protocol as p
 from export.repository import runtime_files, write_repository
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+from tests.deployment import require  # noqa: E402
+
+model_config_pb2 = require("tritonclient.grpc.model_config_pb2")
 
 
 def manifest(name="tiny", shape=(3, 8, 6), levels=4, num_classes=0, multiscale=False):
