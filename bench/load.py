@@ -12,15 +12,18 @@ untimed image per stream and one request per scorer (warm-up), for --seconds:
             of every row is stamped in the stream's callback: the per-row latency is the time
             between consecutive rows of a sequence, the time to first row runs from sending the
             request. Every image is checked (rows in order, shapes, values within the levels,
-            log-probabilities). When the time is up, each stream finishes the image in flight.
+            log-probabilities) and, after the run, compared with the in-process sampler's image
+            for its seed. When the time is up, each stream finishes the image in flight.
   scorers   --score-clients threads, each with its own client.PixelClient, score --score-batch
             images per request, back to back: the checkpoint's validation images (its data
-            spec, training.data.load), random levels where those are not there.
+            spec, training.data.load), random levels where those are not there; after the
+            run every score is compared with the in-process scorer's NLL of its image.
 
 Then the sampler's own metrics (pixelrnn_sampler_live_sequences and
 pixelrnn_sampler_events_total on Triton's metrics endpoint, pushed every 0.5 s) must show every
 sequence completed and none still live. Every error (an error response, a malformed image, a
-bad score, a sequence left live or not completed) is counted and its message kept; the exit
+score or image that differs from the in-process graphs, a sequence left live or not
+completed) is counted and its message kept; the exit
 status is 1 if there was one. The clients run in this process, on the same CPUs as the server,
 so the latencies include the clients' own Python time.
 """
@@ -41,7 +44,7 @@ import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
 from bench.serving import export, labels_for, triton_version
-from client.library import ROW_OUTPUTS, PixelClient, Row
+from client.library import ROW_OUTPUTS, PixelClient, Row, assemble
 from client.stream import SampleStream, sample_inputs
 from runtime import protocol as p
 from server.launcher import TritonServer
@@ -120,7 +123,7 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
     """One stream's loop: images until stop[0] (set at the release), the last one finished."""
     labels, model = labels_for(manifest, 1, k), manifest["name"]
     stream = timed_stream(url, timeout)
-    gaps, firsts, batched, images = [], [], [], 0
+    gaps, firsts, batched, images, drawn = [], [], [], 0, []
     try:
         try:
             rows, _, _ = sample_timed(stream, model, next(seeds), labels)  # warm-up
@@ -132,8 +135,10 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
         start.wait()
         while time.perf_counter() < stop[0]:
             try:
-                rows, times, calls = sample_timed(stream, model, next(seeds), labels)
+                seed = next(seeds)
+                rows, times, calls = sample_timed(stream, model, seed, labels)
                 check_image(rows, manifest)
+                drawn.append((seed, labels, assemble(rows, tuple(manifest["shape"]))))  # checked after the run
             except Exception as e:  # noqa: BLE001 - counted; a broken stream is replaced
                 errors.add(str(e))
                 stream.close(cancel=True)
@@ -145,22 +150,24 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
             images += 1
     finally:
         stream.close(cancel=True)
-    return {"images": images, "gaps": gaps, "firsts": firsts, "batched": batched, "rows": images * sum(stage_rows(manifest))}
+    return {"images": images, "gaps": gaps, "firsts": firsts, "batched": batched, "rows": images * sum(stage_rows(manifest)),
+            "drawn": drawn}
 
 
 def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, start: threading.Barrier, stop: list[float],
            errors: Errors, k: int, timeout: float) -> dict:
     """One scoring client's loop: requests of `batch` images (cycling through `images`) until stop[0]."""
     client = PixelClient(url, manifest["name"], timeout=timeout)
-    latencies, scored, offset = [], 0, k * batch
+    latencies, scored, offset, answers = [], 0, k * batch, []
 
     def once() -> None:
         nonlocal offset
         take = np.arange(offset, offset + batch) % len(images)
         offset += batch
         nll = client.score(images[take], None if labels is None else labels[take]).nll_nats
-        if nll.shape != (batch,) or not np.all(np.isfinite(nll) & (nll >= -1e-3)):
-            raise ValueError(f"scores {nll[:4]}... are not {batch} negative log-likelihoods")
+        if nll.shape != (batch,):
+            raise ValueError(f"{nll.shape[0]} scores for {batch} images")
+        answers.append((take, nll))  # compared with the in-process scorer after the run
 
     try:
         try:
@@ -179,7 +186,44 @@ def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, sta
             scored += batch
     finally:
         client.close()
-    return {"images": scored, "latencies": latencies}
+    return {"images": scored, "latencies": latencies, "answers": answers}
+
+
+def verify_content(samplers: list[dict], scorers: list[dict], manifest: dict, folder: Path, images: np.ndarray,
+                   labels: np.ndarray | None, errors: Errors) -> dict:
+    """After the run (not to load the CPUs during it): every streamed image must be the in-process
+    sampler's for its seed (the exported cells through the engine in process, as
+    runtime.rowloop draws them), every score the in-process scorer's NLL of its image (float32
+    rounding depends on the batch: rtol 1e-5, atol 1e-3 nats). Mismatches are errors."""
+    from bench.serving import SCORE_ATOL, SCORE_RTOL, sample_engine, score_in_process
+    from runtime.onnx_graphs import OnnxScorer
+    from runtime.rowloop import SampleSpec
+    from runtime.runner import OnnxRunner
+
+    max_batch = int(manifest["max_batch"])
+    drawn = [d for r in samplers for d in r["drawn"]]
+    runner = OnnxRunner.from_manifest(manifest, folder)
+    images_wrong = 0
+    for a in range(0, len(drawn), max_batch):  # one engine run per max_batch sequences: batched like the server
+        part = drawn[a:a + max_batch]
+        want = sample_engine(runner, max_batch, [SampleSpec(batch=1, seed=seed, labels=lab) for seed, lab, _ in part],
+                             tuple(manifest["shape"]))
+        for (seed, _, got), expected in zip(part, want):
+            if not np.array_equal(got, expected):
+                images_wrong += 1
+                errors.add(f"the image streamed for seed {seed} differs from the in-process sampler's "
+                           f"({int((got != expected).sum())} sub-pixels)")
+    expected_nll = score_in_process(OnnxScorer(folder / manifest["artifacts"]["scorer"]["file"]), images, labels, max_batch)
+    answers = [a for r in scorers for a in r["answers"]]
+    scores_wrong = 0
+    for take, nll in answers:
+        bad = ~np.isclose(nll, expected_nll[take], rtol=SCORE_RTOL, atol=SCORE_ATOL)
+        if bad.any():
+            scores_wrong += int(bad.sum())
+            i = int(np.argmax(bad))
+            errors.add(f"score of image {int(take[i])}: {nll[i]:.4f} nats, the in-process scorer says {expected_nll[take][i]:.4f}")
+    return {"images_checked": len(drawn), "images_wrong": images_wrong,
+            "scores_checked": int(sum(len(t) for t, _ in answers)), "scores_wrong": scores_wrong}
 
 
 def score_images(checkpoint: str, manifest: dict, count: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -243,7 +287,7 @@ def percentiles_ms(seconds: list[float]) -> dict:
             "mean": float(ms.mean())}
 
 
-def run_load(args, manifest: dict, server: TritonServer) -> dict:
+def run_load(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
     images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
     seeds = itertools.count(args.seed)  # next() is atomic under the GIL: every image its own seed
     errors, stop = Errors(), [float("inf")]
@@ -296,6 +340,8 @@ def run_load(args, manifest: dict, server: TritonServer) -> dict:
         for event in ("failed", "expired", "disconnected", "cancelled", "refused"):
             if events.get(event):
                 errors.add(f"the sampler counts {events[event]} {event} sequences or requests")
+    print(f"checking {sampled} images and {scored} scores against the in-process graphs ...", file=sys.stderr, flush=True)
+    verified = verify_content(samplers, scorers, manifest, folder, images, labels, errors)
     batched = np.array([b for r in samplers for b in r["batched"]] or [0])
     per_stream = [r["images"] for r in samplers] or [0]
     return {
@@ -313,6 +359,7 @@ def run_load(args, manifest: dict, server: TritonServer) -> dict:
         },
         "streams": {"images_per_stream_min": int(min(per_stream)), "images_per_stream_max": int(max(per_stream)),
                     "call_batch_mean": float(batched.mean()), "call_batch_max": int(batched.max())},
+        "content": verified,
         "sampler_metrics": {"live_sequences": metrics["live"], "events_total": metrics["events"],
                             "expected_completed": expected_completed, "settle_seconds": settle},
     }
@@ -384,7 +431,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         print(f"exporting {args.checkpoint} ...", file=sys.stderr, flush=True)
-        manifest, _, repository, export_seconds = export(args.checkpoint, Path(tmp), args)
+        manifest, folder, repository, export_seconds = export(args.checkpoint, Path(tmp), args)
         with TritonServer(repository, log_path=Path(tmp) / "triton.log") as server:
             server_info = {
                 "tritonserver": triton_version(server), "models": server.models, "onnx_threads": args.onnx_threads,
@@ -392,7 +439,7 @@ def main(argv=None) -> int:
                 "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
                 "transport": "gRPC on loopback",
             }
-            result = run_load(args, manifest, server)
+            result = run_load(args, manifest, folder, server)
     payload = {
         "benchmark": "load",
         "config": {"checkpoint": args.checkpoint, "streams": args.streams, "stream_images": 1, "seconds": args.seconds,

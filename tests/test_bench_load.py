@@ -62,6 +62,11 @@ def test_bounded_load_run_has_no_errors_and_writes_consistent_figures(tmp_path, 
     assert 1 <= st["images_per_stream_min"] <= st["images_per_stream_max"]
     assert 1 <= st["call_batch_mean"] <= st["call_batch_max"] <= cfg["streams"]
 
+    content = data["content"]  # every timed image, and every score (warm-up requests too), compared with the in-process graphs
+    warmup_scores = cfg["score_clients"] * cfg["score_batch"]
+    assert content == {"images_checked": t["images_sampled"], "images_wrong": 0,
+                       "scores_checked": t["images_scored"] + warmup_scores, "scores_wrong": 0}
+
     m = data["sampler_metrics"]
     assert m["live_sequences"] == 0
     events = m["events_total"]
@@ -93,6 +98,30 @@ def test_check_image_accepts_a_whole_image_and_names_what_is_wrong():
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             load.check_image(bad, MANIFEST)
+
+
+def test_content_check_catches_a_wrong_image_and_a_wrong_score(tmp_path):
+    from runtime import rowloop
+    from runtime.runner import OnnxRunner
+    from tests.deployment import Tiny, export_models
+
+    m = export_models(tmp_path, [Tiny("px", "pixelcnn", dict(in_channels=1, height=4, width=3, levels=2, hidden=4, layers=1), max_batch=4)])["px"]
+    runner = OnnxRunner.from_manifest(m.manifest, m.export_dir)
+    drawn = [(seed, None, rowloop.sample(runner, rowloop.SampleSpec(batch=1, seed=seed))) for seed in range(6)]
+    images = np.stack([d[2][0] for d in drawn])
+    with torch.no_grad():
+        nll = m.model.nll(torch.from_numpy(images).long()).numpy()
+    take = np.arange(6)
+    errors = load.Errors()
+    ok = load.verify_content([{"drawn": drawn}], [{"answers": [(take, nll)]}], m.manifest, m.export_dir, images, None, errors)
+    assert errors.total() == 0 and ok == {"images_checked": 6, "images_wrong": 0, "scores_checked": 6, "scores_wrong": 0}
+    tampered = drawn[:5] + [(5, None, 1 - drawn[5][2])]  # seed 5's image with every pixel flipped
+    wrong_nll = nll.copy()
+    wrong_nll[2] += 0.5
+    bad = load.verify_content([{"drawn": tampered}], [{"answers": [(take, wrong_nll)]}], m.manifest, m.export_dir, images, None, errors)
+    assert (bad["images_wrong"], bad["scores_wrong"]) == (1, 1) and errors.total() == 2
+    messages = " ".join(e["message"] for e in errors.report())
+    assert "seed 5 differs" in messages and "score of image 2" in messages
 
 
 def test_percentiles_and_errors():
