@@ -91,9 +91,6 @@ def spread(runs: list[float]) -> dict:
             "runs": [round(r, 6) for r in runs]}
 
 
-def summary(runs: list[float]) -> dict:
-    """The best run is what a ratio uses: on a shared CPU, slower runs measure the neighbours."""
-    return {"seconds": min(runs), "median_seconds": statistics.median(runs), "runs": [round(r, 6) for r in runs]}
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -27,7 +27,8 @@ with the same onnxruntime thread count. Measured in one run, on one machine:
 Every path draws from the same seeds, so the images are compared (`identical`; exit status 1
 when they differ) and the scores must agree to float32 rounding. Each path runs once untimed
 first (warm-up: sessions, connections, first-call allocations), then --repeats timed rounds with
-the paths interleaved, so load from other processes hits them alike; the best run counts.
+the paths interleaved, so load from other processes hits them alike; every path reports its
+median (`seconds`, which every rate and ratio uses) with min, max and all runs.
 The targets (Triton sampling >= 0.9x in process, 16 streams >= 6x one stream, Triton scoring
 >= 0.9x in process) are recorded in "targets", not enforced.
 """
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info, reexec_with_malloc_env, summary, timed, write_json
+from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
 from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
 from client.stream import SampleStream, sample_inputs
 from runtime.onnx_graphs import OnnxScorer
@@ -327,39 +328,39 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     rows = sum(st.height for st in runner.stages)  # streamed rows (responses) per sequence
     sampling = {}
     for k in sample_paths:
-        sampling[k] = {**summary(runs[f"sample/{k}"]), "pixels_per_s": pixels / min(runs[f"sample/{k}"])}
+        sampling[k] = spread(runs[f"sample/{k}"])
+        sampling[k]["pixels_per_s"] = pixels / sampling[k]["seconds"]
     sampling["triton_stream"]["call_batch_seen"] = sorted({b for _, bs, _ in outputs["sample/triton_stream"] for b in bs})
     rate = {k: sampling[k]["pixels_per_s"] for k in sample_paths}
     sampling["ratio_triton_vs_in_process"] = rate["triton"] / rate["in_process"]
     sampling["ratio_engine_vs_in_process"] = rate["engine_in_process"] / rate["in_process"]
     sampling["ratio_triton_vs_engine"] = rate["triton"] / rate["engine_in_process"]
-    sampling["ratio_triton_vs_in_process_median"] = sampling["in_process"]["median_seconds"] / sampling["triton"]["median_seconds"]
     # What Triton adds per streamed row (response) beyond the engine's own work, on average.
     sampling["triton_ms_per_row_response"] = 1e3 * (sampling["triton"]["seconds"] - sampling["engine_in_process"]["seconds"]) / rows
 
     per_stream = c * h * w
     stream_results = {}
     for k in args.streams:
-        best = min(runs[f"streams/{k}"])
+        timing, engine = spread(runs[f"streams/{k}"]), spread(runs[f"engine/{k}"])
         cb = np.array(call_batches[k])
         stream_results[str(k)] = {
-            **summary(runs[f"streams/{k}"]), "images": k, "pixels_per_s": k * per_stream / best,
+            **timing, "images": k, "pixels_per_s": k * per_stream / timing["seconds"],
             "call_batch": {"mean": float(cb.mean()), "max": int(cb.max()), "min": int(cb.min()),
                            "histogram": {str(v): int(count) for v, count in zip(*np.unique(cb, return_counts=True))}},
             "active_max": int(max(active[k])),
-            "engine_in_process": {**summary(runs[f"engine/{k}"]), "pixels_per_s": k * per_stream / min(runs[f"engine/{k}"])},
+            "engine_in_process": {**engine, "pixels_per_s": k * per_stream / engine["seconds"]},
         }
         r = stream_results[str(k)]
-        r["triton_ms_per_row_response"] = 1e3 * (best - r["engine_in_process"]["seconds"]) / (k * rows)
+        r["triton_ms_per_row_response"] = 1e3 * (timing["seconds"] - engine["seconds"]) / (k * rows)
     base = stream_results.get("1")
     for k, r in stream_results.items():
         r["vs_one_stream"] = r["pixels_per_s"] / base["pixels_per_s"] if base else None
-        r["vs_one_stream_median"] = int(k) * base["median_seconds"] / r["median_seconds"] if base else None
 
     scoring = {"images": args.score_images, "request_images": args.score_request, "clients": args.score_clients,
                "chunk": max_batch}
     for k in score_paths:
-        scoring[k] = {**summary(runs[f"score/{k}"]), "images_per_s": args.score_images / min(runs[f"score/{k}"])}
+        scoring[k] = spread(runs[f"score/{k}"])
+        scoring[k]["images_per_s"] = args.score_images / scoring[k]["seconds"]
     executions = score_metrics.get("nv_inference_exec_count", 0.0)
     scoring["triton_concurrent"].update(
         requests_per_run=len(requests),
@@ -367,7 +368,6 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
         requests_per_execution=score_metrics["nv_inference_request_success"] / executions if executions else None)
     for k in ("triton", "triton_concurrent"):
         scoring[f"ratio_{k}_vs_in_process"] = scoring[k]["images_per_s"] / scoring["in_process"]["images_per_s"]
-        scoring[f"ratio_{k}_vs_in_process_median"] = scoring["in_process"]["median_seconds"] / scoring[k]["median_seconds"]
     scoring["max_abs_nll_difference"] = score_diff
 
     identical = {**same, "scores_agree": scores_agree, "all": all(same.values()) and scores_agree}
@@ -431,19 +431,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def report(payload: dict) -> str:
     s, st, sc, t = payload["sampling"], payload["streams"], payload["scoring"], payload["targets"]
-    cols = f"{'best s':>9}{'median s':>10}"
+    cols = f"{'median s':>10}{'min-max s':>15}"
     lines = [f"{'sampling: one stream of ' + str(payload['config']['batch']) + ' images':<42}{cols}{'pixels/s':>11}"]
     for k, label in (("triton", "Triton (PixelClient)"), ("triton_stream", "Triton (bare persistent stream)"),
                      ("engine_in_process", "row engine in process"),
                      ("in_process", "ONNX cells in process")):
-        lines.append(f"  {label:<40}{s[k]['seconds']:>9.3f}{s[k]['median_seconds']:>10.3f}{s[k]['pixels_per_s']:>11.0f}")
+        lines.append(f"  {label:<40}{s[k]['seconds']:>10.3f}{s[k]['min_seconds']:>7.3f}-{s[k]['max_seconds']:<7.3f}{s[k]['pixels_per_s']:>11.0f}")
     lines.append(f"  Triton / in process {s['ratio_triton_vs_in_process']:.2f}, engine / in process "
                  f"{s['ratio_engine_vs_in_process']:.2f}; Triton adds {s['triton_ms_per_row_response']:.2f} ms per streamed row")
     lines.append(f"{'concurrent single-image streams':<42}{cols}{'pixels/s':>11}{'x one':>7}{'CALL_BATCH':>11}"
                  f"{'engine px/s':>12}{'ms/row':>8}")
     for k, r in st.items():
         x = f"{r['vs_one_stream']:.2f}" if r["vs_one_stream"] is not None else "-"
-        lines.append(f"  {k + ' streams':<40}{r['seconds']:>9.3f}{r['median_seconds']:>10.3f}{r['pixels_per_s']:>11.0f}{x:>7}"
+        lines.append(f"  {k + ' streams':<40}{r['seconds']:>10.3f}{r['min_seconds']:>7.3f}-{r['max_seconds']:<7.3f}{r['pixels_per_s']:>11.0f}{x:>7}"
                      f"{r['call_batch']['mean']:>11.1f}{r['engine_in_process']['pixels_per_s']:>12.0f}"
                      f"{r['triton_ms_per_row_response']:>8.2f}")
     lines.append("  CALL_BATCH: mean images per cell call; engine: the same sequences through the row engine in process;")
@@ -452,7 +452,7 @@ def report(payload: dict) -> str:
     for k, label in (("triton", f"Triton, chunks of {sc['chunk']}"),
                      ("triton_concurrent", f"Triton, {sc['clients']} clients x {sc['request_images']}-image requests"),
                      ("in_process", f"OnnxScorer in process, chunks of {sc['chunk']}")):
-        lines.append(f"  {label:<40}{sc[k]['seconds']:>9.3f}{sc[k]['median_seconds']:>10.3f}{sc[k]['images_per_s']:>11.1f}")
+        lines.append(f"  {label:<40}{sc[k]['seconds']:>10.3f}{sc[k]['min_seconds']:>7.3f}-{sc[k]['max_seconds']:<7.3f}{sc[k]['images_per_s']:>11.1f}")
     ipe = sc["triton_concurrent"]["images_per_execution"]
     lines.append(f"  Triton / in process {sc['ratio_triton_vs_in_process']:.2f}, concurrent / in process "
                  f"{sc['ratio_triton_concurrent_vs_in_process']:.2f}; dynamic batches of "
