@@ -41,7 +41,7 @@ from training.models.base import IMAGE_FIELDS
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
 # so `--out DIR --resume` alone continues the run it was, not one with default flags.
 RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "valid_every", "valid_images",
-                 "checkpoint_every", "log_every")
+                 "checkpoint_every", "log_every", "compile", "channels_last")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at", type=int, help="stop cleanly after step N, as if the job ended there")
     p.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    # Speed options (bench/training.py measures them). They change float rounding, not the model:
+    # a resume is bit-exact when it runs with the same ones, which it does unless told otherwise.
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training step's forward and backward: faster PixelCNN-type steps "
+                        "after a first step that compiles (tens of seconds); impractical for the LSTMs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels-last (NHWC) memory format: faster for the Gated PixelCNN, slower for the PixelCNN")
     args = p.parse_args(argv)
     if args.arch is None and not args.resume:
         p.error("--arch is required (unless --resume)")
@@ -405,6 +412,8 @@ def train(args: argparse.Namespace) -> dict:
     arch = ckpt["arch"] if ckpt else args.arch
     torch.manual_seed(args.seed)
     model = (build_checkpoint_model(last, ckpt) if ckpt else build_model(arch, model_fields(arch, args, train_set))).to(dist.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimizer below gets these parameters
     images, labels = torch.as_tensor(train_set.images), check_data_fits(model, train_set)
     n_valid = args.valid_images or len(valid_set)
     valid_labels = check_data_fits(model, valid_set)
@@ -414,6 +423,8 @@ def train(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     objective = distribute(NLLObjective(model), images, labels, dist)
+    if args.compile:
+        objective = torch.compile(objective)  # compiles at the first step; validation stays eager
     state = restore(ckpt, model, optimizer, last)
     per_epoch = steps_per_epoch(len(images), args.batch_size)
     total = total_steps(args, per_epoch)
@@ -440,6 +451,8 @@ def train(args: argparse.Namespace) -> dict:
         while state.step < total:
             idx = batch_indices(state.step, len(images), args.batch_size, args.seed, dist.rank, dist.world)
             x = images[idx].to(dist.device).long()
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(dist.device) if labels is not None else None
             lr = cosine_lr(state.step, total, args.lr)
             for group in optimizer.param_groups:

@@ -27,6 +27,20 @@ class PixelCNNConfig(ModelConfig):
     kernel: int = 3  # mask-B residual layers
 
 
+def masked_conv_upper(conv: MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), computed without the kernel rows below the centre, which the causal mask zeroes.
+
+    A speed-up, same weights and result (to float rounding): a 3x3 mask-B kernel runs as 2x3,
+    two thirds of the arithmetic, and the 7x7 input kernel as 4x7. The convolutions are most of
+    a training step and run near the CPU's peak, so fewer multiplications is what makes it faster.
+    Padded top and bottom as before, output row r reads input rows r - kh//2 .. r, so the rows
+    past H (which would read the bottom padding) are dropped.
+    """
+    top = conv.kernel_size[0] // 2
+    weight = conv.masked_weight()[:, :, : top + 1]
+    return F.conv2d(x, weight, conv.bias, padding=conv.padding)[:, :, : x.shape[2]]
+
+
 class PixelCNN(ImageModel):
     def __init__(self, config: PixelCNNConfig):
         super().__init__(config)
@@ -41,10 +55,10 @@ class PixelCNN(ImageModel):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, labels)
-        h = self.input_conv(self.preprocess(x))  # (B, h, H, W)
+        h = masked_conv_upper(self.input_conv, self.preprocess(x))  # (B, h, H, W): self.input_conv(...)
         if condition is not None:
             h = h + condition
         for block in self.blocks:
-            h = h + block(F.relu(h))
+            h = h + masked_conv_upper(block, F.relu(h))  # block(F.relu(h)), faster
         out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
         return self.to_logits(out)

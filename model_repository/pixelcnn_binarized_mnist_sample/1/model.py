@@ -5,7 +5,6 @@ Streaming (decoupled) and stateful: requests only validate and queue work for th
 (runtime/engine.py), whose worker thread advances all active sequences together and streams
 each sequence's rows through its own response sender. Protocol: runtime/protocol.py.
 """
-import json
 import secrets
 import sys
 import threading
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
+from runtime.manifest import model_folder  # noqa: E402
 from runtime.rowloop import SampleSpec  # noqa: E402
 from runtime.runner import OnnxRunner  # noqa: E402
 
@@ -129,11 +128,9 @@ def array(request, name: str):
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        folder = Path(args["model_repository"]) / args["model_version"]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        manifest = read_manifest(folder)
-        runner = OnnxRunner.from_manifest(manifest, folder, threads=int(params.get("onnx_threads", "1")))
+        model = model_folder(args)
+        config, params, manifest = model.config, model.params, model.manifest
+        runner = OnnxRunner.from_manifest(manifest, model.folder, threads=int(params.get("onnx_threads", "1")))
         # Triton forgets idle sequences without telling the model: expire ours on the same clock.
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         # Sender threads: each response is a round trip to the server; several overlap them with

@@ -5,7 +5,6 @@ Dynamic batching hands execute() several requests at once: the valid ones are sc
 onnxruntime call (at most max_batch images per call), the others get their own error.
 Protocol: runtime/protocol.py.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -20,19 +19,16 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime import protocol as p  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
+from runtime.manifest import model_folder  # noqa: E402
 from runtime.runner import scorer  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        folder = Path(args["model_repository"]) / args["model_version"]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        manifest = read_manifest(folder)
-        self.scorer = scorer(manifest, folder, threads=int(params.get("onnx_threads", "1")))
-        self.levels, self.num_classes = int(manifest["levels"]), int(manifest["num_classes"])
-        self.max_batch = int(config["max_batch_size"])
+        model = model_folder(args)
+        self.scorer = scorer(model.manifest, model.folder, threads=int(model.params.get("onnx_threads", "1")))
+        self.levels, self.num_classes = int(model.manifest["levels"]), int(model.manifest["num_classes"])
+        self.max_batch = int(model.config["max_batch_size"])
 
     def parse(self, request):
         """-> (images (N, C, H, W) uint8, labels (N,) int64 or None); raises ValueError.

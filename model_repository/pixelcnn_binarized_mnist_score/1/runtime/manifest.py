@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -63,3 +64,21 @@ def artifact_path(manifest: dict, folder: str | Path, name: str) -> Path:
         raise ModelFilesError(f"{path}: corrupted or replaced: sha256 {found[:16]}... differs from the "
                               f"{want[:16]}... recorded in {MANIFEST} (re-export with export/build_engine.py)")
     return path
+
+
+@dataclass
+class ModelFolder:
+    """A repository model as Triton's initialize(args) hands it over (see model_folder)."""
+
+    config: dict  # config.pbtxt as JSON
+    folder: Path  # the version folder: model.py, runtime/, the graphs, manifest.json
+    params: dict[str, str]  # config.pbtxt's parameters
+    manifest: dict
+
+
+def model_folder(args: dict) -> ModelFolder:
+    """Parse the `args` of a Triton Python model's initialize and read its manifest."""
+    config = json.loads(args["model_config"])
+    folder = Path(args["model_repository"]) / args["model_version"]
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    return ModelFolder(config, folder, params, read_manifest(folder))
