@@ -102,6 +102,9 @@ def only(changes: dict[str, int], **expected) -> bool:
     return changes == {k: 0 for k in changes} | expected
 
 
+RESULTS_ENV = "PIXELRNN_WRITE_RESULTS"  # set: also write the figures to bench/results/ (see the 200-streams test)
+
+
 def rss_kb(pid: int) -> dict[str, int]:
     """VmRSS (kB) of a process and of every descendant (the Python backend stubs, named by
     their model instance, e.g. tall_sample_0_0)."""
@@ -302,6 +305,8 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
                "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     path = tmp_path / "abandoned_streams_memory.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
+    if os.environ.get(RESULTS_ENV):  # the README's figures: PIXELRNN_WRITE_RESULTS=1 pytest -k 200_abandoned
+        (REPO / "bench" / "results" / "abandoned_streams.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nRSS tritonserver + stubs (MiB): {figures['rss_mib_total']}; per 100 streams: "
           f"{', '.join(f'{g / 1024:+.1f}' for g in halves_kb)} MiB; peak live {peak[0]}, "
           f"0 live {settled_s:.1f} s after the last drop; figures: {path}")
