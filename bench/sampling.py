@@ -76,8 +76,8 @@ def labels_for(model, n: int) -> np.ndarray | None:
     return np.arange(n) % k if k else None
 
 
-def as_torch(labels):
-    return None if labels is None else torch.from_numpy(labels)
+def as_torch(labels, device="cpu"):
+    return None if labels is None else torch.from_numpy(labels).to(device)
 
 
 # ---------------------------------------------------------------------------- naive
@@ -106,11 +106,12 @@ def naive_sample(model, n: int, seed: int, labels: np.ndarray | None, rows: int 
     if rows is None or rows >= h:
         seconds, image = timed(lambda: sample_reference(model, n, seed, labels=labels))
         return dict(image=image, measured=seconds, seconds=seconds, exact=np.ones((h, w), bool))
-    rng, lt, exact = sampling_rng(seed), as_torch(labels), np.zeros((h, w), bool)
-    canvas = torch.zeros(n, cfg.in_channels, h, w, dtype=torch.long)
+    dev = next(model.parameters()).device
+    rng, lt, exact = sampling_rng(seed), as_torch(labels, dev), np.zeros((h, w), bool)
+    canvas = torch.zeros(n, cfg.in_channels, h, w, dtype=torch.long, device=dev)
     if isinstance(model, MultiScale):  # small image, then big: each stage timed and scaled on its own
         f = cfg.factor
-        small = torch.zeros(n, cfg.in_channels, h // f, w // f, dtype=torch.long)
+        small = torch.zeros(n, cfg.in_channels, h // f, w // f, dtype=torch.long, device=dev)
         rs = min(rows, h // f)
         t_small, frac_small = _naive_rows(lambda x: model.small_model(x, lt), small, cfg.levels, rng, rs)
         canvas[:, :, ::f, ::f] = small
@@ -125,7 +126,7 @@ def naive_sample(model, n: int, seed: int, labels: np.ndarray | None, rows: int 
         measured, frac = _naive_rows(lambda x: model(x, lt), canvas, cfg.levels, rng, rows)
         seconds = measured / frac
         exact[:rows] = True
-    return dict(image=canvas.numpy().astype(np.uint8), measured=measured, seconds=seconds, exact=exact)
+    return dict(image=canvas.cpu().numpy().astype(np.uint8), measured=measured, seconds=seconds, exact=exact)
 
 
 # ---------------------------------------------------------------------------- onnx
@@ -153,20 +154,22 @@ class OnnxSampler:
 
 def bench_model(model, args, workdir: Path) -> dict:
     cfg, n = model.config, args.batch
-    labels, lt = labels_for(model, n), as_torch(labels_for(model, n))
+    labels = labels_for(model, n)
     pixels = n * cfg.height * cfg.width
+    export_seconds, onnx = timed(lambda: OnnxSampler(model, workdir, args.threads))  # exported from the CPU model
+    model = model.to(args.device)  # the torch paths run there; the cell is built from the moved model
+    lt = as_torch(labels, args.device)
     cell = build_cell(model)
-    export_seconds, onnx = timed(lambda: OnnxSampler(model, workdir, args.threads))
 
     def torch_path():
-        return sample_cached(cell, n, args.seed, labels=lt)
+        return sample_cached(cell, n, args.seed, labels=lt, device=args.device)
 
     def onnx_path():
         return onnx.sample(n, args.seed, labels)
 
     # Warm-up runs (untimed); being deterministic, they are also the images compared below.
     torch_image, onnx_image = torch_path(), onnx_path()
-    x = torch.from_numpy(torch_image).long()
+    x = torch.from_numpy(torch_image).long().to(args.device)
 
     @torch.no_grad()
     def score():
@@ -252,7 +255,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every path (the median counts)")
     p.add_argument("--naive-rows", type=int, help="time only this many rows of the naive sampler and extrapolate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the torch paths (naive, torch cells, scoring) run; the onnxruntime cells stay on the CPU")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
     for name in ("batch", "size", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -315,7 +322,8 @@ def main(argv=None) -> int:
             "benchmark": "sampling",
             "config": {"batch": args.batch, "size": args.size, "levels": args.levels, "archs": args.archs,
                        "checkpoint": args.checkpoint, "hidden": args.hidden, "layers": args.layers,
-                       "threads": args.threads, "repeats": args.repeats, "naive_rows": args.naive_rows, "seed": args.seed},
+                       "threads": args.threads, "repeats": args.repeats, "naive_rows": args.naive_rows, "seed": args.seed,
+                       "device": args.device},
             "machine": machine_info(),
             "results": {},
         }

@@ -102,12 +102,23 @@ def test_reexec_sets_the_malloc_env_once(monkeypatch):
     assert len(calls) == 1
 
 
-def test_summary_keeps_the_best_run():
-    s = common.summary([0.3, 0.1, 0.2])
-    assert s["seconds"] == 0.1 and s["median_seconds"] == 0.2 and s["runs"] == [0.3, 0.1, 0.2]
-    assert np.isclose(common.timed(lambda: 1)[0], 0, atol=1.0)
-
-
 def test_paths_report_the_median_with_min_and_max():
     s = common.spread([3.0, 1.0, 2.0, 10.0, 2.5])
     assert (s["seconds"], s["min_seconds"], s["max_seconds"]) == (2.5, 1.0, 10.0) and len(s["runs"]) == 5
+    assert np.isclose(common.timed(lambda: 1)[0], 0, atol=1.0)
+
+
+def test_device_flag_is_recorded_and_cuda_needs_a_gpu(tmp_path):
+    rc, data = run(tmp_path, "--size", "4", "--archs", "pixelcnn", "--device", "cpu")
+    assert rc == 0 and data["config"]["device"] == "cpu" and data["identical"]
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit):
+            sampling.parse_args(["--device", "cuda"])
+
+
+@pytest.mark.gpu
+def test_cuda_paths_draw_the_cpu_images(tmp_path):
+    if not __import__("torch").cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rc, data = run(tmp_path, "--size", "6", "--archs", "pixelcnn,gated_pixelcnn", "--device", "cuda", "--naive-rows", "2")
+    assert rc == 0 and data["identical"] and data["config"]["device"] == "cuda"
