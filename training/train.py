@@ -35,8 +35,10 @@ from training.checkpoint import (CheckpointError, build_checkpoint_model, load_c
                                  remove_stale_temp_files, save_checkpoint)
 from training.data import DataSpec, ImageSet, load
 from training.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
+from training.distributed import Dist, all_sum, distribute, setup_distributed
 from training.models import ARCHITECTURES, build_model, config_class
 from training.models.base import IMAGE_FIELDS
+from training.run_outputs import nll_units, plot_loss_curve, write_json
 
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
 # so `--out DIR --resume` alone continues the run it was, not one with default flags.
@@ -95,30 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- setup
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), dev)
-
 
 def model_fields(arch: str, args: argparse.Namespace, data: ImageSet) -> dict:
     """Config fields for a fresh model: image spec from the data, the rest from the flags."""
@@ -195,14 +173,6 @@ class NLLObjective(torch.nn.Module):
         return self.model.nll(x, labels)  # (B,) nats per image
 
 
-def all_sum(values: list[float], dist: Dist) -> list[float]:
-    if dist.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch_dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def mean_nll(model, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, dist: Dist) -> float:
     """Mean NLL in nats per image over `images`, each rank scoring every world-th image."""
@@ -230,50 +200,6 @@ def train_step(objective, optimizer, x: torch.Tensor, labels: torch.Tensor | Non
         torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
     optimizer.step()
     return float(nll.detach().mean())
-
-
-def has_unused_parameters(objective, x: torch.Tensor, labels: torch.Tensor | None) -> bool:
-    """DDP must be told if some parameters get no gradient (it would hang otherwise)."""
-    objective(x, labels).mean().backward()
-    unused = any(p.grad is None for p in objective.parameters() if p.requires_grad)
-    objective.zero_grad(set_to_none=True)
-    return unused
-
-
-# ---------------------------------------------------------------------------- outputs
-
-def nll_units(levels: int, nats: float, dims: int) -> tuple[str, float]:
-    """The customary unit: nats per image for binary data, bits per dimension otherwise."""
-    return ("nats", nats) if levels == 2 else ("bits/dim", float(distributions.nats_to_bits_per_dim(nats, dims)))
-
-
-def plot_loss_curve(history: list[dict], path: Path, levels: int, dims: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, style in (("train", "-"), ("valid", "o-")):
-        points = [(h["step"], h[f"{kind}_nll_nats"]) for h in history if f"{kind}_nll_nats" in h]
-        if points:
-            steps, nats = zip(*points)
-            ax.plot(steps, [nll_units(levels, v, dims)[1] for v in nats], style, label=kind, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"NLL ({nll_units(levels, 0.0, dims)[0]})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -386,14 +312,6 @@ def restore(ckpt: dict | None, model, optimizer, path: Path | None = None) -> Ru
         torch.set_rng_state(ckpt["rng"]["torch"])
     return RunState(step=ckpt["step"], history=list(ckpt["history"]), metrics=dict(ckpt["metrics"]),
                     hours=float(ckpt.get("hours", 0.0)), timeline=list(ckpt.get("timeline", [])))
-
-
-def distribute(objective, images: torch.Tensor, labels: torch.Tensor | None, dist: Dist):
-    if dist.world == 1:
-        return objective
-    probe_y = labels[:2].to(dist.device) if labels is not None else None
-    unused = has_unused_parameters(objective, images[:2].to(dist.device).long(), probe_y)
-    return torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=unused)
 
 
 def train(args: argparse.Namespace) -> dict:
