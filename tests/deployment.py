@@ -18,6 +18,7 @@ import io
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -191,3 +192,15 @@ def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], timeout: float, in
         if time.monotonic() >= deadline:
             return value, False
         time.sleep(interval)
+
+
+def stop_group(process, wait_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL, the process group of `process` (started with start_new_session),
+    each given `wait_s` to end it: what a test does with a command that ran past its bound."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is None:
+            os.killpg(process.pid, signum)
+            try:
+                process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                pass

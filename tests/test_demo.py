@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deployment import stop_group
+
 from tests.deployment import REPO, require, require_tritonserver
 
 TIMEOUT_S = 300  # about 45 s on the busy 2-core machine
@@ -32,13 +34,7 @@ def servers_of(repository: Path) -> list[int]:
 def stop(process: subprocess.Popen, repository: Path) -> None:
     """After a timeout: SIGTERM the demo (its EXIT trap stops the server), then SIGKILL, then the
     server it started (own session) if still there."""
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is None:
-            os.killpg(process.pid, signum)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
+    stop_group(process, 20)
     for pid in servers_of(repository):
         os.kill(pid, signal.SIGKILL)
 

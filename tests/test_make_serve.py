@@ -3,11 +3,12 @@ names the file: what the user sees in the terminal (make's own "recipe failed" l
 import hashlib
 import os
 import re
-import signal
 import subprocess
 import time
 
 import pytest
+
+from tests.deployment import stop_group
 
 from server.launcher import free_port
 from tests.deployment import REPO
@@ -29,16 +30,6 @@ def damage(kind: str, path):
     elif kind == "truncated":
         path.write_bytes(CHECKPOINT.read_bytes()[: CHECKPOINT.stat().st_size // 2])
     return path
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is None:
-            os.killpg(process.pid, signum)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @pytest.mark.slow
