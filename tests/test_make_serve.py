@@ -8,10 +8,8 @@ import time
 
 import pytest
 
-from tests.deployment import stop_group
-
 from server.launcher import free_port
-from tests.deployment import REPO
+from tests.deployment import REPO, stop_group
 
 CHECKPOINT = REPO / "checkpoints" / "pixelcnn_binarized_mnist.pt"
 TIMEOUT_S = 120  # build_engine refuses a damaged checkpoint in a few seconds; make setup, when current, in < 1 s
