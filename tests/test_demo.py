@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployment import stop_group
-
-from tests.deployment import REPO, require, require_tritonserver
+from tests.deployment import REPO, require, require_tritonserver, stop_group
 
 TIMEOUT_S = 300  # about 45 s on the busy 2-core machine
 
