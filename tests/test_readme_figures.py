@@ -22,7 +22,8 @@ def k(x: float) -> str:
 def checkpoints(d):
     r = d["results"]
     out = [f"| {r[n]['valid_nll_nats']:.2f} nats ({r[n]['valid_bits_per_dim']:.4f} bits/dim) |"
-           for n in ("pixelcnn_binarized_mnist", "row_lstm_binarized_mnist", "diagonal_bilstm_binarized_mnist")]
+           for n in ("pixelcnn_binarized_mnist", "gated_pixelcnn_binarized_mnist", "row_lstm_binarized_mnist",
+                     "diagonal_bilstm_binarized_mnist")]
     g = r["gated_pixelcnn_fashion_mnist"]
     return out + [f"| {g['valid_nll_nats']:.1f} nats ({g['valid_bits_per_dim']:.3f} bits/dim) |"]
 
