@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo}
-CKPT=${DEMO_CHECKPOINT:-checkpoints/gated_pixelcnn_binarized_mnist.pt}  # the best binarized-MNIST model shipped
+CKPT=${DEMO_CHECKPOINT:-checkpoints/gated_pixelcnn_binarized_mnist.pt}  # the long-run Gated PixelCNN: digits
 mkdir -p "$OUT"
 if [ -n "${DEMO_SHORT:-}" ]; then EVAL_N=100 SAMPLE_N=4 COMPLETE_N=2 COMPLETE_K=2
 else EVAL_N=1000 SAMPLE_N=16 COMPLETE_N=4 COMPLETE_K=3; fi
