@@ -22,7 +22,7 @@ sequences in one call (`call_row`) need it to be numpy arrays with the batch on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,8 +63,6 @@ class RowSequence:
     stage: int = 0
     row: int = 0
     condition: np.ndarray | None = None  # big stage: (B, cond, H, W)
-    # Rows of earlier stages, for multi-scale completion of the full stage's known rows.
-    _known: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, runner, spec: SampleSpec) -> "RowSequence":
@@ -82,7 +80,7 @@ class RowSequence:
                 canvases[0][:, :, :known_rows[0]] = known[:, :, ::factor, ::factor]
         if r:
             canvases[-1][:, :, :r] = known
-        seq = cls(spec, stages, factor, sampling_rng(spec.seed), canvases, known_rows, _known=known)
+        seq = cls(spec, stages, factor, sampling_rng(spec.seed), canvases, known_rows)
         seq.state = runner.initial_state(0, b)
         return seq
 
@@ -140,7 +138,7 @@ class RowSequence:
         big[:, :, ::f, ::f] = small
         r = self.known_rows[self.stage]
         if r:
-            big[:, :, :r] = self._known
+            big[:, :, :r] = self.spec.known  # the full image's known rows, over the grid just copied
         self.state = runner.initial_state(self.stage, self.spec.batch)
 
 
