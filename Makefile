@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: setup test test-fast demo serve bench clean
+.PHONY: setup test test-fast demo serve web bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,7 +23,8 @@ clean:
 
 # Serve on loopback until Ctrl-C: `make serve CHECKPOINT=checkpoints/X.pt` first exports the
 # checkpoint into REPOSITORY (models NAME_score and NAME_sample, NAME = the architecture unless
-# given); `make serve` alone serves REPOSITORY as it is.
+# given); `make serve` alone serves REPOSITORY as it is. `make serve REPLICAS=N`: N tritonserver
+# replicas (free ports) behind nginx, the gRPC load balancer, on GRPC_PORT (python -m server.cluster).
 REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -32,4 +33,17 @@ serve: setup
 ifdef CHECKPOINT
 	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
 endif
+ifdef REPLICAS
+	$(PY) -m server.cluster --replicas $(REPLICAS) --repository $(REPOSITORY) --port $(GRPC_PORT)
+else
 	$(PY) -m server --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+endif
+
+# The live web page (web/): `make web` serves REPOSITORY (CHECKPOINT: exported into it first, as
+# `make serve` does) on tritonserver plus the page's gateway at http://localhost:$(WEB_PORT)/.
+WEB_PORT ?= 8080
+web: setup
+ifdef CHECKPOINT
+	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
+endif
+	REPOSITORY=$(REPOSITORY) GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) METRICS_PORT=$(METRICS_PORT) WEB_PORT=$(WEB_PORT) bash scripts/web.sh

@@ -1,7 +1,7 @@
 """Load test: many concurrent sampling streams plus scoring traffic on the real Triton server.
 
     python -m bench.load --json bench/results/load.json [--checkpoint PATH] [--streams 32]
-                         [--seconds 60] [--score-clients 2] [--score-batch 16] [--quick]
+                         [--seconds 60] [--score-clients 2] [--score-batch 16] [--compare-per-row] [--quick]
 
 The checkpoint is exported into a temporary Triton repository and served by tritonserver on free
 loopback ports (as in bench/serving.py; the repository's settings are recorded). After one
@@ -18,6 +18,11 @@ untimed image per stream and one request per scorer (warm-up), for --seconds:
             images per request, back to back: the checkpoint's validation images (its data
             spec, training.data.load), random levels where those are not there; after the
             run every score is compared with the in-process scorer's NLL of its image.
+
+A response may carry several rows (row coalescing): "row" latency is between consecutive rows
+of a sequence (0 between rows of one response), "response" latency between its responses.
+--compare-per-row first runs the same load with ROWS_PER_RESPONSE 1 (one response per row, as
+before coalescing) on the same server, recorded under "per_row": before and after in one run.
 
 Then the sampler's own metrics (pixelrnn_sampler_live_sequences and
 pixelrnn_sampler_events_total on Triton's metrics endpoint, pushed every 0.5 s) must show every
@@ -48,7 +53,7 @@ from client.library import ROW_OUTPUTS, PixelClient, Row, assemble
 from client.stream import SampleStream, sample_inputs
 from runtime import protocol as p
 from server.launcher import TritonServer
-from export.repository import stage_rows
+from export.repository import COALESCE_MS, stage_rows
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(streams=32, seconds=60.0, score_clients=2, score_batch=16)
@@ -65,15 +70,21 @@ def timed_stream(url: str, timeout: float) -> SampleStream:
     return SampleStream(url, outputs=(*ROW_OUTPUTS, p.CALL_BATCH), timeout=timeout)
 
 
-def sample_timed(stream: SampleStream, model: str, seed: int, labels: np.ndarray | None) -> tuple[list[Row], list[float], list[int]]:
-    """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row); an error
+def sample_timed(stream: SampleStream, model: str, seed: int, labels: np.ndarray | None,
+                 per_response: int | None = None) -> tuple[list[Row], list[float], list[int], list[float]]:
+    """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row, [send time,
+    then each response's arrival]); rows that shared a response arrived together. An error
     response raises RuntimeError, no final response within the stream's timeout StreamTimeout."""
-    sent = stream.send(p.sample_model(model), _sequence_id(), sample_inputs(batch=1, seed=seed, labels=labels), start=True,
-                       end=True)
+    sent = stream.send(p.sample_model(model), _sequence_id(),
+                       sample_inputs(batch=1, seed=seed, labels=labels, rows_per_response=per_response), start=True, end=True)
     rows, errors = stream.collect()
     if errors:
         raise RuntimeError(f"{p.sample_model(model)}: {errors[0]}")
-    return rows, [sent] + [r.at for r in rows], [r.batched for r in rows]
+    responses, k = [sent], 0
+    while k < len(rows):  # each response's rows are consecutive in `rows`
+        responses.append(rows[k].at)
+        k += rows[k].response_rows
+    return rows, [sent] + [r.at for r in rows], [r.batched for r in rows], responses
 
 
 _ids = itertools.count(1)
@@ -119,14 +130,14 @@ class Errors:
 
 
 def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: list[float], errors: Errors, k: int,
-            timeout: float) -> dict:
+            timeout: float, per_response: int | None = None) -> dict:
     """One stream's loop: images until stop[0] (set at the release), the last one finished."""
     labels, model = labels_for(manifest, 1, k), manifest["name"]
     stream = timed_stream(url, timeout)
-    gaps, firsts, batched, images, drawn = [], [], [], 0, []
+    gaps, response_gaps, firsts, batched, images, drawn = [], [], [], [], 0, []
     try:
         try:
-            rows, _, _ = sample_timed(stream, model, next(seeds), labels)  # warm-up
+            rows, _, _, _ = sample_timed(stream, model, next(seeds), labels, per_response)  # warm-up
             check_image(rows, manifest)
         except Exception as e:  # noqa: BLE001 - counted; the timed loop still runs
             errors.add(f"warm-up: {e}")
@@ -136,7 +147,7 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
         while time.perf_counter() < stop[0]:
             try:
                 seed = next(seeds)
-                rows, times, calls = sample_timed(stream, model, seed, labels)
+                rows, times, calls, responses = sample_timed(stream, model, seed, labels, per_response)
                 check_image(rows, manifest)
                 drawn.append((seed, labels, assemble(rows, tuple(manifest["shape"]))))  # checked after the run
             except Exception as e:  # noqa: BLE001 - counted; a broken stream is replaced
@@ -146,12 +157,13 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
                 continue
             firsts.append(times[1] - times[0])
             gaps.extend(np.diff(times[1:]))
+            response_gaps.extend(np.diff(responses[1:]))
             batched.extend(calls)
             images += 1
     finally:
         stream.close(cancel=True)
-    return {"images": images, "gaps": gaps, "firsts": firsts, "batched": batched, "rows": images * sum(stage_rows(manifest)),
-            "drawn": drawn}
+    return {"images": images, "gaps": gaps, "response_gaps": response_gaps, "firsts": firsts, "batched": batched,
+            "rows": images * sum(stage_rows(manifest)), "responses": len(response_gaps) + images, "drawn": drawn}
 
 
 def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, start: threading.Barrier, stop: list[float],
@@ -287,7 +299,10 @@ def percentiles_ms(seconds: list[float]) -> dict:
             "mean": float(ms.mean())}
 
 
-def run_load(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
+def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_response: int | None = None,
+             completed_before: int = 0) -> dict:
+    """One load phase; `per_response`: the streams' ROWS_PER_RESPONSE (None: rows coalesced);
+    `completed_before`: sequences this server completed in earlier phases."""
     images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
     seeds = itertools.count(args.seed)  # next() is atomic under the GIL: every image its own seed
     errors, stop = Errors(), [float("inf")]
@@ -304,7 +319,7 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
 
     for k in range(args.streams):
         threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, server.grpc_url, manifest, seeds, start, stop,
-                                                          errors, k, timeout), daemon=True))
+                                                          errors, k, timeout, per_response), daemon=True))
     for k in range(args.score_clients):
         threads.append(threading.Thread(target=run, args=(f"scorer {k}", scorer, server.grpc_url, manifest, images, labels,
                                                           args.score_batch, start, stop, errors, k, timeout), daemon=True))
@@ -329,7 +344,7 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
     scored = sum(r["images"] for r in scorers)
     c, h, w = manifest["shape"]
     # Every sequence this fresh server saw: one warm-up image per stream and the timed ones.
-    expected_completed = sampled + args.streams
+    expected_completed = completed_before + sampled + args.streams
     metrics, settle = settled_metrics(server, p.sample_model(manifest["name"]), expected_completed)
     if metrics["live"] != 0:
         errors.add(f"the sampler still holds {metrics['live']} live sequences {settle:.1f} s after the run")
@@ -352,8 +367,14 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer) -> dict:
                    "error_messages": errors.report()},
         "throughput": {"rows_per_s": rows / elapsed, "pixels_per_s": sampled * c * h * w / elapsed,
                        "images_sampled_per_s": sampled / elapsed, "images_scored_per_s": scored / elapsed},
+        "rows_per_response": per_response,  # the streams' ROWS_PER_RESPONSE (None: coalesced as the server finds them)
+        "responses": {"count": sum(r["responses"] for r in samplers),
+                      "rows_per_response_mean": rows / max(1, sum(r["responses"] for r in samplers))},
         "latency_ms": {
+            # row: between consecutive rows of a sequence (0 between rows that came in one
+            # response); response: between consecutive responses of a sequence
             "row": percentiles_ms([g for r in samplers for g in r["gaps"]]),
+            "response": percentiles_ms([g for r in samplers for g in r["response_gaps"]]),
             "first_row": percentiles_ms([f for r in samplers for f in r["firsts"]]),
             "score_request": percentiles_ms([x for r in scorers for x in r["latencies"]]),
         },
@@ -377,9 +398,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p_.add_argument("--score-batch", type=int, help=f"images per scoring request (default {DEFAULTS['score_batch']})")
     p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
     p_.add_argument("--sender-threads", type=int, default=2, help="the sampler's response sender threads (0: none)")
+    p_.add_argument("--coalesce-ms", type=float, default=COALESCE_MS, help="the sampler's row coalescing window (0: off)")
     p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
     p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
     p_.add_argument("--seed", type=int, default=0, help="the first image's seed (each image takes the next)")
+    p_.add_argument("--rows-per-response", type=int, help="the streams' ROWS_PER_RESPONSE (default: none, the server coalesces)")
+    p_.add_argument("--compare-per-row", action="store_true",
+                    help="first the same load with ROWS_PER_RESPONSE 1 (one response per row, as before coalescing) on the "
+                         "same server, recorded under per_row, then the load as asked")
     p_.add_argument("--quick", action="store_true",
                     help="smaller defaults for tests: " + ", ".join(f"{k} {v:g}" for k, v in QUICK.items()))
     args = p_.parse_args(argv)
@@ -393,6 +419,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p_.error("--score-clients must be at least 0")
     if not args.seconds > 0:
         p_.error("--seconds must be > 0")
+    if args.rows_per_response is not None and args.rows_per_response < 1:
+        p_.error("--rows-per-response must be at least 1")
     return args
 
 
@@ -414,13 +442,22 @@ def report(payload: dict) -> str:
         f"{st['call_batch_mean']:.1f} images per cell call)",
         f"  scored   {t['images_scored']} images in {t['score_requests']} requests: {th['images_scored_per_s']:.1f} images/s "
         f"({payload['score_data']})",
+        f"  responses          {payload['responses']['count']}, {payload['responses']['rows_per_response_mean']:.2f} rows each "
+        f"(ROWS_PER_RESPONSE {payload['rows_per_response'] or 'not set: coalesced'})",
         f"  row latency        {dist(lat['row'])}",
+        f"  response latency   {dist(lat['response'])}",
         f"  first row          {dist(lat['first_row'])}",
         f"  score request      {dist(lat['score_request'])}",
         f"  sampler metrics: live sequences {m['live_sequences']}, events "
         + ", ".join(f"{k} {v}" for k, v in sorted(m["events_total"].items())),
         f"  errors: {t['errors']}" + "".join(f"\n    {e['count']} x {e['message']}" for e in t["error_messages"]),
     ]
+    before = payload.get("per_row")
+    if before:
+        lines += [f"  one response per row (phase 1, same server): {before['throughput']['rows_per_s']:.0f} rows/s, "
+                  f"{before['totals']['images_sampled']} images, errors {before['totals']['errors']}",
+                  f"    row latency        {dist(before['latency_ms']['row'])}",
+                  f"    first row          {dist(before['latency_ms']['first_row'])}"]
     mc = payload["machine"]
     lines.append(f"{mc['cpu']}, {mc['cpu_count']} CPUs, load {mc['load_average_1_5_15']}, tritonserver "
                  f"{payload['server']['tritonserver']}, malloc env {'set' if mc['malloc_env_set'] else 'NOT set'}")
@@ -435,15 +472,25 @@ def main(argv=None) -> int:
         with TritonServer(repository, log_path=Path(tmp) / "triton.log") as server:
             server_info = {
                 "tritonserver": triton_version(server), "models": server.models, "onnx_threads": args.onnx_threads,
-                "sender_threads": args.sender_threads, "score_instances": args.score_instances, "sample_instances": 1,
+                "sender_threads": args.sender_threads, "coalesce_ms": args.coalesce_ms,
+                "score_instances": args.score_instances, "sample_instances": 1,
                 "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
                 "transport": "gRPC on loopback",
             }
-            result = run_load(args, manifest, folder, server)
+            before = None
+            if args.compare_per_row:
+                print("phase 1 of 2: one response per row (ROWS_PER_RESPONSE 1) ...", file=sys.stderr, flush=True)
+                before = run_load(args, manifest, folder, server, per_response=1)
+                print("phase 2 of 2: as asked ...", file=sys.stderr, flush=True)
+            result = run_load(args, manifest, folder, server, per_response=args.rows_per_response,
+                              completed_before=0 if before is None else before["sampler_metrics"]["expected_completed"])
+            if before is not None:
+                result["per_row"] = before
     payload = {
         "benchmark": "load",
         "config": {"checkpoint": args.checkpoint, "streams": args.streams, "stream_images": 1, "seconds": args.seconds,
                    "score_clients": args.score_clients, "score_batch": args.score_batch, "seed": args.seed,
+                   "rows_per_response": args.rows_per_response, "compare_per_row": args.compare_per_row,
                    "warmup": "one image per stream and one request per scoring client, not counted", "quick": args.quick},
         "model": {"name": manifest["name"], "arch": manifest["arch"], "shape": manifest["shape"], "levels": manifest["levels"],
                   "rows_per_image": sum(stage_rows(manifest)), "export_seconds": export_seconds},
@@ -454,8 +501,9 @@ def main(argv=None) -> int:
     print(report(payload))
     if args.json:
         write_json(args.json, payload)
-    if payload["totals"]["errors"]:
-        print(f"error: {payload['totals']['errors']} errors under load (see above)", file=sys.stderr)
+    errors = payload["totals"]["errors"] + (payload["per_row"]["totals"]["errors"] if "per_row" in payload else 0)
+    if errors:
+        print(f"error: {errors} errors under load (see above)", file=sys.stderr)
         return 1
     return 0
 

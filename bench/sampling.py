@@ -19,8 +19,9 @@ sub-pixels: each one costs exactly one full forward pass wherever it is, so the 
 compared. Every path (naive included) runs --repeats times after one warm-up run, the paths
 interleaved so that load from other processes hits them alike; each reports the median (its
 `seconds`, which every speedup and target uses) with min, max and all runs, and the load
-average is recorded before and after. The targets of the issue (>= 100x over naive for
-PixelCNN-type models, >= 30x for the LSTMs, sampling <= 10x a scoring pass) are recorded in
+average is recorded before and after. The targets (>= 100x over naive for PixelCNN-type
+models, >= 30x for the LSTMs; sampling at most 3x a scoring pass for the PixelCNN and 5x for
+every other architecture, the scoring pass being the physical floor of about 1) are recorded in
 "targets" as met / not met, not enforced.
 """
 from __future__ import annotations
@@ -50,7 +51,9 @@ from training.sample import autoregress, sample_reference
 
 LSTM_ARCHS = {"row_lstm", "diagonal_bilstm"}
 SPEEDUP_TARGET = {"pixelcnn_type": 100.0, "lstm": 30.0}  # over naive, best cached path
-VS_SCORING_TARGET = 10.0  # sampling time / one scoring pass of the same batch
+# Sampling time / one scoring pass of the same batch, at most (issue 13's cost floor).
+VS_SCORING_TARGET = {"pixelcnn": 3.0}
+VS_SCORING_DEFAULT = 5.0
 WARMUP_PASSES = 2  # full forward passes before the naive timing
 
 
@@ -228,14 +231,15 @@ def bench_model(model, args, workdir: Path) -> dict:
     return result
 
 
-def targets(model_family: str, r: dict) -> dict:
+def targets(arch: str, model_family: str, r: dict) -> dict:
     best = "onnx" if r["cached_onnx"]["seconds"] <= r["cached_torch"]["seconds"] else "torch"
     speedup, vs_scoring = r[f"cached_{best}"]["speedup_over_naive"], r[f"cached_{best}"]["vs_scoring"]
     want = SPEEDUP_TARGET[model_family]
+    at_most = VS_SCORING_TARGET.get(arch, VS_SCORING_DEFAULT)
     return {
         "family": model_family, "best_path": best,
         "speedup_over_naive": speedup, "speedup_target": want, "speedup_met": speedup >= want,
-        "vs_scoring": vs_scoring, "vs_scoring_target": VS_SCORING_TARGET, "vs_scoring_met": vs_scoring <= VS_SCORING_TARGET,
+        "vs_scoring": vs_scoring, "vs_scoring_target": at_most, "vs_scoring_met": vs_scoring <= at_most,
     }
 
 
@@ -335,12 +339,12 @@ def main(argv=None) -> int:
                 workdir.mkdir()
                 result = bench_model(model, args, workdir)
                 payload["results"][arch] = result
-                per_arch[arch] = targets(result["model"]["family"], result)
+                per_arch[arch] = targets(arch, result["model"]["family"], result)
         payload["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         payload["config"]["archs"] = list(payload["results"])  # the checkpoint's, with --checkpoint
         payload["identical"] = all(r["identical"] for r in payload["results"].values())
         payload["targets"] = {
-            "speedup_over_naive": SPEEDUP_TARGET, "vs_scoring_at_most": VS_SCORING_TARGET, "per_arch": per_arch,
+            "speedup_over_naive": SPEEDUP_TARGET, "vs_scoring_at_most": {**VS_SCORING_TARGET, "default": VS_SCORING_DEFAULT}, "per_arch": per_arch,
             "all_met": all(t["speedup_met"] and t["vs_scoring_met"] for t in per_arch.values()),
         }
     finally:

@@ -1,7 +1,7 @@
 """Serving benchmark: the real Triton server against the same exported ONNX graphs in process.
 
     python -m bench.serving --json bench/results/serving.json [--checkpoint PATH] [--repeats N]
-                            [--streams 1,4,16] [--quick]
+                            [--streams 1,4,16] [--coalesce-ms MS] [--no-pinned] [--quick]
 
 The checkpoint is exported once (export/build_engine.py, parity-checked) into a temporary Triton
 repository (export/repository.py; its settings are recorded), served by a real tritonserver on
@@ -24,19 +24,29 @@ with the same onnxruntime thread count. Measured in one run, on one machine:
             batcher gathers (images per execution read from Triton's metrics), vs
             OnnxScorer.score in process in max-batch chunks.
 
+Before and after row coalescing, in the same run: every Triton sampling path also runs with
+ROWS_PER_RESPONSE 1 (one response per row, as the server sent before coalescing: "per_row"),
+and the streams report how many rows a response carried. Pinned (unless --no-pinned): the
+single-stream paths and the 1- and most-stream paths again with the server (tritonserver and
+its stub processes, every thread; bench/cpu.py) on one CPU and this process (the clients, and
+the in-process paths) on another, the fair comparison of a server whose clients run
+elsewhere. For every sampling path, CPU seconds per 1000 streamed rows (a row of one sequence)
+of the server (/proc of tritonserver and its children) and of this process.
+
 Every path draws from the same seeds, so the images are compared (`identical`; exit status 1
 when they differ) and the scores must agree to float32 rounding. Each path runs once untimed
 first (warm-up: sessions, connections, first-call allocations), then --repeats timed rounds with
 the paths interleaved, so load from other processes hits them alike; every path reports its
 median (`seconds`, which every rate and ratio uses) with min, max and all runs.
-The targets (Triton sampling >= 0.9x in process, 16 streams >= 6x one stream, Triton scoring
->= 0.9x in process) are recorded in "targets", not enforced.
+The targets (Triton sampling >= 0.9x in process, pinned >= 0.95x, 16 streams >= 6x one
+stream, Triton scoring >= 0.9x in process) are recorded in "targets", not enforced.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -48,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
+from bench.cpu import cpu_seconds, pin, process_tree
 from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
 from client.stream import SampleStream, sample_inputs
 from runtime.onnx_graphs import OnnxScorer
@@ -56,12 +67,13 @@ from runtime import rowloop
 from runtime.engine import Engine
 from runtime.rowloop import SampleSpec
 from server.launcher import TritonServer
-from export.repository import write_repository
+from export.repository import COALESCE_MS, write_repository
 from runtime.manifest import read_manifest
 from runtime.runner import OnnxRunner
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
-TARGETS = {"sampling_vs_in_process": 0.9, "streams_16_vs_1": 6.0, "scoring_vs_in_process": 0.9}
+TARGETS = {"sampling_vs_in_process": 0.9, "pinned_sampling_vs_in_process": 0.95, "streams_16_vs_1": 6.0,
+           "scoring_vs_in_process": 0.9}
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-3  # nats: the batch a score is computed in changes float32 rounding
 QUICK = dict(batch=2, streams=[1, 2], score_images=8, score_clients=2, score_request=1, repeats=1)
 
@@ -79,8 +91,8 @@ class _Collect:
     def __init__(self):
         self.rows, self.errors = [], []
 
-    def row(self, event):
-        self.rows.append(Row(event.index, event.stage, event.row, event.logprob))
+    def send_rows(self, events):
+        self.rows += [Row(e.index, e.stage, e.row, e.logprob) for e in events]
 
     def done(self):
         pass
@@ -124,14 +136,16 @@ def row_stream(url: str) -> SampleStream:
 
 
 def stream_sample(stream: SampleStream, model: str, n: int, seed: int, labels: np.ndarray | None,
-                  shape: tuple[int, int, int]) -> tuple[np.ndarray, list[int], list[int]]:
-    """One sequence of n images on the stream -> (images uint8 (n, C, H, W), CALL_BATCH per row,
-    ACTIVE per row)."""
-    stream.send(p.sample_model(model), correlation_id(), sample_inputs(batch=n, seed=seed, labels=labels), start=True, end=True)
+                  shape: tuple[int, int, int], per_response: int | None = None) -> tuple[np.ndarray, list[int], list[int]]:
+    """One sequence of n images on the stream (`per_response`: ROWS_PER_RESPONSE) -> (images
+    uint8 (n, C, H, W), CALL_BATCH per row, ACTIVE per row, responses)."""
+    stream.send(p.sample_model(model), correlation_id(), sample_inputs(batch=n, seed=seed, labels=labels, rows_per_response=per_response),
+                start=True, end=True)
     rows, errors = stream.collect()
     if errors:
         raise RuntimeError(f"{p.sample_model(model)}: {errors[0]}")
-    return assemble(rows, shape), [r.batched for r in rows], [r.active for r in rows]
+    responses = sum(1 / r.response_rows for r in rows)  # each response's rows count 1/R each
+    return assemble(rows, shape), [r.batched for r in rows], [r.active for r in rows], responses
 
 
 def together(jobs: list) -> tuple[float, list]:
@@ -193,7 +207,7 @@ def export(checkpoint: str, workdir: Path, args) -> tuple[dict, Path, Path, floa
         raise SystemExit(f"error: export of {checkpoint} failed (exit code {code})")
     manifest = read_manifest(out)
     write_repository(manifest, out, repository, onnx_threads=args.onnx_threads, score_instances=args.score_instances,
-                     max_queue_delay_us=args.max_queue_delay_us, sender_threads=args.sender_threads)
+                     max_queue_delay_us=args.max_queue_delay_us, sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms)
     return manifest, out, repository, seconds
 
 
@@ -219,8 +233,10 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     score_labels = labels_for(manifest, args.score_images)
     requests = [(a, min(a + args.score_request, args.score_images)) for a in range(0, args.score_images, args.score_request)]
 
-    def triton_sample():
-        return client.sample_images(n, seed=seed, label=labels)
+    # "per_row": ROWS_PER_RESPONSE 1, one response per row as before row coalescing ("before");
+    # the plain paths let the server coalesce ("after"). Both run in this one run, interleaved.
+    def triton_sample(per_response=None):
+        return lambda: client.sample_images(n, seed=seed, label=labels, rows_per_response=per_response)
 
     def triton_stream_sample():
         return stream_sample(streams[0], name, n, seed, labels, shape)
@@ -231,9 +247,9 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     def engine_sample():
         return sample_engine(runner, max_batch, [SampleSpec(batch=n, seed=seed, labels=labels)], shape)[0]
 
-    def concurrent(k):
+    def concurrent(k, per_response=None):
         """k streams, stream i: one image, seed + i."""
-        return lambda: together([lambda i=i: stream_sample(streams[i], name, 1, seed + i, labels_for(manifest, 1, i), shape)
+        return lambda: together([lambda i=i: stream_sample(streams[i], name, 1, seed + i, labels_for(manifest, 1, i), shape, per_response)
                                  for i in range(k)])
 
     def engine_sequences(k):
@@ -259,30 +275,68 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
         together([lambda k=k: job(k) for k in range(len(score_clients))])
         return nll
 
-    sample_paths = {"triton": triton_sample, "triton_stream": triton_stream_sample, "in_process": process_sample,
-                    "engine_in_process": engine_sample}
+    sample_paths = {"triton": triton_sample(), "triton_per_row": triton_sample(1), "triton_stream": triton_stream_sample,
+                    "in_process": process_sample, "engine_in_process": engine_sample}
     score_paths = {"triton": triton_score, "triton_concurrent": triton_score_concurrent, "in_process": process_score}
     order = [(f"sample/{k}", fn) for k, fn in sample_paths.items()]
     for k in args.streams:
-        order += [(f"streams/{k}", concurrent(k)), (f"engine/{k}", engine_sequences(k))]
+        order += [(f"streams/{k}", concurrent(k)), (f"streams_per_row/{k}", concurrent(k, 1)), (f"engine/{k}", engine_sequences(k))]
     order += [(f"score/{k}", fn) for k, fn in score_paths.items()]
+    # Pinned: the server (tritonserver and its stubs) on one CPU, this process (the clients, and
+    # the in-process paths) on another, as with clients on other machines; set before each of
+    # these paths, undone after it.
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = args.pinned and len(cpus) >= 2
+    server_tree = process_tree(server.process.pid)
+    if pinned:
+        order += [("pinned/sample/triton", sample_paths["triton"]), ("pinned/sample/triton_per_row", sample_paths["triton_per_row"]),
+                  ("pinned/sample/in_process", process_sample), ("pinned/sample/engine_in_process", engine_sample)]
+        for k in sorted({min(args.streams), most}):
+            order += [(f"pinned/streams/{k}", concurrent(k)), (f"pinned/streams_per_row/{k}", concurrent(k, 1)),
+                      (f"pinned/engine/{k}", engine_sequences(k))]
+    rows = sum(st.height for st in runner.stages)  # rows per sequence (one response each when per row)
+    sequence_rows = {}  # path -> sequence rows streamed per run: what CPU seconds are counted per
+    for path, _ in order:
+        kind = path.removeprefix("pinned/")
+        if kind.startswith(("sample/", "streams/", "streams_per_row/", "engine/")):
+            sequence_rows[path] = rows * (1 if kind.startswith("sample/") else int(kind.split("/")[1]))
     runs = {path: [] for path, _ in order}
     outputs = {}  # path -> every run's result, warm-up included (for the comparisons)
     call_batches = {k: [] for k in args.streams}
     active = {k: [] for k in args.streams}
     score_metrics = {}  # Triton's counters of NAME_score, summed over the timed concurrent runs
+    cpu = {path: {"server": 0.0, "client": 0.0} for path in sequence_rows}  # CPU seconds over the timed runs
+    affinities = set()  # the server processes' CPU sets seen during the pinned paths
+    responses = {}  # streams paths: responses received over the timed runs (rows per response: coalescing)
 
     def once(path: str, fn, timed_run: bool):
         if path == "score/triton_concurrent":
             before = triton_metrics(server, p.score_model(name))
-        seconds, result = timed(fn)
-        if path.startswith("streams/"):
-            k = int(path.split("/")[1])
+        if path.startswith("pinned/"):
+            pin(server_tree, {cpus[0]})
+            pin([os.getpid()], {cpus[1]})
+            affinities.update(tuple(sorted(os.sched_getaffinity(pid))) for pid in server_tree)  # what took effect
+        server_cpu, client_cpu = cpu_seconds(server_tree), cpu_seconds([os.getpid()])
+        try:
+            seconds, result = timed(fn)
+        finally:
+            server_cpu, client_cpu = cpu_seconds(server_tree) - server_cpu, cpu_seconds([os.getpid()]) - client_cpu
+            if path.startswith("pinned/"):
+                pin(server_tree, set(cpus))
+                pin([os.getpid()], set(cpus))
+        if timed_run and path in cpu:
+            cpu[path]["server"] += server_cpu
+            cpu[path]["client"] += client_cpu
+        kind = path.removeprefix("pinned/")
+        if kind.startswith(("streams/", "streams_per_row/")):
             seconds, result = result  # together()'s own clock starts at the release
+            if timed_run and path.startswith("streams/"):
+                k = int(path.split("/")[1])
+                call_batches[k] += [b for _, bs, _, _ in result for b in bs]
+                active[k] += [a for _, _, acts, _ in result for a in acts]
             if timed_run:
-                call_batches[k] += [b for _, bs, _ in result for b in bs]
-                active[k] += [a for _, _, acts in result for a in acts]
-            result = [image for image, _, _ in result]
+                responses[path] = responses.get(path, 0.0) + sum(r for _, _, _, r in result)
+            result = [image for image, _, _, _ in result]
         if path == "score/triton_concurrent" and timed_run:
             after = triton_metrics(server, p.score_model(name))
             for key in after:
@@ -309,12 +363,13 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     want = outputs["sample/in_process"][0]
     singles = [sample_in_process(runner, 1, seed + i, labels_for(manifest, 1, i)) for i in range(most)]
     same = {
-        "sample_triton_vs_in_process": all(np.array_equal(x, want) for x in outputs["sample/triton"]),
+        "sample_triton_vs_in_process": all(np.array_equal(x, want) for path in outputs
+                                           if path.endswith(("sample/triton", "sample/triton_per_row")) for x in outputs[path]),
         "sample_triton_stream_vs_in_process": all(np.array_equal(x[0], want) for x in outputs["sample/triton_stream"]),
         "sample_engine_vs_in_process": all(np.array_equal(x, want) for x in outputs["sample/engine_in_process"]),
         "sample_in_process_repeatable": all(np.array_equal(x, want) for x in outputs["sample/in_process"]),
-        "streams_vs_in_process": all(np.array_equal(image, singles[i]) for k in args.streams
-                                     for run in outputs[f"streams/{k}"] for i, image in enumerate(run)),
+        "streams_vs_in_process": all(np.array_equal(image, singles[i]) for path in outputs if "streams" in path
+                                     for run in outputs[path] for i, image in enumerate(run)),
         "streams_engine_vs_in_process": all(np.array_equal(image, singles[i]) for k in args.streams
                                             for run in outputs[f"engine/{k}"] for i, image in enumerate(run)),
     }
@@ -325,14 +380,16 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
 
     # -- figures
     pixels = n * c * h * w  # sub-pixels drawn per batch (one per channel and position)
-    rows = sum(st.height for st in runner.stages)  # streamed rows (responses) per sequence
     sampling = {}
     for k in sample_paths:
         sampling[k] = spread(runs[f"sample/{k}"])
         sampling[k]["pixels_per_s"] = pixels / sampling[k]["seconds"]
-    sampling["triton_stream"]["call_batch_seen"] = sorted({b for _, bs, _ in outputs["sample/triton_stream"] for b in bs})
+    sampling["triton_stream"]["call_batch_seen"] = sorted({b for _, bs, _, _ in outputs["sample/triton_stream"] for b in bs})
+    streamed = outputs["sample/triton_stream"]
+    sampling["triton_stream"]["rows_per_response"] = len(streamed) * rows / sum(r for _, _, _, r in streamed)
     rate = {k: sampling[k]["pixels_per_s"] for k in sample_paths}
     sampling["ratio_triton_vs_in_process"] = rate["triton"] / rate["in_process"]
+    sampling["ratio_triton_per_row_vs_in_process"] = rate["triton_per_row"] / rate["in_process"]
     sampling["ratio_engine_vs_in_process"] = rate["engine_in_process"] / rate["in_process"]
     sampling["ratio_triton_vs_engine"] = rate["triton"] / rate["engine_in_process"]
     # What Triton adds per streamed row (response) beyond the engine's own work, on average.
@@ -352,9 +409,39 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
         }
         r = stream_results[str(k)]
         r["triton_ms_per_row_response"] = 1e3 * (timing["seconds"] - engine["seconds"]) / (k * rows)
+        per_row = spread(runs[f"streams_per_row/{k}"])
+        r["per_row"] = {**per_row, "pixels_per_s": k * per_stream / per_row["seconds"]}
+        r["rows_per_response"] = args.repeats * k * rows / responses[f"streams/{k}"]
     base = stream_results.get("1")
     for k, r in stream_results.items():
         r["vs_one_stream"] = r["pixels_per_s"] / base["pixels_per_s"] if base else None
+        r["per_row"]["vs_one_stream"] = r["per_row"]["pixels_per_s"] / base["per_row"]["pixels_per_s"] if base else None
+
+    # CPU seconds per 1000 sequence rows (a row of one sequence: one response when per row), over
+    # the timed runs: the server's (tritonserver and its stubs) and this process's (the clients;
+    # for the in-process paths, the sampling itself).
+    cpu_per_1000 = {path: {who: 1000 * v / (sequence_rows[path] * args.repeats) for who, v in cpu[path].items()}
+                    for path in cpu}
+    pinned_result = None
+    if pinned:
+        pinned_result = {"server_cpu": cpus[0], "client_cpu": cpus[1], "server_processes": len(server_tree),
+                         "server_affinity_seen": sorted(map(list, affinities)), "sampling": {}, "streams": {}}
+        ps = pinned_result["sampling"]
+        for k in ("triton", "triton_per_row", "in_process", "engine_in_process"):
+            ps[k] = {**spread(runs[f"pinned/sample/{k}"])}
+            ps[k]["pixels_per_s"] = pixels / ps[k]["seconds"]
+        ps["ratio_triton_vs_in_process"] = ps["triton"]["pixels_per_s"] / ps["in_process"]["pixels_per_s"]
+        ps["ratio_triton_per_row_vs_in_process"] = ps["triton_per_row"]["pixels_per_s"] / ps["in_process"]["pixels_per_s"]
+        for k in sorted({min(args.streams), most}):
+            pr = {kind: spread(runs[f"pinned/{kind}/{k}"]) for kind in ("streams", "streams_per_row", "engine")}
+            for v in pr.values():
+                v["pixels_per_s"] = k * per_stream / v["seconds"]
+            pr["streams"]["rows_per_response"] = args.repeats * k * rows / responses[f"pinned/streams/{k}"]
+            pinned_result["streams"][str(k)] = pr
+        one = pinned_result["streams"].get("1")
+        for k, pr in pinned_result["streams"].items():
+            for kind in ("streams", "streams_per_row", "engine"):
+                pr[kind]["vs_one_stream"] = pr[kind]["pixels_per_s"] / one[kind]["pixels_per_s"] if one else None
 
     scoring = {"images": args.score_images, "request_images": args.score_request, "clients": args.score_clients,
                "chunk": max_batch}
@@ -371,7 +458,8 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     scoring["max_abs_nll_difference"] = score_diff
 
     identical = {**same, "scores_agree": scores_agree, "all": all(same.values()) and scores_agree}
-    return {"sampling": {"pixels": pixels, **sampling}, "streams": stream_results, "scoring": scoring, "identical": identical}
+    return {"sampling": {"pixels": pixels, **sampling}, "streams": stream_results, "scoring": scoring,
+            "pinned": pinned_result, "cpu_seconds_per_1000_rows": cpu_per_1000, "identical": identical}
 
 
 def targets(result: dict) -> dict:
@@ -391,6 +479,9 @@ def targets(result: dict) -> dict:
         "scoring_concurrent_vs_in_process": check(result["scoring"]["ratio_triton_concurrent_vs_in_process"],
                                                   TARGETS["scoring_vs_in_process"]),
     }
+    if result.get("pinned"):
+        t["pinned_sampling_vs_in_process"] = check(result["pinned"]["sampling"]["ratio_triton_vs_in_process"],
+                                                   TARGETS["pinned_sampling_vs_in_process"])
     t["all_met"] = all(v["met"] for v in t.values() if v["met"] is not None)
     return t
 
@@ -409,8 +500,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p_.add_argument("--score-request", type=int, default=1, help="images per request of the concurrent scoring path")
     p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads, in the server and in process")
     p_.add_argument("--sender-threads", type=int, default=2, help="the sampler's response sender threads (0: none)")
+    p_.add_argument("--coalesce-ms", type=float, default=COALESCE_MS, help="the sampler's row coalescing window (0: off)")
     p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
     p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
+    p_.add_argument("--no-pinned", dest="pinned", action="store_false",
+                    help="skip the pinned paths (server on one CPU, clients and in-process paths on another)")
     p_.add_argument("--seed", type=int, default=0)
     p_.add_argument("--quick", action="store_true", help="a tiny run for tests: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     args = p_.parse_args(argv)
@@ -433,11 +527,13 @@ def report(payload: dict) -> str:
     s, st, sc, t = payload["sampling"], payload["streams"], payload["scoring"], payload["targets"]
     cols = f"{'median s':>10}{'min-max s':>15}"
     lines = [f"{'sampling: one stream of ' + str(payload['config']['batch']) + ' images':<42}{cols}{'pixels/s':>11}"]
-    for k, label in (("triton", "Triton (PixelClient)"), ("triton_stream", "Triton (bare persistent stream)"),
+    for k, label in (("triton", "Triton (PixelClient), coalesced"), ("triton_per_row", "Triton (PixelClient), one row/response"),
+                     ("triton_stream", "Triton (bare persistent stream)"),
                      ("engine_in_process", "row engine in process"),
                      ("in_process", "ONNX cells in process")):
         lines.append(f"  {label:<40}{s[k]['seconds']:>10.3f}{s[k]['min_seconds']:>7.3f}-{s[k]['max_seconds']:<7.3f}{s[k]['pixels_per_s']:>11.0f}")
-    lines.append(f"  Triton / in process {s['ratio_triton_vs_in_process']:.2f}, engine / in process "
+    lines.append(f"  Triton / in process {s['ratio_triton_vs_in_process']:.2f} (one row per response: "
+                 f"{s['ratio_triton_per_row_vs_in_process']:.2f}), engine / in process "
                  f"{s['ratio_engine_vs_in_process']:.2f}; Triton adds {s['triton_ms_per_row_response']:.2f} ms per streamed row")
     lines.append(f"{'concurrent single-image streams':<42}{cols}{'pixels/s':>11}{'x one':>7}{'CALL_BATCH':>11}"
                  f"{'engine px/s':>12}{'ms/row':>8}")
@@ -448,6 +544,30 @@ def report(payload: dict) -> str:
                      f"{r['triton_ms_per_row_response']:>8.2f}")
     lines.append("  CALL_BATCH: mean images per cell call; engine: the same sequences through the row engine in process;")
     lines.append("  ms/row: (Triton time - engine time) / streamed rows")
+    lines.append("  rows per response (coalesced): " + ", ".join(f"{k} streams {r['rows_per_response']:.2f}" for k, r in st.items())
+                 + f"; one stream of {payload['config']['batch']} images {s['triton_stream']['rows_per_response']:.2f}")
+    lines.append("  one row per response: " + ", ".join(f"{k} streams {r['per_row']['pixels_per_s']:.0f} pixels/s" +
+                                                       (f" ({r['per_row']['vs_one_stream']:.2f}x)" if r['per_row']['vs_one_stream'] else "")
+                                                       for k, r in st.items()))
+    pinned = payload.get("pinned")
+    if pinned:
+        ps = pinned["sampling"]
+        lines.append(f"pinned: server on CPU {pinned['server_cpu']}, clients and in-process paths on CPU {pinned['client_cpu']}")
+        for k in ("triton", "triton_per_row", "engine_in_process", "in_process"):
+            lines.append(f"  {'one stream, ' + k:<40}{ps[k]['seconds']:>10.3f}{ps[k]['min_seconds']:>7.3f}-{ps[k]['max_seconds']:<7.3f}"
+                         f"{ps[k]['pixels_per_s']:>11.0f}")
+        lines.append(f"  Triton / in process {ps['ratio_triton_vs_in_process']:.2f} (one row per response: "
+                     f"{ps['ratio_triton_per_row_vs_in_process']:.2f})")
+        for k, pr in pinned["streams"].items():
+            lines.append(f"  {k} streams: coalesced {pr['streams']['pixels_per_s']:.0f}, one row/response "
+                         f"{pr['streams_per_row']['pixels_per_s']:.0f}, engine {pr['engine']['pixels_per_s']:.0f} pixels/s"
+                         + (f"; x one stream {pr['streams']['vs_one_stream']:.2f} / {pr['streams_per_row']['vs_one_stream']:.2f}"
+                            f" / {pr['engine']['vs_one_stream']:.2f}" if pr['streams']['vs_one_stream'] else "")
+                         + f"; {pr['streams']['rows_per_response']:.2f} rows per response")
+    lines.append("CPU seconds per 1000 sequence rows (server = tritonserver + stubs; client = this process)")
+    for path, v in payload["cpu_seconds_per_1000_rows"].items():
+        if "triton" in path or "streams" in path:
+            lines.append(f"  {path:<40}server {v['server']:>7.3f}  client {v['client']:>7.3f}")
     lines.append(f"{'scoring ' + str(sc['images']) + ' images':<42}{cols}{'images/s':>11}")
     for k, label in (("triton", f"Triton, chunks of {sc['chunk']}"),
                      ("triton_concurrent", f"Triton, {sc['clients']} clients x {sc['request_images']}-image requests"),
@@ -482,7 +602,7 @@ def main(argv=None) -> int:
             server_info = {
                 "tritonserver": triton_version(server), "models": server.models,
                 "onnx_threads": args.onnx_threads, "score_instances": args.score_instances, "sample_instances": 1,
-                "sender_threads": args.sender_threads,
+                "sender_threads": args.sender_threads, "coalesce_ms": args.coalesce_ms,
                 "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
                 "transport": "gRPC on loopback",
             }

@@ -94,8 +94,8 @@ def warn(line: str) -> None:
 
 
 def resume_args(args, notice=warn) -> dict:
-    """PixelClient.sample's retry arguments: a lost server and each resume are said on stderr."""
-    return dict(retries=args.retries, retry_wait_s=args.retry_wait, on_retry=notice)
+    """PixelClient.sample's retry and pacing arguments: a lost server and each resume are said on stderr."""
+    return dict(retries=args.retries, retry_wait_s=args.retry_wait, on_retry=notice, rows_per_response=args.rows_per_response)
 
 
 def cmd_sample(args, client: PixelClient) -> dict:
@@ -186,6 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--retries", type=int, default=0,
                          help="if the server goes away, wait for it and resume from the rows received, N times at most")
         sub.add_argument("--retry-wait", type=float, default=60.0, help="seconds to wait for the server each time (default 60)")
+        sub.add_argument("--rows-per-response", type=int,
+                         help="at most N rows per server response (1: one response per row; default: the server sends "
+                              "the rows that are ready together)")
 
     sample = command("sample", "sample images, streamed row by row")
     sampling(sample, 16, "images to sample")

@@ -11,12 +11,18 @@
 The same seed gives the images export.cells.sample_cached gives (for n <= the model's max batch;
 a larger n runs as several sequences, chunk k seeded seed + k). Everything that goes wrong,
 unreachable server, unknown model, bad input, an error from the model, comes out as a
-ClientError whose message is one line. The protocol is in server/protocol.py.
+ClientError whose message is one line. The protocol is in runtime/protocol.py.
+
+The server may send several rows in one response when it is busy (row coalescing); the client
+yields them one by one all the same. `sample(..., rows_per_response=1)` asks for one response
+per row (strict per-row pacing; more responses, so more CPU on both sides).
 
 With retries > 0, sampling survives the server going away (a crash, a restart): the client
 waits for the server to be ready again and reopens the sequences with the same seeds and the
 rows it already has as KNOWN rows. Known rows consume the random numbers their sampling would
 have, so the images end exactly as an uninterrupted stream's, and no row is yielded twice.
+Behind a load balancer (python -m server.cluster) the reopened stream lands on a live replica;
+score(..., retries=N) sends a chunk again the same way.
 
 What the client knows of the model comes from Triton's config of NAME_score: the image shape
 (IMAGES dims), the max batch, whether it takes LABELS, and, where the repository writes them as
@@ -36,7 +42,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.stream import close_stream
+from client.stream import close_stream, decode, split_rows
 from runtime import protocol as p
 
 DEFAULT_URL = "localhost:8001"
@@ -90,7 +96,15 @@ def _message(e: Exception) -> str:
 
 
 def _is_unavailable(e: Exception) -> bool:
-    return isinstance(e, InferenceServerException) and "UNAVAILABLE" in str(e.status() or "")
+    return isinstance(e, InferenceServerException) and ("UNAVAILABLE" in str(e.status() or "") or _proxy_reset(e))
+
+
+def _proxy_reset(e: InferenceServerException) -> bool:
+    """A gRPC proxy (nginx, python -m server.cluster) whose replica died mid-stream resets the
+    client's stream: INTERNAL, "Received RST_STREAM with error code 2". The server is gone as
+    surely as when the connection drops (UNAVAILABLE), and another replica can take the stream
+    up; the model's own errors come on the stream without a status, never as this."""
+    return "INTERNAL" in str(e.status() or "") and "RST_STREAM" in _message(e)
 
 
 def model_info(name: str, config: dict) -> ModelInfo:
@@ -133,6 +147,13 @@ def assemble(rows: Iterable[Row], shape: tuple[int, int, int] | None = None) -> 
     if shape is not None and images.shape[1:] != tuple(shape):
         raise ClientError(f"the server streamed images of shape {images.shape[1:]}, expected {tuple(shape)}")
     return images
+
+
+def _check_retries(retries, retry_wait_s) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+        raise ClientError(f"retries must be a whole number >= 0, got {retries!r}")
+    if not (isinstance(retry_wait_s, (int, float)) and retry_wait_s > 0):
+        raise ClientError(f"retry_wait_s must be a number of seconds > 0, got {retry_wait_s!r}")
 
 
 def correlation_id() -> int:
@@ -240,13 +261,15 @@ class PixelClient:
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
                known_rows: int = 0, retries: int = 0, retry_wait_s: float = 60.0,
-               on_retry: Callable[[str], None] | None = None) -> Iterator[Row]:
+               on_retry: Callable[[str], None] | None = None, rows_per_response: int | None = None) -> Iterator[Row]:
         """Sample n images; yields every row as the server streams it (known rows included), each
         stage's rows in order. `label`: one class id or n (class-conditional models). `known`
         (n, C, >= known_rows, W) with known_rows > 0: those rows are kept (completion).
         `retries`: times to resume after losing the server, waiting up to `retry_wait_s` each
         time for it to be ready again; `on_retry` gets a line saying what happens (a resumable
-        stream needs a seed: without one, the client draws it).
+        stream needs a seed: without one, the client draws it). `rows_per_response`: at most
+        this many rows per server response (1: one response per row; None: the server sends the
+        rows that wait together in one response); the rows yielded are the same either way.
         Checks the arguments now, before the first row is asked for."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ClientError(f"n must be a positive number of images, got {n!r}")
@@ -266,21 +289,23 @@ class PixelClient:
                 raise ClientError(f"known images must be {n} x {c} x R x {w} with R >= {known_rows}, got {' x '.join(map(str, known.shape))}")
             known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256,
                               " (the model's levels)" if self.info.levels else "").astype(np.uint8)
-        if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
-            raise ClientError(f"retries must be a whole number >= 0, got {retries!r}")
-        if not (isinstance(retry_wait_s, (int, float)) and retry_wait_s > 0):
-            raise ClientError(f"retry_wait_s must be a number of seconds > 0, got {retry_wait_s!r}")
+        _check_retries(retries, retry_wait_s)
+        if rows_per_response is not None and (isinstance(rows_per_response, bool) or not isinstance(rows_per_response, (int, np.integer))
+                                              or rows_per_response < 1):
+            raise ClientError(f"rows_per_response must be a whole number >= 1 (or None), got {rows_per_response!r}")
         if retries and seed is None:
             seed = secrets.randbits(64)  # a resumed sequence must draw the random numbers the lost one drew
         chunks = []  # (first image, images, seed)
         for k, a in enumerate(range(0, n, self.info.max_batch)):
             chunks.append((a, min(self.info.max_batch, n - a), None if seed is None else (int(seed) + k) % UINT64))
         known = known if known_rows else None
+        per_response = None if rows_per_response is None else int(rows_per_response)
         if retries:
-            return self._resuming(chunks, float(temperature), labels, known, int(retries), float(retry_wait_s), on_retry)
-        return self._stream(chunks, float(temperature), labels, known)
+            return self._resuming(chunks, float(temperature), labels, known, int(retries), float(retry_wait_s), on_retry,
+                                  per_response)
+        return self._stream(chunks, float(temperature), labels, known, per_response)
 
-    def _resuming(self, chunks, temperature, labels, known, retries, wait_s, on_retry) -> Iterator[Row]:
+    def _resuming(self, chunks, temperature, labels, known, retries, wait_s, on_retry, per_response=None) -> Iterator[Row]:
         """_stream, reopened after the server went away: the same seeds, and the full image's rows
         received so far as KNOWN (a multi-scale model's small image cannot be a prefix: cut off
         there, the sequences start over). The new stream repeats the rows already yielded, which
@@ -295,7 +320,7 @@ class PixelClient:
             if attempt:
                 notice(f"the server is back: resuming from row {0 if prefix is None else prefix.shape[2]} of {h}")
             try:
-                for k, row in enumerate(self._stream(chunks, temperature, labels, prefix)):
+                for k, row in enumerate(self._stream(chunks, temperature, labels, prefix, per_response)):
                     if k >= len(rows):
                         rows.append(row)
                         yield row
@@ -327,9 +352,10 @@ class PixelClient:
                                  f"within {seconds:g} s")
             time.sleep(0.2)
 
-    def _stream(self, chunks, temperature, labels, known) -> Iterator[Row]:
-        """One gRPC stream, one sequence per chunk; yields each row once every chunk has sent it."""
-        responses = queue.Queue()
+    def _stream(self, chunks, temperature, labels, known, per_response=None) -> Iterator[Row]:
+        """One gRPC stream, one sequence per chunk; yields each row once every chunk has sent it
+        (a response may carry several rows of a chunk: split here, views into its arrays)."""
+        responses = queue.SimpleQueue()
         stream = grpcclient.InferenceServerClient(self.url)
         finished = False
         try:
@@ -344,6 +370,8 @@ class PixelClient:
                     inputs.append(_tensor(p.LABELS, labels[a:a + size], "INT64"))
                 if known is not None:
                     inputs.append(_tensor(p.KNOWN, known[a:a + size], "UINT8"))
+                if per_response is not None:
+                    inputs.append(_tensor(p.ROWS_PER_RESPONSE, np.array([per_response], np.int32), "INT32"))
                 stream.async_stream_infer(p.sample_model(self.model), inputs, outputs=outputs, request_id=str(k),
                                           sequence_id=correlation_id(), sequence_start=True, sequence_end=True,
                                           enable_empty_final_response=True)
@@ -363,8 +391,8 @@ class PixelClient:
                 if response.parameters["triton_final_response"].bool_param:
                     open_chunks -= 1
                     continue
-                pending[int(response.id)].append(Row(int(result.as_numpy(p.ROW_INDEX)[0]), int(result.as_numpy(p.STAGE)[0]),
-                                                     result.as_numpy(p.ROW), result.as_numpy(p.ROW_LOGPROB)))
+                pending[int(response.id)] += [Row(index, stage, pixels, logprob)
+                                              for index, stage, pixels, logprob, _ in split_rows(decode(response))]
                 while all(pending):
                     heads = [q.pop(0) for q in pending]
                     if len({(r.stage, r.index) for r in heads}) != 1:
@@ -403,8 +431,12 @@ class PixelClient:
         return done
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score(self, images, labels=None) -> Scores:
-        """-log p of each image (N, C, H, W), in chunks of at most the model's max batch."""
+    def score(self, images, labels=None, retries: int = 0, retry_wait_s: float = 60.0) -> Scores:
+        """-log p of each image (N, C, H, W), in chunks of at most the model's max batch.
+        `retries`: times a chunk is sent again after losing the server, waiting up to
+        `retry_wait_s` each time for it to be ready (scoring is stateless: behind a proxy such
+        as python -m server.cluster, any live replica answers)."""
+        _check_retries(retries, retry_wait_s)
         images = self.check_images(images)
         if self.info.conditional and labels is None:  # no cycling through classes here: a score needs the true class
             raise ClientError(f"model {self.model!r} is class-conditional: give labels for scoring")
@@ -415,10 +447,18 @@ class PixelClient:
             inputs = [_tensor(p.IMAGES, images[a:b], "UINT8")]
             if labels is not None:
                 inputs.append(_tensor(p.LABELS, labels[a:b, None], "INT64"))  # N x 1
-            try:
-                result = self._client.infer(p.score_model(self.model), inputs, client_timeout=self.timeout)
-            except InferenceServerException as e:
-                raise self._fail(e, f"{p.score_model(self.model)} failed") from None
+            for attempt in range(int(retries) + 1):
+                try:
+                    result = self._client.infer(p.score_model(self.model), inputs, client_timeout=self.timeout)
+                    break
+                except InferenceServerException as e:
+                    failure = self._fail(e, f"{p.score_model(self.model)} failed")
+                    if not isinstance(failure, ServerGone) or attempt == retries:
+                        raise failure from None
+                self._wait_ready(retry_wait_s)
+                # A fresh channel: the old one, after losing its server, reconnects only after a backoff.
+                self._client.close()
+                self._client = grpcclient.InferenceServerClient(self.url)
             nll.append(result.as_numpy(p.NLL_NATS).reshape(-1))
             bpd.append(result.as_numpy(p.BITS_PER_DIM).reshape(-1))
         if not nll:

@@ -4,8 +4,10 @@ client.PixelClient is the library: it checks its arguments and hides the protoco
 is the thin layer the tests and benchmarks need under it: it sends any request on one
 tritonclient bidirectional stream (start_stream / async_stream_infer), deliberately malformed
 ones too, and hands back every response as it came: rows (with ACTIVE and CALL_BATCH where asked
-for), error messages and final markers, each stamped with its arrival time. Every wait is
-bounded, closing too.
+for), error messages and final markers, each stamped with its arrival time. A response may carry
+several rows (the server coalesces rows that waited to be sent, runtime/protocol.py); they come
+out as one StreamRow each, in order, with `response_rows` saying how many shared the response.
+Every wait is bounded, closing too.
 
     with SampleStream("127.0.0.1:8001") as stream:
         stream.send("m_sample", 7, sample_inputs(batch=2, seed=1, max_rows=2), start=True)
@@ -22,7 +24,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -33,7 +36,9 @@ from runtime import protocol as p
 
 # The inputs of NAME_sample and their Triton dtypes (runtime/protocol.py).
 SAMPLE_DTYPES = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8",
-                 p.MAX_ROWS: "INT32"}
+                 p.MAX_ROWS: "INT32", p.ROWS_PER_RESPONSE: "INT32"}
+# Numpy types of the sampler's outputs (runtime/protocol.py), for decoding a response in one pass.
+OUTPUT_DTYPES = {"UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64, "FP64": np.float64}
 # gRPC channel options for a TCP connection of the channel's own, as a separate client process
 # has: channels of one process share connections by default, and one closing can then cut
 # another's new stream.
@@ -56,6 +61,7 @@ class StreamRow(NamedTuple):
     active: int | None  # ACTIVE: sequences the sampler held (None: not asked for)
     batched: int | None  # CALL_BATCH: images in the cell call that made the row (None: not asked for)
     at: float  # time.perf_counter() when the stream's callback got it
+    response_rows: int = 1  # rows in the response that carried this one (ROW_COUNT)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Response:
 
     request_id: str
     at: float  # time.perf_counter() on arrival
-    row: StreamRow | None = None
+    rows: tuple[StreamRow, ...] = ()  # the response's rows, in order (none: a final response or an error)
     error: str | None = None  # str() of tritonclient's exception: "[StatusCode.X] message" or the model's message
     final: bool = False  # the request is over (its final response, or an error)
 
@@ -90,13 +96,36 @@ def tensor(name: str, value, dtype: str) -> grpcclient.InferInput:
     return t
 
 
+def decode(response) -> dict[str, np.ndarray]:
+    """A sampler response (the ModelInferResponse protobuf of tritonclient's InferResult, from
+    get_response()) -> {output name: array}, in one pass over its outputs. What
+    InferResult.as_numpy does per name, less its search through the outputs on every call and
+    its general dtype handling: this runs once for every response a stream gets."""
+    raw = response.raw_output_contents
+    return {o.name: np.frombuffer(raw[i], OUTPUT_DTYPES[o.datatype]).reshape(o.shape) for i, o in enumerate(response.outputs)}
+
+
+def split_rows(outputs: dict[str, np.ndarray]) -> list[tuple[int, int, np.ndarray, np.ndarray, int | None]]:
+    """A decoded sampler response -> its rows in order: (index, stage, pixels (B, C, W) a view,
+    logprob (B,) a view, CALL_BATCH or None). A response without ROW (a final one) has none."""
+    pixels = outputs.get(p.ROW)
+    if pixels is None:
+        return []
+    first, stage = (None if outputs.get(n) is None else int(outputs[n][0]) for n in (p.ROW_INDEX, p.STAGE))  # None: not asked for
+    logprob, batched = outputs.get(p.ROW_LOGPROB), outputs.get(p.CALL_BATCH)
+    return [(None if first is None else first + j, stage, pixels[:, :, j], None if logprob is None else logprob[:, j],
+             None if batched is None else int(batched[j])) for j in range(pixels.shape[2])]
+
+
 def sample_inputs(*, batch: int | None = None, temperature: float | None = None, seed: int | None = None, labels=None,
-                  known=None, max_rows: int | None = None) -> list[grpcclient.InferInput]:
+                  known=None, max_rows: int | None = None, rows_per_response: int | None = None) -> list[grpcclient.InferInput]:
     """The inputs of a NAME_sample request in the protocol's dtypes, those given only (None:
-    left out): BATCH_SIZE, TEMPERATURE, SEED and MAX_ROWS one value each, LABELS 1-d (one class
-    id or one per image), KNOWN B x C x R x W. Values are not checked (the server does)."""
+    left out): BATCH_SIZE, TEMPERATURE, SEED, MAX_ROWS and ROWS_PER_RESPONSE one value each,
+    LABELS 1-d (one class id or one per image), KNOWN B x C x R x W. Values are not checked
+    (the server does)."""
     inputs = [tensor(name, [value], SAMPLE_DTYPES[name]) for name, value in
-              ((p.BATCH_SIZE, batch), (p.TEMPERATURE, temperature), (p.SEED, seed), (p.MAX_ROWS, max_rows)) if value is not None]
+              ((p.BATCH_SIZE, batch), (p.TEMPERATURE, temperature), (p.SEED, seed), (p.MAX_ROWS, max_rows),
+               (p.ROWS_PER_RESPONSE, rows_per_response)) if value is not None]
     if labels is not None:
         inputs.append(tensor(p.LABELS, np.asarray(labels).reshape(-1), SAMPLE_DTYPES[p.LABELS]))
     if known is not None:
@@ -143,6 +172,7 @@ class SampleStream:
         self.outputs = None if outputs is None else tuple(outputs)
         self.client = grpcclient.InferenceServerClient(url, channel_args=None if channel_args is None else list(channel_args))
         self._responses: queue.Queue = queue.Queue()
+        self._held: deque[Response] = deque()  # read, with rows take_rows left for the next reader
         self._closed = False
         self.client.start_stream(callback=self._arrived)
 
@@ -165,6 +195,8 @@ class SampleStream:
     # -- receiving ----------------------------------------------------------------------------
     def get(self, timeout: float | None = None) -> Response:
         """The next response, waiting at most `timeout` s; StreamTimeout if none came."""
+        if self._held:
+            return self._held.popleft()
         wait = self.timeout if timeout is None else timeout
         try:
             return self._parse(*self._responses.get(timeout=max(0.0, wait)))
@@ -173,7 +205,8 @@ class SampleStream:
 
     def received(self) -> list[Response]:
         """Every response already received and not yet read, without waiting."""
-        out = []
+        out = list(self._held)
+        self._held.clear()
         while True:
             try:
                 out.append(self._parse(*self._responses.get_nowait()))
@@ -192,8 +225,7 @@ class SampleStream:
             except StreamTimeout:
                 raise StreamTimeout(f"{finals} request(s) on the stream to {self.url} not over within {limit:g} s "
                                     f"({len(rows)} rows, errors {errors} so far)") from None
-            if response.row is not None:
-                rows.append(response.row)
+            rows += response.rows
             if response.error is not None:
                 errors.append(response.error)
             if response.final:
@@ -209,7 +241,8 @@ class SampleStream:
 
     def take_rows(self, k: int, timeout: float | None = None) -> list[StreamRow]:
         """The next k rows (final responses passed over), all within `timeout` s; an error
-        response raises RuntimeError with its message, a missing row StreamTimeout."""
+        response raises RuntimeError with its message, a missing row StreamTimeout. Rows of the
+        last response beyond the k-th stay for the next read (get, collect, take_rows ...)."""
         rows, limit = [], self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while len(rows) < k:
@@ -219,8 +252,10 @@ class SampleStream:
                 raise StreamTimeout(f"{len(rows)} of {k} rows on the stream to {self.url} within {limit:g} s") from None
             if response.error is not None:
                 raise RuntimeError(f"error after {len(rows)} of {k} rows: {response.error}")
-            if response.row is not None:
-                rows.append(response.row)
+            need = k - len(rows)
+            rows += response.rows[:need]
+            if len(response.rows) > need:  # the rest of this response is the next reader's
+                self._held.appendleft(replace(response, rows=response.rows[need:]))
         return rows
 
     @staticmethod
@@ -229,17 +264,13 @@ class SampleStream:
             return Response("", at, error=str(error), final=True)
         response = result.get_response()
         final = FINAL in response.parameters and response.parameters[FINAL].bool_param
-        pixels = result.as_numpy(p.ROW)
-        if pixels is None:  # an empty (final) response
-            return Response(response.id, at, final=final)
-
-        def one(name):
-            value = result.as_numpy(name)
-            return None if value is None else int(value.reshape(-1)[0])
-
-        row = StreamRow(one(p.ROW_INDEX), one(p.STAGE), pixels, result.as_numpy(p.ROW_LOGPROB), response.id, one(p.ACTIVE),
-                        one(p.CALL_BATCH), at)
-        return Response(response.id, at, row=row, final=final)
+        outputs = decode(response)
+        active = outputs.get(p.ACTIVE)
+        active = None if active is None else int(active[0])
+        rows = split_rows(outputs)
+        return Response(response.id, at, final=final, rows=tuple(
+            StreamRow(index, stage, pixels, logprob, response.id, active, batched, at, len(rows))
+            for index, stage, pixels, logprob, batched in rows))
 
     # -- closing ------------------------------------------------------------------------------
     def close(self, cancel: bool = False, timeout: float = 30.0) -> bool:

@@ -81,16 +81,18 @@ def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dic
         _io(p.SEED, "TYPE_UINT64", [1], True),
         _io(p.KNOWN, "TYPE_UINT8", [-1, c, -1, w], True),
         _io(p.MAX_ROWS, "TYPE_INT32", [1], True),
+        _io(p.ROWS_PER_RESPONSE, "TYPE_INT32", [1], True),
     ]
     if manifest["num_classes"]:
         inputs.insert(3, _io(p.LABELS, "TYPE_INT64", [-1], True))
     outputs = [
         _io(p.STAGE, "TYPE_INT32", [1]),
-        _io(p.ROW_INDEX, "TYPE_INT32", [1]),
-        _io(p.ROW, "TYPE_UINT8", [-1, c, -1]),  # the width is the stage's (multi-scale: W/f, then W)
-        _io(p.ROW_LOGPROB, "TYPE_FP32", [-1]),
+        _io(p.ROW_INDEX, "TYPE_INT32", [1]),  # the first of the response's rows
+        _io(p.ROW_COUNT, "TYPE_INT32", [1]),
+        _io(p.ROW, "TYPE_UINT8", [-1, c, -1, -1]),  # B x C x R x W; the width is the stage's (multi-scale: W/f, then W)
+        _io(p.ROW_LOGPROB, "TYPE_FP32", [-1, -1]),  # B x R
         _io(p.ACTIVE, "TYPE_INT32", [1]),
-        _io(p.CALL_BATCH, "TYPE_INT32", [1]),
+        _io(p.CALL_BATCH, "TYPE_INT32", [-1]),  # one per row
     ]
     return (
         f'name: "{p.sample_model(manifest["name"])}"\nbackend: "python"\n'
@@ -109,6 +111,10 @@ def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dic
     )
 
 
+# The sampler's row coalescing window (ms). Each response costs the server (backend IPC, gRPC)
+# and the client CPU, and senders mostly keep up, so without a window every row is a response;
+# with it a busy sampler sends a few rows per response. A sequence's first row never waits.
+COALESCE_MS = 20.0
 PERF_INPUT = "perf_analyzer_input.json"
 PERF_STREAMS = 4  # sampler: data streams (seeds 0..3), which perf_analyzer takes in turn per new sequence
 
@@ -122,7 +128,8 @@ def perf_analyzer_inputs(manifest: dict) -> dict[str, dict]:
       perf_analyzer's -b sets how many go in a request.
     NAME_sample: sequences of one request each, with sequence start and end set by
       perf_analyzer: BATCH_SIZE 1, TEMPERATURE 1, SEED 0..3 (+ LABELS 0), so every request
-      streams a whole image, row by row, then its final response."""
+      streams a whole image, row by row, then its final response; ROWS_PER_RESPONSE 1, as
+      perf_analyzer counts responses (its response throughput is then rows per second)."""
     c, h, w = manifest["shape"]
     conditional = bool(manifest["num_classes"])
     score = {p.IMAGES: [0] * (c * h * w)}
@@ -130,7 +137,7 @@ def perf_analyzer_inputs(manifest: dict) -> dict[str, dict]:
         score[p.LABELS] = [0]
     streams = []
     for seed in range(PERF_STREAMS):
-        start = {p.BATCH_SIZE: [1], p.TEMPERATURE: [1.0], p.SEED: [seed]}
+        start = {p.BATCH_SIZE: [1], p.TEMPERATURE: [1.0], p.SEED: [seed], p.ROWS_PER_RESPONSE: [1]}
         if conditional:  # LABELS has a variable dimension: its shape goes with it
             start[p.LABELS] = {"content": [0], "shape": [1]}
         streams.append([start])
@@ -149,20 +156,24 @@ def stage_rows(manifest: dict) -> list[int]:
 
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
-                     onnx_threads: int = 1, sender_threads: int = 2) -> list[Path]:
-    """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders."""
+                     onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS) -> list[Path]:
+    """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders.
+    coalesce_ms: the sampler's row coalescing window (runtime/engine.py; 0: rows only share a
+    response when they waited for a busy sender)."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"model name {name!r} is not a plain identifier")
     if sequence_idle_s <= 0 or max_sequences < 1 or sender_threads < 0:
         raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1 and sender_threads >= 0")
+    if not 0 <= coalesce_ms <= 1000:
+        raise ValueError(f"coalesce_ms must be in [0, 1000], got {coalesce_ms}")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
     params = {"onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
-    sample_params = {**params, "sender_threads": str(sender_threads)}
+    sample_params = {**params, "sender_threads": str(sender_threads), "coalesce_ms": f"{coalesce_ms:g}"}
     models = {
         p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
                               score_config(manifest, max_queue_delay_us, score_instances, params)),
@@ -216,13 +227,16 @@ def main(argv=None) -> int:
     parser.add_argument("--score-instances", type=int, default=1)
     parser.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime threads per graph")
     parser.add_argument("--sender-threads", type=int, default=2, help="sampler: threads sending streamed rows (0: the engine's own)")
+    parser.add_argument("--coalesce-ms", type=float, default=COALESCE_MS,
+                        help="sampler: a sequence's rows may wait this long after its last response to share the next "
+                             f"(first rows never wait; 0: off; default {COALESCE_MS:g})")
     args = parser.parse_args(argv)
     try:
         manifest = json.loads((Path(args.export) / MANIFEST).read_text())
         written = write_repository(manifest, args.export, args.repository, sequence_idle_s=args.sequence_idle_s,
                                    max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
                                    score_instances=args.score_instances, onnx_threads=args.onnx_threads,
-                                   sender_threads=args.sender_threads)
+                                   sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,19 @@ runs at most `max_ahead` rows ahead of what its sender has sent: the cell calls 
 outpace the sends many times over, and without that bound every stream's rows would pile up in
 the outbox (memory), a client that cancels would be noticed only after the engine had made (and
 the senders still had to send) its whole image, and new streams would wait behind the pile.
+
+Coalescing: a sender takes everything queued for it at once, and the consecutive rows of one
+request (same stage) waiting there go to its sink in one `send_rows(events)` call, one response,
+up to the request's `rows_per_response` (None: no limit but max_ahead). A sender that keeps up
+finds one row and sends it at once, so the first row is not delayed; a sender that is behind
+sends what has piled up as one response, so the response path's fixed cost per message (IPC,
+gRPC, the client's parsing: most of a tiny model's serving cost) is paid once per pile.
+Measured, senders mostly keep up (a row step of many sequences costs more than its sends), so
+piles rarely form by themselves; `linger` (seconds, 0: off) lets them form: a sequence's rows
+wait until `linger` after its previous response went out, or until max_ahead / 2 of them
+wait, then go out together. Its first row never waits (first-row latency is kept), nor do the
+rows of a request that asked for a per-response limit (ROWS_PER_RESPONSE), nor the last rows
+of a request (its final message flushes them).
 """
 from __future__ import annotations
 
@@ -58,7 +71,7 @@ class RowEvent:
 
 
 class Sink(Protocol):
-    def row(self, event: RowEvent) -> None: ...
+    def send_rows(self, events: list[RowEvent]) -> None: ...  # consecutive rows of one stage, one response
 
     def done(self) -> None: ...  # the request's last message
 
@@ -72,6 +85,7 @@ class _Request:
     sink: Sink
     rows_left: int | None  # None: until the image is complete
     end: bool
+    per_response: int | None = None  # rows one response may carry (None: as many as are waiting)
 
 
 @dataclass
@@ -88,12 +102,15 @@ class _Sequence:
 
 class Outbox:
     """Sink calls, inline (`senders=0`) or on sender threads, in order per sequence key.
-    A sink whose `row` raised (client gone) is remembered in `failed` for the engine to drop.
-    `pending(key)`: rows of that key queued and not yet sent; `on_sent(key, left)` is called by
-    a sender after each of them (the engine waits on it when a sequence is too far ahead)."""
+    A sink whose `send_rows` raised (client gone) is remembered in `failed` for the engine to drop.
+    `pending(key)`: rows of that key queued and not yet sent; `on_sent(key, left, sent)` is
+    called by a sender after each response of `sent` rows (the engine waits on it when a
+    sequence is too far ahead). Rows waiting together are coalesced (see the module notes)."""
 
-    def __init__(self, senders: int = 0, on_sent: Callable[[Hashable, int], None] | None = None):
+    def __init__(self, senders: int = 0, on_sent: Callable[[Hashable, int, int], None] | None = None, linger: float = 0.0,
+                 hold_rows: int = 8):
         self.failed: dict[int, str] = {}  # id(sink) -> why; written by senders, read by the worker
+        self._linger, self._hold_rows = linger, hold_rows
         self._pending: Counter = Counter()
         self._pending_lock = threading.Lock()
         self._on_sent = on_sent
@@ -105,44 +122,109 @@ class Outbox:
 
     def put(self, key: Hashable, fn: Callable, *args) -> None:
         """A message that is not a row (done, error): failures are the client's, not counted."""
-        self._send(key, None, fn, args)
+        self._send((key, None, fn, args))
 
-    def put_row(self, key: Hashable, sink, event) -> None:
+    def put_row(self, key: Hashable, sink, event: RowEvent, per_response: int | None = None) -> None:
+        """A row for `sink`; it may share a response with the rows queued next to it for the same
+        sink (at most `per_response` rows in one)."""
         if self._queues:
             with self._pending_lock:
                 self._pending[key] += 1
-        self._send(key, sink, sink.row, (event,))
+        self._send((key, sink, [event], per_response))
 
     def pending(self, key: Hashable) -> int:
         return self._pending.get(key, 0)
 
-    def _send(self, key, row_sink, fn, args) -> None:
+    def _send(self, item) -> None:
         if self._queues:
-            self._queues[hash(key) % len(self._queues)].put((key, row_sink, fn, args))
+            self._queues[hash(item[0]) % len(self._queues)].put(item)
         else:
-            self._call(row_sink, fn, args)
+            self._deliver(item)
 
-    def _call(self, row_sink, fn, args) -> None:
+    def _deliver(self, item) -> None:
+        key, row_sink, fn_or_events, args = item
         try:
-            fn(*args)
+            if row_sink is None:
+                fn_or_events(*args)
+            else:
+                row_sink.send_rows(fn_or_events)
         except Exception as e:  # noqa: BLE001 - a client that is gone must not stop the engine
             if row_sink is not None:  # later rows would be lost: the sequence must go
                 self.failed[id(row_sink)] = str(e) or type(e).__name__
 
+    @staticmethod
+    def coalesce(items: list) -> list:
+        """Queued items -> the messages to send, in order per key: consecutive rows of one sink
+        and stage (no other message of that key between them) become one message, up to the
+        sink's per-response limit. Items of other keys in between do not separate them."""
+        out, runs = [], {}  # runs: key -> the row message still open for more rows of its sink
+        for item in items:
+            key, sink = item[0], item[1]
+            run = runs.get(key)
+            if sink is not None and run is not None and run[1] is sink:
+                events, limit = run[2], run[3]
+                last, new = events[-1], item[2][0]
+                if new.stage == last.stage and new.index == last.index + 1 and (limit is None or len(events) < limit):
+                    events.append(new)
+                    continue
+            if sink is not None:
+                item = (key, sink, list(item[2]), item[3])
+                runs[key] = item
+            else:
+                runs.pop(key, None)  # a done/error closes the run: nothing joins a row across it
+            out.append(item)
+        return out
+
     def _loop(self, q: queue.SimpleQueue) -> None:
+        held: dict[Hashable, tuple] = {}  # key -> a row message held back (linger), not yet sent
+        last: dict[Hashable, float] = {}  # key -> when its last row message was sent
         while True:
-            item = q.get()
-            if item is None:
-                return
-            key, row_sink, fn, args = item
-            self._call(row_sink, fn, args)
-            if row_sink is not None:
+            items = []
+            wait = None if not held else max(0.0, min(last[key] for key in held) + self._linger - time.monotonic())
+            try:
+                items.append(q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait())
+            except queue.Empty:
+                pass
+            while True:  # everything that piled up while the last messages were sent
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            messages = self.coalesce([*held.values(), *(i for i in items if i is not None)])
+            held.clear()
+            final = {item[0]: k for k, item in enumerate(messages)}  # each key's last message
+            now, sent = time.monotonic(), Counter()
+            for k, item in enumerate(messages):
+                key, row_sink = item[0], item[1]
+                if row_sink is not None and not stop and final[key] == k and self._may_hold(item, last.get(key), now):
+                    held[key] = item
+                    continue
+                self._deliver(item)
+                if row_sink is not None:
+                    sent[key] += len(item[2])
+                    last[key] = now
+                else:
+                    last.pop(key, None)  # done/error: the request is over
+            # Counted once the whole pile is sent, not per response: the keys of one sender then
+            # drain together, and the engine advances them together (see Engine._ready).
+            for key, n in sent.items():
                 with self._pending_lock:
-                    left = self._pending[key] = self._pending[key] - 1
+                    left = self._pending[key] = self._pending[key] - n
                     if not left:
                         del self._pending[key]
                 if self._on_sent is not None:
-                    self._on_sent(key, left)
+                    self._on_sent(key, left, n)
+            if stop:
+                return
+
+    def _may_hold(self, item, last_sent: float | None, now: float) -> bool:
+        """Whether a sequence's latest rows may wait for more (linger): only when its previous
+        rows went out less than `linger` seconds ago (never its first row: first-row latency is
+        kept), fewer than `hold_rows` are waiting, and its request did not ask for a row limit
+        per response (ROWS_PER_RESPONSE, strict pacing)."""
+        return (self._linger > 0 and last_sent is not None and now - last_sent < self._linger and item[3] is None
+                and len(item[2]) < self._hold_rows)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop the senders."""
@@ -154,7 +236,8 @@ class Outbox:
 
 class Engine:
     def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16):
+                 clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16,
+                 linger: float = 0.0):
         self.runner = runner
         self.stages: list[Stage] = list(runner.stages)
         self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
@@ -164,7 +247,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.max_ahead = max_ahead  # rows a sequence may have queued for its sender (see the module notes)
-        self._outbox = Outbox(senders, on_sent=self._row_sent)
+        # linger: see the module notes. Held rows stay under max_ahead / 2, below where a sequence
+        # would wait for its sender (_ready), so holding them never stalls the cell calls.
+        self._outbox = Outbox(senders, on_sent=self._row_sent, linger=linger, hold_rows=max(1, max_ahead // 2))
         self.calls = 0  # batched cell calls so far (tests, metrics)
         # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
         self.counts: Counter = Counter()
@@ -210,17 +295,20 @@ class Engine:
             spec.known = known.astype(np.int64)
         return spec
 
-    def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True) -> None:
+    def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True,
+              rows_per_response: int | None = None) -> None:
         """Open sequence `key` (a START for a key that is live is refused on the request's sink);
-        raises ValueError for bad parameters."""
-        self._check_rows(max_rows)
+        raises ValueError for bad parameters. `rows_per_response`: at most this many rows in one
+        `sink.send_rows` call (1: one per row; None: as many as are waiting)."""
+        self._check_rows(max_rows, rows_per_response)
         self.validate(spec)
-        self._post(("start", key, spec, _Request(sink, max_rows, end)))
+        self._post(("start", key, spec, _Request(sink, max_rows, end, rows_per_response)))
 
-    def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False) -> None:
+    def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False,
+               rows_per_response: int | None = None) -> None:
         """Ask an open sequence for more rows (all remaining when max_rows is None)."""
-        self._check_rows(max_rows)
-        self._post(("resume", key, None, _Request(sink, max_rows, end)))
+        self._check_rows(max_rows, rows_per_response)
+        self._post(("resume", key, None, _Request(sink, max_rows, end, rows_per_response)))
 
     def forget(self, key: Hashable) -> None:
         """The caller no longer knows sequence `key` (Triton forgets an id at an END flag, even
@@ -228,9 +316,11 @@ class Engine:
         self._post(("forget", key, None, None))
 
     @staticmethod
-    def _check_rows(max_rows):
+    def _check_rows(max_rows, rows_per_response=None):
         if max_rows is not None and max_rows < 0:
             raise ValueError(f"MAX_ROWS must be >= 0, got {max_rows}")
+        if rows_per_response is not None and rows_per_response < 1:
+            raise ValueError(f"ROWS_PER_RESPONSE must be >= 1 (1: one response per row), got {rows_per_response}")
 
     def _post(self, item) -> None:
         with self._cv:
@@ -274,13 +364,23 @@ class Engine:
                     self._drop(seq, f"internal error in the sampler: {type(e).__name__}: {e}", "failed")
 
     def _ready(self) -> list[_Sequence]:
-        return [s for s in self._sequences.values()
-                if s.requests and s.requests[0].rows_left != 0 and self._outbox.pending(s.key) < self.max_ahead]
+        """The sequences to advance now: none while every sequence that wants rows has more than
+        max_ahead / 2 of them still queued for its sender (nobody is short of rows: wait for a
+        sender), else all of them that are below max_ahead, together. Waiting for the first to
+        drain to half, rather than going on as soon as any row is sent, keeps sequences in step:
+        a sender that drains one sequence's pile in one response would otherwise let that
+        sequence go on alone, and the sequences would drift into calls of their own."""
+        waiting = [s for s in self._sequences.values() if s.requests and s.requests[0].rows_left != 0]
+        pending = [self._outbox.pending(s.key) for s in waiting]
+        if not waiting or min(pending) > self.max_ahead // 2:
+            return []
+        return [s for s, n in zip(waiting, pending) if n < self.max_ahead]
 
-    def _row_sent(self, key: Hashable, left: int) -> None:
+    def _row_sent(self, key: Hashable, left: int, sent: int) -> None:
         """Sender threads: wake the worker once a held-back sequence is half drained, not at its
-        first sent row, so that the sequences held back meanwhile go on together in one call."""
-        if left == self.max_ahead // 2:
+        first sent row, so that the sequences held back meanwhile go on together in one call
+        (one response may drain many rows: woken when it crosses the half)."""
+        if left <= self.max_ahead // 2 < left + sent:
             with self._cv:
                 self._cv.notify()
 
@@ -396,7 +496,8 @@ class Engine:
                 continue
             seq.last_active = self.clock()
             request = seq.requests[0]
-            self._outbox.put_row(seq.key, request.sink, RowEvent(seq.key, stage, index, row.astype(np.uint8), logprob, active, batched))
+            self._outbox.put_row(seq.key, request.sink, RowEvent(seq.key, stage, index, row.astype(np.uint8), logprob, active, batched),
+                                 request.per_response)
             self.counts["rows"] += 1
             if request.rows_left is not None:
                 request.rows_left -= 1

@@ -20,15 +20,27 @@ unless said otherwise:
          KNOWN         uint8 B x C x R x W: the first R rows of every image are kept as given
                        (completion, or resuming a stream after R received rows)
          MAX_ROWS      int32, rows to stream for this request (default: all of them)
-  later requests of the same sequence: MAX_ROWS only (default: all remaining rows);
-  sequence_end=True frees the sequence once the request's rows are sent (MAX_ROWS 0 = cancel).
-  Responses, one per row, in order (known rows included):
+         ROWS_PER_RESPONSE  int32 >= 1, at most this many rows in one response (default: no
+                       limit; 1 = strict per-row pacing, one response per row, as before
+                       coalescing); any request of a sequence may carry it, for its own rows
+  later requests of the same sequence: MAX_ROWS and ROWS_PER_RESPONSE only (default: all
+  remaining rows); sequence_end=True frees the sequence once the request's rows are sent
+  (MAX_ROWS 0 = cancel).
+  Responses, in order, each carrying R >= 1 consecutive rows of one stage (known rows included):
          STAGE         int32 [1], the stage (0; multi-scale: 0 the small image, 1 the full one)
-         ROW_INDEX     int32 [1], the row within its stage
-         ROW           uint8 B x C x W_stage, the row's values
-         ROW_LOGPROB   float32 B, log p of the row (multi-scale full stage: grid pixels left out)
-         ACTIVE        int32 [1], sequences the sampler holds
-         CALL_BATCH    int32 [1], images in the cell call that made the row (all sequences in it)
+         ROW_INDEX     int32 [1], the first row's index within its stage
+         ROW_COUNT     int32 [1], R, the rows in this response
+         ROW           uint8 B x C x R x W_stage, the rows' values (KNOWN's layout: concatenate
+                       the responses' ROW along axis 2 to get the images)
+         ROW_LOGPROB   float32 B x R, log p of each row (multi-scale full stage: grid pixels
+                       left out)
+         ACTIVE        int32 [1], sequences the sampler holds (after the last row's step)
+         CALL_BATCH    int32 R, per row: images in the cell call that made it (all sequences in it)
+  Row coalescing: R is 1 while the server keeps up with its sending, so the first row is never
+  held back; when a sequence's rows wait to be sent (the server is busy, up to the sampler's
+  16 rows ahead), they go out together, paying the per-response cost (backend IPC, gRPC, the
+  client's parsing) once. Triton fixes each output's rank, so a single row is R = 1, not a
+  tensor of lower rank.
   then an empty response flagged final (tritonclient: enable_empty_final_response=True).
   A sequence is freed when its image is complete, at sequence_end, on an error, when the
   client cancels, or after the idle timeout without a request; errors arrive per request.
@@ -48,10 +60,12 @@ TEMPERATURE = tn.TEMPERATURE
 SEED = "SEED"
 KNOWN = "KNOWN"
 MAX_ROWS = "MAX_ROWS"
+ROWS_PER_RESPONSE = "ROWS_PER_RESPONSE"
 START_ONLY = (BATCH_SIZE, TEMPERATURE, SEED, LABELS, KNOWN)
 
 STAGE = "STAGE"
 ROW_INDEX = "ROW_INDEX"
+ROW_COUNT = "ROW_COUNT"
 ROW = tn.ROW
 ROW_LOGPROB = "ROW_LOGPROB"
 ACTIVE = "ACTIVE"

@@ -29,13 +29,8 @@ read -r GRPC HTTP METRICS < <($PY -c 'import socket
 socks = [socket.socket() for _ in range(3)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
-$PY -m server --repository "$OUT/repository" --grpc-port "$GRPC" --http-port "$HTTP" --metrics-port "$METRICS" \
-    --log "$OUT/tritonserver.log" > "$OUT/server.out" 2>&1 &
-SERVER=$!
-trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 120); do grep -q "tritonserver ready" "$OUT/server.out" && break
-  kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.out"; exit 1; }; sleep 0.5; done
-cat "$OUT/server.out"
+source scripts/serve_background.sh
+start_server "$OUT/repository" "$GRPC" "$HTTP" "$METRICS" "$OUT"
 URL=127.0.0.1:$GRPC
 
 echo "== 4. streaming $SAMPLE_N samples row by row over gRPC -> $OUT/samples.png"
@@ -53,3 +48,5 @@ echo "== 7. stopping the server"
 kill -INT $SERVER; wait $SERVER || true; trap - EXIT
 tail -1 "$OUT/server.out"
 echo "== demo done: see $OUT/"
+# The live page is interactive, so the demo only says how to open it (DEMO_NO_WEB=1: not even that).
+[ -n "${DEMO_NO_WEB:-}" ] || echo "== watch it live in a browser: make web REPOSITORY=$OUT/repository, then open http://localhost:8080/"

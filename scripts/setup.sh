@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh 2-core CPU machine (registries only, no GPU):
 #   .venv with the project, the real tritonserver binary under .triton/, Debian's
-#   Fashion-MNIST under /usr/share/datasets/fashion-mnist/, and Debian's libb64 for perf_analyzer.
+#   Fashion-MNIST under /usr/share/datasets/fashion-mnist/, Debian's libb64 for perf_analyzer,
+#   and Debian's nginx (the gRPC load balancer of python -m server.cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -44,6 +45,12 @@ fi
 apt_missing=()
 [ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
 dpkg-query -W -f='${Status}' libb64-0d 2>/dev/null | grep -q 'ok installed' || apt_missing+=(libb64-0d)
+# nginx: the L7 gRPC proxy in front of tritonserver replicas (python -m server.cluster); only the
+# binary is used, run in the foreground with its own run directory, never as the system service.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx)
+# chromium + its driver: the web page's tests drive a real headless browser (tests/test_web.py).
+[ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || apt_missing+=(chromium-driver)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${apt_missing[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -33,7 +33,7 @@ def test_bounded_load_run_has_no_errors_and_writes_consistent_figures(tmp_path, 
     save_checkpoint(checkpoint, {"arch": "multiscale", "config": CONFIG, "model": build_model("multiscale", dict(CONFIG)).state_dict(),
                                  "step": 1})
     out = tmp_path / "load.json"
-    code = load.main(["--quick", "--checkpoint", str(checkpoint), "--json", str(out)])
+    code = load.main(["--quick", "--checkpoint", str(checkpoint), "--json", str(out), "--compare-per-row"])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert code == 0, data["totals"]["error_messages"]
@@ -55,8 +55,18 @@ def test_bounded_load_run_has_no_errors_and_writes_consistent_figures(tmp_path, 
 
     assert lat["row"]["count"] == t["images_sampled"] * (rows_per_image - 1)  # gaps between a sequence's rows
     assert lat["first_row"]["count"] == t["images_sampled"] and lat["score_request"]["count"] == t["score_requests"]
-    for d in lat.values():
-        assert d["max"] >= d["p99"] >= d["p90"] >= d["p50"] > 0
+    responses = data["responses"]
+    assert t["images_sampled"] <= responses["count"] <= t["rows"]  # coalesced: one row or more per response
+    assert lat["response"]["count"] == responses["count"] - t["images_sampled"]
+    assert responses["rows_per_response_mean"] == pytest.approx(t["rows"] / responses["count"])
+    for key, d in lat.items():  # rows that came in one response have a gap of 0
+        assert d["max"] >= d["p99"] >= d["p90"] >= d["p50"] >= (0 if key == "row" else 1e-9)
+
+    before = data["per_row"]  # phase 1 on the same server: one response per row
+    assert before["rows_per_response"] == 1 and before["totals"]["errors"] == 0
+    assert before["responses"]["count"] == before["totals"]["rows"] and before["responses"]["rows_per_response_mean"] == 1
+    assert before["latency_ms"]["row"]["p50"] > 0 and before["content"]["images_wrong"] == 0
+    assert before["sampler_metrics"]["expected_completed"] == before["totals"]["images_sampled"] + cfg["streams"]
 
     st = data["streams"]
     assert 1 <= st["images_per_stream_min"] <= st["images_per_stream_max"]
@@ -70,12 +80,15 @@ def test_bounded_load_run_has_no_errors_and_writes_consistent_figures(tmp_path, 
     m = data["sampler_metrics"]
     assert m["live_sequences"] == 0
     events = m["events_total"]
-    assert events["completed"] == events["started"] == m["expected_completed"] == t["images_sampled"] + cfg["streams"]
+    # the server's counters since it started: both phases
+    assert events["completed"] == events["started"] == m["expected_completed"] == \
+        before["sampler_metrics"]["expected_completed"] + t["images_sampled"] + cfg["streams"]
     assert events["rows"] == events["completed"] * rows_per_image
     assert all(events[k] == 0 for k in ("failed", "expired", "refused", "disconnected", "cancelled"))
 
     assert data["server"]["tritonserver"] and set(common.MALLOC_ENV) == set(data["machine"]["malloc_env"])
     assert "errors: 0" in printed and "row latency" in printed and "live sequences 0" in printed
+    assert "one response per row (phase 1" in printed
 
 
 def rows(order, widths=(2, 4), value=1, logprob=-0.5):

@@ -60,10 +60,11 @@ def test_quick_run_through_triton_writes_the_json_and_triton_draws_the_in_proces
 
     s = data["sampling"]
     assert s["pixels"] == quick["batch"] * config["in_channels"] * config["height"] * config["width"]
-    for path in ("triton", "triton_stream", "in_process", "engine_in_process"):
+    for path in ("triton", "triton_per_row", "triton_stream", "in_process", "engine_in_process"):
         assert all(k in s[path] for k in TIMED) and len(s[path]["runs"]) == quick["repeats"]
         assert s[path]["pixels_per_s"] == pytest.approx(s["pixels"] / s[path]["seconds"])
     assert s["ratio_triton_vs_in_process"] == pytest.approx(s["triton"]["pixels_per_s"] / s["in_process"]["pixels_per_s"])
+    assert s["ratio_triton_per_row_vs_in_process"] == pytest.approx(s["triton_per_row"]["pixels_per_s"] / s["in_process"]["pixels_per_s"])
     assert s["triton_stream"]["call_batch_seen"] == [quick["batch"]]  # one sequence: its own images only
 
     streams = data["streams"]
@@ -73,7 +74,21 @@ def test_quick_run_through_triton_writes_the_json_and_triton_draws_the_in_proces
         assert 1 <= r["call_batch"]["min"] <= r["call_batch"]["mean"] <= r["call_batch"]["max"] <= int(k)
         assert sum(r["call_batch"]["histogram"].values()) > 0 and r["active_max"] <= int(k)
         assert r["engine_in_process"]["pixels_per_s"] > 0
-    assert streams["1"]["call_batch"]["max"] == 1 and streams["1"]["vs_one_stream"] == 1.0
+        assert all(key in r["per_row"] for key in TIMED) and r["per_row"]["pixels_per_s"] > 0  # ROWS_PER_RESPONSE 1
+    assert streams["1"]["call_batch"]["max"] == 1 and streams["1"]["vs_one_stream"] == 1.0 == streams["1"]["per_row"]["vs_one_stream"]
+
+    # pinned: the server's processes on one CPU, this process on the other (2 CPUs here)
+    pinned = data["pinned"]
+    assert pinned["server_cpu"] != pinned["client_cpu"] and pinned["server_processes"] >= 3  # tritonserver + 2 stubs
+    assert pinned["server_affinity_seen"] == [[pinned["server_cpu"]]]  # every server process was on its one CPU
+    ps = pinned["sampling"]
+    assert ps["ratio_triton_vs_in_process"] == pytest.approx(ps["triton"]["pixels_per_s"] / ps["in_process"]["pixels_per_s"])
+    assert set(pinned["streams"]) == {str(min(quick["streams"])), str(max(quick["streams"]))}
+    # CPU seconds per 1000 rows, server and client, for every sampling path
+    cpu = data["cpu_seconds_per_1000_rows"]
+    for path in ("sample/triton", "sample/triton_per_row", "pinned/sample/triton", "streams/2", "streams_per_row/2"):
+        assert set(cpu[path]) == {"server", "client"} and cpu[path]["server"] >= 0 and cpu[path]["client"] >= 0
+    assert set(cpu["sample/in_process"]) == {"server", "client"}  # (clock ticks of 10 ms: a tiny model's runs may read 0)
 
     sc = data["scoring"]
     assert sc["images"] == quick["score_images"] and sc["triton_concurrent"]["requests_per_run"] == quick["score_images"]
@@ -86,6 +101,7 @@ def test_quick_run_through_triton_writes_the_json_and_triton_draws_the_in_proces
     for key in ("sampling_vs_in_process", "scoring_vs_in_process", "scoring_concurrent_vs_in_process"):
         assert t[key]["target"] == 0.9 and isinstance(t[key]["met"], bool)
     assert t["streams_scaling"]["streams"] == max(quick["streams"]) and t["streams_scaling"]["met"] is None  # 6x is for 16
+    assert t["pinned_sampling_vs_in_process"]["target"] == 0.95
     assert isinstance(t["all_met"], bool)
     table = capsys.readouterr().out
     assert "Triton (PixelClient)" in table and "identical images: yes" in table

@@ -85,6 +85,34 @@ def test_assemble_takes_the_last_stage_in_order():
         assemble(small + full[1:])
 
 
+def test_a_response_of_several_rows_decodes_into_rows_in_order():
+    """What the client reads of one sampler response (runtime/protocol.py): ROW B x C x R x W from
+    ROW_INDEX on, ROW_LOGPROB B x R, CALL_BATCH per row; an output not asked for reads None."""
+    from tritonclient.grpc import service_pb2
+
+    from client.stream import decode, split_rows
+    from runtime import protocol as p
+
+    values = {p.STAGE: np.array([1], np.int32), p.ROW_INDEX: np.array([4], np.int32),
+              p.ROW: np.arange(2 * 3 * 3 * 4, dtype=np.uint8).reshape(2, 3, 3, 4),
+              p.ROW_LOGPROB: -np.arange(6, dtype=np.float32).reshape(2, 3), p.CALL_BATCH: np.array([5, 5, 2], np.int32)}
+    response = service_pb2.ModelInferResponse()
+    for name, value in values.items():
+        out = response.outputs.add(name=name, datatype={np.uint8: "UINT8", np.int32: "INT32", np.float32: "FP32"}[value.dtype.type])
+        out.shape.extend(value.shape)
+        response.raw_output_contents.append(value.tobytes())
+    decoded = decode(response)
+    assert all(np.array_equal(decoded[n], v) and decoded[n].dtype == v.dtype for n, v in values.items())
+    rows = split_rows(decoded)
+    assert [(index, stage, batched) for index, stage, _, _, batched in rows] == [(4, 1, 5), (5, 1, 5), (6, 1, 2)]
+    for j, (_, _, pixels, logprob, _) in enumerate(rows):
+        np.testing.assert_array_equal(pixels, values[p.ROW][:, :, j])
+        np.testing.assert_array_equal(logprob, values[p.ROW_LOGPROB][:, j])
+    del decoded[p.CALL_BATCH], decoded[p.ROW_INDEX]
+    assert [(index, batched) for index, _, _, _, batched in split_rows(decoded)] == [(None, None)] * 3
+    assert split_rows({}) == []  # a final response: no rows
+
+
 def test_an_unreachable_server_is_one_clear_error():
     port = free_port()
     with pytest.raises(ClientError, match=f"cannot reach the Triton server at 127.0.0.1:{port}") as e:
@@ -128,6 +156,19 @@ def test_more_images_than_the_max_batch_run_as_chunks_with_seeds_seed_plus_k(dep
 
 
 @pytest.mark.triton
+def test_rows_per_response_changes_the_pacing_not_the_rows(deployed, gated):
+    """The two chunks' sequences may be coalesced differently; the client yields their rows
+    together, one by one, whatever the responses carried."""
+    model = deployed[1]["gated"][0]
+    want = np.concatenate([expected(model, 4, 5, labels=1), expected(model, 2, 6, labels=1)])
+    for per_response in (None, 1, 2):
+        rows = list(gated.sample(6, seed=5, label=1, rows_per_response=per_response))
+        assert [(r.stage, r.index) for r in rows] == [(0, i) for i in range(5)]
+        assert all(r.pixels.shape == (6, 3, 4) and r.logprob.shape == (6,) for r in rows)
+        np.testing.assert_array_equal(assemble(rows), want)
+
+
+@pytest.mark.triton
 def test_complete_keeps_the_known_rows(deployed, gated, ms):
     for client, labels in ((gated, [1, 0]), (ms, None)):
         model, manifest = deployed[1][client.model]
@@ -155,6 +196,7 @@ def test_score_is_the_models_nll_in_chunks_of_the_max_batch(deployed, gated, ms)
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8)), "class-conditional: give labels"),
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8), [0, 2]), r"labels must be in \[0, 2\)"),
     (lambda c: c.sample(1, temperature=-1), "temperature"),
+    (lambda c: c.sample(1, rows_per_response=0), r"rows_per_response must be a whole number >= 1"),
     (lambda c: c.sample(2, known=np.zeros((2, 3, 1, 4)), known_rows=2), "known images must be"),
     (lambda c: c.complete(np.zeros((1, 3, 5, 4)), 6), r"known_rows must be in \[0, 5\]"),
 ])
@@ -197,7 +239,7 @@ def run_cli(*args):
 def test_cli_sample_writes_the_grid_and_the_librarys_images(deployed, gated, tmp_path):
     url = deployed[0].grpc_url
     result = run_cli("sample", "--url", url, "--model", "gated", "--n", 3, "--seed", 4, "--label", 1, "--out", tmp_path / "g.png",
-                     "--npy", tmp_path / "g.npy", "--scale", 1)
+                     "--npy", tmp_path / "g.npy", "--scale", 1, "--rows-per-response", 1)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images"] == 3
     with Image.open(tmp_path / "g.png") as img:

@@ -51,10 +51,15 @@ def solo(runner, spec: SampleSpec) -> np.ndarray:
 class Sink:
     def __init__(self):
         self.rows, self.errors, self.finished, self.is_cancelled = [], [], threading.Event(), False
+        self.responses = []  # rows per send_rows call (one response each)
 
-    def row(self, event):
+    def send_rows(self, events):
         assert not self.finished.is_set(), "row after the final message"
-        self.rows.append(event)
+        first = events[0]
+        assert [(e.stage, e.index) for e in events] == [(first.stage, first.index + j) for j in range(len(events))], \
+            "a response's rows must be consecutive rows of one stage"
+        self.responses.append(len(events))
+        self.rows += events
 
     def done(self):
         assert not self.finished.is_set(), "two final messages"
@@ -190,7 +195,7 @@ def test_a_failing_call_fails_only_its_sequences_and_the_engine_goes_on():
 
 def test_cancelled_and_failing_sinks_free_their_sequences():
     class Broken(Sink):
-        def row(self, event):
+        def send_rows(self, events):
             raise ConnectionError("gone")
 
     engine = Engine(FakeRunner())
@@ -300,12 +305,12 @@ def test_the_worker_thread_serves_sequences_and_stops_cleanly():
 
 def test_sender_threads_keep_each_stream_in_order_and_drop_broken_clients():
     class Slow(Sink):  # a send that takes time, as a Triton response does, lets the engine run ahead
-        def row(self, event):
+        def send_rows(self, events):
             threading.Event().wait(0.002)
-            super().row(event)
+            super().send_rows(events)
 
     class Broken(Sink):
-        def row(self, event):
+        def send_rows(self, events):
             raise ConnectionError("gone")
 
     runner = FakeRunner(h=6)
@@ -413,9 +418,9 @@ class Gate(Sink):
         super().__init__()
         self.open = threading.Event()
 
-    def row(self, event):
+    def send_rows(self, events):
         assert self.open.wait(10)
-        super().row(event)
+        super().send_rows(events)
 
 
 def wait_for(condition, timeout=10.0) -> bool:
@@ -429,10 +434,11 @@ def wait_for(condition, timeout=10.0) -> bool:
 
 def test_a_sequence_runs_at_most_max_ahead_rows_ahead_of_its_sender():
     runner = FakeRunner(h=40)
-    engine = Engine(runner, poll=0.05, senders=1, max_ahead=3)
+    engine = Engine(runner, poll=0.05, senders=1, max_ahead=4)
     engine.start_worker()
     gate = Gate()
     engine.start(1, SampleSpec(seed=5), gate)
+    # Alone, a sequence goes on while at most max_ahead / 2 of its rows wait: 3 rows, then it waits.
     assert wait_for(lambda: engine.stats()["rows"] == 3)
     time.sleep(0.2)  # the sender is stuck on the first row: no further row may be made meanwhile
     assert engine.stats()["rows"] == 3 and len(runner.calls) == 3
@@ -440,6 +446,91 @@ def test_a_sequence_runs_at_most_max_ahead_rows_ahead_of_its_sender():
     assert gate.finished.wait(10) and not gate.errors
     np.testing.assert_array_equal(gate.image(), solo(FakeRunner(h=40), SampleSpec(seed=5)))
     engine.stop()
+
+
+def test_rows_that_wait_for_the_sender_go_out_as_one_response():
+    """Row coalescing: while a send is stuck, the rows made meanwhile (up to max_ahead) pile up
+    and leave in one response; ROWS_PER_RESPONSE caps it (1: one response per row). Images and
+    row order stay exactly the row loop's."""
+    got = {}
+    for per_response in (None, 3, 1):
+        runner = FakeRunner(h=12)
+        engine = Engine(runner, poll=0.05, senders=1, max_ahead=8)
+        engine.start_worker()
+        gate = Gate()
+        engine.start(1, SampleSpec(seed=4), gate, rows_per_response=per_response)
+        assert wait_for(lambda: engine.stats()["rows"] == 5)  # then it waits (max_ahead / 2 + 1, as above)
+        gate.open.set()
+        assert gate.finished.wait(10) and not gate.errors
+        np.testing.assert_array_equal(gate.image(), solo(FakeRunner(h=12), SampleSpec(seed=4)))
+        engine.stop()
+        got[per_response] = gate.responses
+    # The 5 rows made while the first send was stuck leave in at most 2 responses (the first may
+    # have gone before the rest were made), never more than max_ahead rows in one.
+    assert 5 in (got[None][0], sum(got[None][:2])) and max(got[None]) <= 8 and sum(got[None]) == 12
+    assert max(got[3]) == 3 and sum(got[3]) == 12 and len(got[3]) >= 4
+    assert got[1] == [1] * 12
+
+
+class SlowRunner(FakeRunner):
+    """A cell call that takes 3 ms: a sender keeps up with it easily."""
+
+    def run_row(self, *args, **kwargs):
+        time.sleep(0.003)
+        return super().run_row(*args, **kwargs)
+
+
+def test_linger_lets_rows_gather_but_never_holds_a_first_row_or_strict_pacing():
+    got = {}
+    for per_response in (None, 1):
+        engine = Engine(SlowRunner(h=24), poll=0.05, senders=1, max_ahead=8, linger=0.05)
+        engine.start_worker()
+        sink = Sink()
+        engine.start(1, SampleSpec(seed=6), sink, rows_per_response=per_response)
+        assert sink.finished.wait(10) and not sink.errors
+        np.testing.assert_array_equal(sink.image(), solo(FakeRunner(h=24), SampleSpec(seed=6)))
+        engine.stop()
+        got[per_response] = sink.responses
+    # The first row alone; then rows gather for up to 50 ms (~16 calls of 3 ms), but a sender holds
+    # at most max_ahead / 2 = 4 (where the sequence would otherwise wait for it): responses of 4,
+    # more only when a busy machine let the sender fall behind (never over max_ahead).
+    assert got[None][0] == 1 and 1 < max(got[None]) <= 8 and sum(got[None]) == 24 and len(got[None]) <= 12
+    assert got[1] == [1] * 24
+
+
+def test_a_sender_that_keeps_up_sends_every_row_on_its_own():
+    engine = Engine(FakeRunner(h=5))  # inline sends: each row is sent before the next is made
+    sink = Sink()
+    engine.start(1, SampleSpec(seed=2), sink)
+    drain(engine)
+    assert sink.finished.is_set() and sink.responses == [1] * 5
+
+
+def test_coalescing_keeps_each_key_in_order_and_never_joins_across_a_final_message():
+    from runtime.engine import Outbox, RowEvent
+
+    def ev(key, index, stage=0):
+        return RowEvent(key, stage, index, np.zeros((1, 1, 2), np.uint8), np.zeros(1, np.float32), 1, 1)
+
+    a, b, a2 = Sink(), Sink(), Sink()
+    items = [("a", a, [ev("a", 0)], None), ("b", b, [ev("b", 5)], None), ("a", a, [ev("a", 1)], None),
+             ("a", None, a.done, ()), ("a", a2, [ev("a", 2)], None), ("a", a2, [ev("a", 3)], 2), ("a", a2, [ev("a", 4)], 2),
+             ("b", b, [ev("b", 0, stage=1)], None), ("b", b, [ev("b", 7)], None)]
+    out = Outbox.coalesce(items)
+    shape = [(key, None if sink is None else [(e.stage, e.index) for e in payload]) for key, sink, payload, _ in out]
+    assert shape == [("a", [(0, 0), (0, 1)]), ("b", [(0, 5)]), ("a", None), ("a", [(0, 2), (0, 3), (0, 4)]),
+                     ("b", [(1, 0)]), ("b", [(0, 7)])]
+    # the limit is the request's (the first row's item carries it): a2's run of 3 stays whole only without one
+    limited = Outbox.coalesce([("k", a2, [ev("k", i)], 2) for i in range(5)])
+    assert [len(item[2]) for item in limited] == [2, 2, 1]
+
+
+def test_rows_per_response_below_one_is_refused():
+    engine = Engine(FakeRunner())
+    with pytest.raises(ValueError, match="ROWS_PER_RESPONSE must be >= 1"):
+        engine.start(1, SampleSpec(), Sink(), rows_per_response=0)
+    with pytest.raises(ValueError, match="ROWS_PER_RESPONSE"):
+        engine.resume(1, Sink(), rows_per_response=-2)
 
 
 def test_a_held_back_sequence_is_freed_when_its_client_cancels():
@@ -459,9 +550,9 @@ def test_a_held_back_sequence_is_freed_when_its_client_cancels():
 
 def test_sequences_held_back_by_slow_sends_still_share_cell_calls():
     class Slow(Sink):
-        def row(self, event):
+        def send_rows(self, events):
             time.sleep(0.001)
-            super().row(event)
+            super().send_rows(events)
 
     runner = FakeRunner(h=30)
     engine = Engine(runner, poll=0.05, senders=2)

@@ -30,7 +30,8 @@ def test_input_data_fits_the_models(num_classes):
     for (start,) in streams:
         assert start[p.BATCH_SIZE] == [1] and start[p.TEMPERATURE] == [1.0]
         assert (start.get(p.LABELS) == {"content": [0], "shape": [1]}) if num_classes else p.LABELS not in start
-        assert set(start) <= set(p.START_ONLY)  # KNOWN and MAX_ROWS are left out: not sent
+        assert start[p.ROWS_PER_RESPONSE] == [1]  # one response per row: perf_analyzer counts responses as rows
+        assert set(start) <= {*p.START_ONLY, p.ROWS_PER_RESPONSE}  # KNOWN and MAX_ROWS are left out: not sent
 
 
 def test_the_shipped_repository_has_its_input_data():

@@ -34,7 +34,14 @@ def sampling(d):
         t, o = r["cached_torch"], r["cached_onnx"]
         rows.append(f"| {arch} | {r['naive']['seconds']:.1f} s | {t['seconds']:.2f} s ({t['speedup_over_naive']:.0f}x) | "
                     f"{o['seconds']:.2f} s ({o['speedup_over_naive']:.0f}x) | {o['vs_scoring']:.1f} |")
+    for t in d["targets"]["per_arch"].values():
+        assert t["speedup_met"] and t["vs_scoring_met"]  # the README says all are met
     return rows + [f"load average\n{d['machine']['load_average_1_5_15'][0]:g} on 2 cores"]
+
+
+def cell_graphs(d):
+    return [f"| {arch} | {r['nodes_exported']} | {r['nodes_run']} | {r['nodes_run_per_pixel']:.0f} |"
+            for arch, r in d["results"].items()] + [f"(load average {d['machine']['load_average_1_5_15'][0]:g})"]
 
 
 def training(d):
@@ -59,25 +66,77 @@ def deployment(d):
     return [f"| {r[n]['ready_s']['median']:.2f} s | {r[n]['rss_mib']['median']:.1f} MiB |" for n in ("before", "full", "runtime")]
 
 
+def met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
 def serving(d):
-    s, st, sc = d["sampling"], d["streams"], d["scoring"]
+    s, st, sc, pn, cpu, t = d["sampling"], d["streams"], d["scoring"], d["pinned"], d["cpu_seconds_per_1000_rows"], d["targets"]
+    ps, p1, p16 = pn["sampling"], pn["streams"]["1"], pn["streams"]["16"]
+
+    def scaling(r16, r1, x):
+        return f"{k(r16['pixels_per_s'])} vs {k(r1['pixels_per_s'])} pixels/s, {x:.2f}x"
+
+    def cpu_row(path):
+        return f"server {cpu[path]['server']:.2f} s, client {cpu[path]['client']:.2f} s"
+
+    engine_x = st['16']['engine_in_process']['pixels_per_s'] / st['1']['engine_in_process']['pixels_per_s']
+
     return [
-        f"| {k(s['triton']['pixels_per_s'])} pixels/s | {k(s['in_process']['pixels_per_s'])} pixels/s | {s['ratio_triton_vs_in_process']:.2f} |",
-        f"| {k(st['16']['pixels_per_s'])} vs {k(st['1']['pixels_per_s'])} pixels/s | "
-        f"{k(st['16']['engine_in_process']['pixels_per_s'])} vs {k(st['1']['engine_in_process']['pixels_per_s'])} (engine alone) | "
-        f"{st['16']['vs_one_stream']:.2f}x |",
-        f"| {sc['triton']['images_per_s']:.0f} images/s | {sc['in_process']['images_per_s']:.0f} images/s | {sc['ratio_triton_vs_in_process']:.2f} |",
-        f"| {sc['triton_concurrent']['images_per_s']:.0f} images/s | {sc['in_process']['images_per_s']:.0f} images/s | "
-        f"{sc['ratio_triton_concurrent_vs_in_process']:.2f} |",
-        f"({st['16']['call_batch']['mean']:.1f} images per cell call with 16 streams)",
+        f"| sampling, one stream of 16 images | {k(s['triton_per_row']['pixels_per_s'])} pixels/s "
+        f"({s['ratio_triton_per_row_vs_in_process']:.2f}) | {k(s['triton']['pixels_per_s'])} pixels/s ({s['ratio_triton_vs_in_process']:.2f}) | "
+        f"{k(s['in_process']['pixels_per_s'])} pixels/s (engine {k(s['engine_in_process']['pixels_per_s'])}) | "
+        f">= 0.9 ({met(t['sampling_vs_in_process']['met'])}) |",
+        f"| the same, pinned | {k(ps['triton_per_row']['pixels_per_s'])} pixels/s ({ps['ratio_triton_per_row_vs_in_process']:.2f}) | "
+        f"{k(ps['triton']['pixels_per_s'])} pixels/s ({ps['ratio_triton_vs_in_process']:.2f}) | {k(ps['in_process']['pixels_per_s'])} pixels/s "
+        f"(engine {k(ps['engine_in_process']['pixels_per_s'])}) | >= 0.95 ({met(t['pinned_sampling_vs_in_process']['met'])}) |",
+        f"| 16 concurrent single-image streams vs 1 | {scaling(st['16']['per_row'], st['1']['per_row'], st['16']['per_row']['vs_one_stream'])} | "
+        f"{scaling(st['16'], st['1'], st['16']['vs_one_stream'])} | engine alone "
+        f"{scaling(st['16']['engine_in_process'], st['1']['engine_in_process'], engine_x)} | "
+        f">= 6x ({met(t['streams_scaling']['met'])}) |",
+        f"| the same, pinned | {scaling(p16['streams_per_row'], p1['streams_per_row'], p16['streams_per_row']['vs_one_stream'])} | "
+        f"{scaling(p16['streams'], p1['streams'], p16['streams']['vs_one_stream'])} | engine alone "
+        f"{scaling(p16['engine'], p1['engine'], p16['engine']['vs_one_stream'])} | >= 6x ({met(p16['streams']['vs_one_stream'] >= 6)}) |",
+        f"| CPU seconds per 1000 rows, 16 streams | {cpu_row('streams_per_row/16')} | {cpu_row('streams/16')} | "
+        f"engine {cpu['engine/16']['client']:.2f} s |",
+        f"| CPU seconds per 1000 rows, one stream of 16 images | {cpu_row('sample/triton_per_row')} | {cpu_row('sample/triton')} | "
+        f"engine {cpu['sample/engine_in_process']['client']:.2f} s |",
+        f"| scoring 256 images (chunks of 64) | | {sc['triton']['images_per_s']:.0f} images/s ({sc['ratio_triton_vs_in_process']:.2f}) | "
+        f"{sc['in_process']['images_per_s']:.0f} images/s | >= 0.9 ({met(t['scoring_vs_in_process']['met'])}) |",
+        f"| scoring, 16 clients x 1-image requests | | {sc['triton_concurrent']['images_per_s']:.0f} images/s "
+        f"({sc['ratio_triton_concurrent_vs_in_process']:.2f}) | {sc['in_process']['images_per_s']:.0f} images/s | "
+        f">= 0.9 ({met(t['scoring_concurrent_vs_in_process']['met'])}) |",
+        f"{st['16']['rows_per_response']:.2f} rows per response with 16 streams, {s['triton_stream']['rows_per_response']:.2f} "
+        f"with one stream of 16 images",
+        f"{st['16']['call_batch']['mean']:.1f} images per cell call with 16 streams",
         f"load average {d['machine']['load_average_1_5_15'][0]:g}",
+        f"Triton against the engine in process is {s['ratio_triton_vs_engine']:.2f} for one stream of 16 images and "
+        f"{st['16']['pixels_per_s'] / st['16']['engine_in_process']['pixels_per_s']:.2f} for 16 streams",
+        f"{st['16']['pixels_per_s'] / st['16']['per_row']['pixels_per_s'] - 1:+.0%} for 16 streams",
     ]
+
+
+def serving_no_window(d):
+    return [f"{d['streams']['16']['rows_per_response']:.2f} rows per response with 16 streams and "
+            f"{d['sampling']['triton_stream']['rows_per_response']:.2f} with one stream of 16 images "
+            f"(`bench/results/serving_no_window.json`, `--coalesce-ms 0`, load average {d['machine']['load_average_1_5_15'][0]:g})"]
+
+
+def load_16_streams(d):
+    before, lat = d["per_row"], d["latency_ms"]
+    return [f"| first row p50, 16 streams + 2 scoring clients (`bench.load`) | {before['latency_ms']['first_row']['p50']:.1f} ms | "
+            f"{lat['first_row']['p50']:.1f} ms | | no worse ({met(lat['first_row']['p50'] <= before['latency_ms']['first_row']['p50'])}) |",
+            f"| rows/s under that load | {before['throughput']['rows_per_s']:,.0f} | {d['throughput']['rows_per_s']:,.0f} | | |",
+            f"load average {d['machine']['load_average_1_5_15'][0]:g}, {d['totals']['errors'] + before['totals']['errors']} errors, "
+            f"{d['content']['images_checked'] + before['content']['images_checked']:,} images checked"]
 
 
 def load_run(d):
     t, th, lat, m, c = d["totals"], d["throughput"], d["latency_ms"], d["sampler_metrics"], d["content"]
     return [f"{t['errors']} errors, {t['images_sampled']:,} images", f"({th['rows_per_s']:,.0f} rows/s, {d['streams']['call_batch_mean']:.1f} images per cell call)",
             f"{t['images_scored']:,} images scored", f"({th['images_scored_per_s']:.0f}/s)", f"p50 {lat['row']['p50']:.1f} ms, p99 {lat['row']['p99']:.0f} ms",
+            f"{d['responses']['rows_per_response_mean']:.2f} to a response: between responses p50 {lat['response']['p50']:.1f} ms, "
+            f"p99 {lat['response']['p99']:.0f} ms", f"load average {d['machine']['load_average_1_5_15'][0]:g}",
             f"{lat['first_row']['p50']:.0f} ms, p99 {lat['first_row']['p99']:.0f} ms", f"all {m['expected_completed']:,} sequences completed",
             f"({c['images_checked']:,} images and {c['scores_checked']:,} scores checked after the run, {c['images_wrong'] + c['scores_wrong']} wrong)"]
 
@@ -97,10 +156,21 @@ def abandoned_streams(d):
             f"live sequences are back to 0 {d['seconds_to_settle_after_last_drop']:.1f} s after the last drop"]
 
 
+def cluster(d):
+    r = d["results"]
+    rows = [f"| {label} | {k(r[n]['pixels_per_s'])} pixels/s ({r[n]['sampling_vs_one_replica']:.2f}x; "
+            f"{k(r[n]['pixels_per_s_min'])}-{k(r[n]['pixels_per_s_max'])}) | {r[n]['scored_images_per_s']:.0f} images/s "
+            f"({r[n]['scoring_vs_one_replica']:.2f}x; {r[n]['scored_images_per_s_min']:.0f}-{r[n]['scored_images_per_s_max']:.0f}) |"
+            for n, label in (("direct", "1, no proxy (direct)"), ("1", "1"), ("2", "2"), ("3", "3"))]
+    return rows + [f"{d['errors']} errors; load average {d['machine']['load_average_1_5_15'][0]:.0f} on 2 cores",
+                   f"5 s windows, {d['settings']['repeats']} interleaved repeats"]
+
+
 FIGURES = {
     "checkpoints.json": checkpoints, "sampling.json": sampling, "training.json": training, "long_runs.json": long_runs,
-    "deployment.json": deployment, "serving.json": serving, "load.json": load_run, "perf_analyzer.json": perf_analyzer,
-    "abandoned_streams.json": abandoned_streams,
+    "deployment.json": deployment, "serving.json": serving, "serving_no_window.json": serving_no_window,
+    "load_16_streams.json": load_16_streams, "load.json": load_run, "perf_analyzer.json": perf_analyzer,
+    "abandoned_streams.json": abandoned_streams, "cluster.json": cluster, "cell_graphs.json": cell_graphs,
 }
 
 

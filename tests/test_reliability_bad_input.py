@@ -250,6 +250,13 @@ SAMPLE_CASES = {  # id: (models, [(start, end, request)], message pattern of the
     "batch as int64": ("both", [(True, True, lambda m: good_start(m, BATCH_SIZE=([1], "INT64")))], DTYPE.format(name="BATCH_SIZE", got="INT64", want="INT32")),
     "negative seed as int64": ("both", [(True, True, lambda m: good_start(m, SEED=([-1], "INT64")))], DTYPE.format(name="SEED", got="INT64", want="UINT64")),
     "negative max rows": ("both", [(True, True, lambda m: good_start(m, MAX_ROWS=([-1], "INT32")))], r"MAX_ROWS must be >= 0, got -1"),
+    "zero rows per response": ("both", [(True, True, lambda m: good_start(m, ROWS_PER_RESPONSE=([0], "INT32")))],
+                               r"ROWS_PER_RESPONSE must be >= 1 .*got 0"),
+    "rows per response as int64": ("both", [(True, True, lambda m: good_start(m, ROWS_PER_RESPONSE=([1], "INT64")))],
+                                   DTYPE.format(name="ROWS_PER_RESPONSE", got="INT64", want="INT32")),
+    "negative rows per response on a later step": ("both", [(True, False, lambda m: good_start(m, MAX_ROWS=([1], "INT32"))),
+                                                            (False, True, lambda m: build({p.ROWS_PER_RESPONSE: ([-2], "INT32")}))],
+                                                   r"ROWS_PER_RESPONSE must be >= 1 .*got -2"),
     "prefix value = levels": ("both", [(True, True, lambda m: good_start(m, KNOWN=(known(m, value=m.levels), "UINT8")))],
                               r"KNOWN values must be < {levels}.*got {levels}"),
     "prefix value 255": ("both", [(True, True, lambda m: good_start(m, KNOWN=(known(m, value=255), "UINT8")))], r"KNOWN values must be < {levels}.*got 255"),
@@ -431,7 +438,7 @@ def mutated(draw, tensors: dict, table: dict, unwanted: list):
 def one_line_error(message: str) -> None:
     assert not TRACEBACK.search(message) and "\n" not in message.strip(), f"not one clear line: {message!r}"
     assert "DEADLINE_EXCEEDED" not in message, "no answer within the deadline"
-    assert re.search(r"\b(IMAGES(_HW)?|LABELS|BATCH_SIZE|TEMPERATURE|SEED|KNOWN|MAX_ROWS|FOO)\b|input|batch-size|sequence|correlation ID",
+    assert re.search(r"\b(IMAGES(_HW)?|LABELS|BATCH_SIZE|TEMPERATURE|SEED|KNOWN|MAX_ROWS|ROWS_PER_RESPONSE|FOO)\b|input|batch-size|sequence|correlation ID",
                      message), f"names nothing: {message!r}"
 
 
@@ -573,17 +580,21 @@ def test_fuzz_score(deployed, scorer):
         assert_scores_correctly(scorer, m)
 
 
-SAMPLE_INPUTS = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8", p.MAX_ROWS: "INT32"}
+SAMPLE_INPUTS = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8", p.MAX_ROWS: "INT32",
+                 p.ROWS_PER_RESPONSE: "INT32"}
 MIN_TEMPERATURE = 1e-6
 
 
 def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
     """Whether a sampler request is wrong whatever the sequence's state (server/protocol.py)."""
-    dims = {p.BATCH_SIZE: (1,), p.TEMPERATURE: (1,), p.SEED: (1,), p.LABELS: (None,), p.KNOWN: (None, m.c, None, m.w), p.MAX_ROWS: (1,)}
+    dims = {p.BATCH_SIZE: (1,), p.TEMPERATURE: (1,), p.SEED: (1,), p.LABELS: (None,), p.KNOWN: (None, m.c, None, m.w), p.MAX_ROWS: (1,),
+            p.ROWS_PER_RESPONSE: (1,)}
     allowed = set(SAMPLE_INPUTS) - (set() if m.classes else {p.LABELS})
     if seq == 0 or set(tensors) - allowed or any(not right(t, SAMPLE_INPUTS[n], dims[n]) for n, t in tensors.items()):
         return True
     if p.MAX_ROWS in tensors and first(tensors[p.MAX_ROWS]) < 0:
+        return True
+    if p.ROWS_PER_RESPONSE in tensors and first(tensors[p.ROWS_PER_RESPONSE]) < 1:
         return True
     if not start:
         return bool(set(tensors) & set(p.START_ONLY))
@@ -602,7 +613,8 @@ def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
 def triton_culprits(m: Model, tensors: dict, seq: int) -> set[str]:
     """What Triton itself refuses in a sampler request, before the model sees it: sequence id 0,
     inputs the model does not have, inputs of the wrong dtype or shape."""
-    dims = {p.BATCH_SIZE: (1,), p.TEMPERATURE: (1,), p.SEED: (1,), p.LABELS: (None,), p.KNOWN: (None, m.c, None, m.w), p.MAX_ROWS: (1,)}
+    dims = {p.BATCH_SIZE: (1,), p.TEMPERATURE: (1,), p.SEED: (1,), p.LABELS: (None,), p.KNOWN: (None, m.c, None, m.w), p.MAX_ROWS: (1,),
+            p.ROWS_PER_RESPONSE: (1,)}
     allowed = set(SAMPLE_INPUTS) - (set() if m.classes else {p.LABELS})
     culprits = (set(tensors) - allowed) | {n for n, t in tensors.items() if n in allowed and not right(t, SAMPLE_INPUTS[n], dims[n])}
     return culprits | ({CORRELATION} if seq == 0 else set())
@@ -618,6 +630,8 @@ def sample_culprits(m: Model, tensors: dict, start: bool, seq: int) -> set[str]:
         return culprits
     if p.MAX_ROWS in tensors and first(tensors[p.MAX_ROWS]) < 0:
         culprits.add(p.MAX_ROWS)
+    if p.ROWS_PER_RESPONSE in tensors and first(tensors[p.ROWS_PER_RESPONSE]) < 1:
+        culprits.add(p.ROWS_PER_RESPONSE)
     if not start:
         return culprits | (set(tensors) & set(p.START_ONLY))
     known = tensors[p.KNOWN][0] if p.KNOWN in tensors else None
@@ -639,7 +653,7 @@ def sample_culprits(m: Model, tensors: dict, start: bool, seq: int) -> set[str]:
 def sample_table(m: Model) -> dict:
     return {p.BATCH_SIZE: ("INT32", (1,), (1, MAX_BATCH + 1)), p.TEMPERATURE: ("FP64", (1,), (0, 2)), p.SEED: ("UINT64", (1,), (0, 2**62)),
             p.LABELS: ("INT64", (None,), (0, max(m.classes, 1))), p.KNOWN: ("UINT8", (None, m.c, None, m.w), (0, m.levels)),
-            p.MAX_ROWS: ("INT32", (1,), (0, m.h + 2)), "FOO": ("INT32", (1,), (0, 2))}
+            p.MAX_ROWS: ("INT32", (1,), (0, m.h + 2)), p.ROWS_PER_RESPONSE: ("INT32", (1,), (1, 4)), "FOO": ("INT32", (1,), (0, 2))}
 
 
 @st.composite
@@ -662,6 +676,8 @@ def sample_request(draw, m: Model, start: bool):
             tensors[p.LABELS] = (rng.integers(0, m.classes, draw(st.sampled_from([1, b]))), "INT64")
     if draw(st.booleans()):
         tensors[p.MAX_ROWS] = (np.array([rng.integers(0, m.h + 2)], np.int32), "INT32")
+    if draw(st.integers(0, 3)) == 0:
+        tensors[p.ROWS_PER_RESPONSE] = (np.array([rng.integers(1, 4)], np.int32), "INT32")
     unwanted = ["FOO", p.LABELS, *(n for n in sample_table(m) if n not in tensors)]
     return draw(mutated(tensors, sample_table(m), unwanted))
 
@@ -728,6 +744,8 @@ def test_fuzz_sample(deployed, stream):
         indices = [r.index for r in rows]
         assert all(r.stage == 0 for r in rows) and np.all(np.diff(indices) == 1), indices
         assert max_rows is None or len(rows) <= max_rows
+        if p.ROWS_PER_RESPONSE in tensors:  # the cap holds however busy the server is
+            assert all(r.response_rows <= first(tensors[p.ROWS_PER_RESPONSE]) for r in rows)
         if start:
             assert len(rows) == (m.h if max_rows is None else min(max_rows, m.h)) and (not rows or indices[0] == 0)
             batch = int(first(tensors[p.BATCH_SIZE])) if p.BATCH_SIZE in tensors else len(tensors[p.KNOWN][0]) if p.KNOWN in tensors else 1

@@ -246,9 +246,40 @@ def test_a_clean_close_mid_image_waits_for_the_image_and_frees_it(served):
     assert stream.close(timeout=60.0), "the clean close did not end within 60 s"
     rest = stream.received()
     assert not [r.error for r in rest if r.error], [r.error for r in rest if r.error]
-    assert len(rest) == CONFIG["height"]  # 2047 more rows and the final response
+    assert sum(len(r.rows) for r in rest) == CONFIG["height"] - 1 and rest[-1].final  # 2047 more rows, then the final response
     after = wait_until(server, lambda m: m["live"] == 0 and only(delta(m, before), started=1, completed=1))
     assert only(delta(after, before), started=1, completed=1), delta(after, before)
+
+
+def test_coalesced_rows_per_row_pacing_and_a_resume_from_coalesced_rows_give_the_same_image(served):
+    """Row coalescing end to end: a tall image of a tiny model is made faster than one response
+    per row can be sent, so rows leave several to a response (ROW B x C x R x W); the image is the
+    reference sampler's. ROWS_PER_RESPONSE 1 gives one row per response and the same image; a
+    stream resumed from the first coalesced rows (KNOWN + the same seed) ends with it too."""
+    server, model = served
+    want = sample_cached(build_cell(model), 1, 77)
+    got = {}
+    for per_response in (None, 1):
+        with SampleStream(server.grpc_url, timeout=60.0) as stream:
+            rows, error = stream.request(MODEL, next(ids), sample_inputs(seed=77, rows_per_response=per_response), start=True,
+                                         end=True)
+        assert error is None, error
+        assert [r.index for r in rows] == list(range(CONFIG["height"]))
+        np.testing.assert_array_equal(np.stack([r.pixels for r in rows], axis=2), want)
+        got[per_response] = [r.response_rows for r in rows]
+    assert max(got[None]) > 1, "no response carried more than one row"
+    assert max(got[None]) <= 16  # the sampler's max_ahead
+    assert set(got[1]) == {1}
+    with SampleStream(server.grpc_url, timeout=60.0) as stream:
+        stream.send(MODEL, next(ids), sample_inputs(seed=77), start=True, end=True)
+        first = stream.take_rows(600)  # taken from coalesced responses; the rest of the last one is left
+        stream.close(cancel=True)
+    prefix = np.stack([r.pixels for r in first], axis=2)
+    np.testing.assert_array_equal(prefix, want[:, :, :600])
+    with SampleStream(server.grpc_url, timeout=60.0) as stream:
+        rows, error = stream.request(MODEL, next(ids), sample_inputs(seed=77, known=prefix), start=True, end=True)
+    assert error is None, error
+    np.testing.assert_array_equal(np.stack([r.pixels for r in rows], axis=2), want)
 
 
 def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served, tmp_path):

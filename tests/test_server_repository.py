@@ -61,10 +61,12 @@ def test_score_and_sample_models_are_written(tmp_path):
     assert q.sequence_batching.max_sequence_idle_microseconds == 7_500_000
     assert q.sequence_batching.oldest.max_candidate_sequences == 99
     inputs = {i.name: i for i in q.input}
-    assert set(inputs) == {p.BATCH_SIZE, p.TEMPERATURE, p.SEED, p.LABELS, p.KNOWN, p.MAX_ROWS}
+    assert set(inputs) == {p.BATCH_SIZE, p.TEMPERATURE, p.SEED, p.LABELS, p.KNOWN, p.MAX_ROWS, p.ROWS_PER_RESPONSE}
     assert all(i.optional for i in q.input)
     assert inputs[p.TEMPERATURE].data_type == model_config_pb2.TYPE_FP64 and list(inputs[p.KNOWN].dims) == [-1, 3, -1, 6]
-    assert [o.name for o in q.output] == [p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB, p.ACTIVE, p.CALL_BATCH]
+    assert [o.name for o in q.output] == [p.STAGE, p.ROW_INDEX, p.ROW_COUNT, p.ROW, p.ROW_LOGPROB, p.ACTIVE, p.CALL_BATCH]
+    outputs = {o.name: list(o.dims) for o in q.output}  # several rows per response: B x C x R x W (runtime/protocol.py)
+    assert outputs[p.ROW] == [-1, 3, -1, -1] and outputs[p.ROW_LOGPROB] == [-1, -1] and outputs[p.CALL_BATCH] == [-1]
     assert len(q.instance_group) == 1 and q.instance_group[0].count == 1
 
 
@@ -110,6 +112,11 @@ def test_command_line_rewrites_with_other_settings(tmp_path, capsys):
     assert main(["--export", str(folder), "--repository", str(tmp_path / "repo"), "--sequence-idle-s", "5", "--max-sequences", "8"]) == 0
     q = config(tmp_path / "repo" / "tiny_sample" / "config.pbtxt")
     assert q.sequence_batching.max_sequence_idle_microseconds == 5_000_000 and q.sequence_batching.oldest.max_candidate_sequences == 8
+    assert q.parameters["coalesce_ms"].string_value == "20"  # the row coalescing window, by default
+    assert main(["--export", str(folder), "--repository", str(tmp_path / "repo"), "--coalesce-ms", "0"]) == 0
+    assert config(tmp_path / "repo" / "tiny_sample" / "config.pbtxt").parameters["coalesce_ms"].string_value == "0"
+    with pytest.raises(ValueError, match=r"coalesce_ms must be in \[0, 1000\], got -1"):
+        write_repository(m, folder, tmp_path / "repo", coalesce_ms=-1)
     assert main(["--export", str(tmp_path / "nothing"), "--repository", str(tmp_path / "repo")]) == 2
     assert "error:" in capsys.readouterr().err
 

@@ -19,7 +19,8 @@ only on earlier rows, and per pixel applies just the taps on the current row.
 Subclasses implement the architecture-specific pieces:
     state_shapes(batch)         -> list of (name, shape) of the zero initial state
     begin_row(state)            -> a per-row context (precomputed contributions of rows above)
-    pixel(ctx, j, x_pix)        -> logits (B, C, K) at column j given the pixel's known channels
+    pixel(ctx, j, x_pix)        -> logits (B, C*K) at column j given the pixel's known channels
+                                   (channel c's K logits at [c*K, (c+1)*K))
     commit(ctx, j, x_pix)       -> record the finished pixel for the pixels after it
     end_row(ctx)                -> the new state tensors
 """
@@ -33,27 +34,27 @@ from training.distributions import bernoulli_log_prob
 from training.models.base import ImageModel
 
 
-def sample_torch(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor, levels: int) -> torch.Tensor:
-    """Torch twin of distributions.sample_from_logits: logits (B, K), u (B,), temperature (B,) -> (B,) int64."""
+def sample_torch(logits: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor, t: torch.Tensor, levels: int) -> torch.Tensor:
+    """Torch twin of randomness.sample_from_logits for one sub-pixel, in columns:
+    logits (B, K), u (B, 1) float64, greedy (B, 1) bool, t (B, 1) float64 the temperature
+    (1 where greedy) -> (B, 1) int64."""
     logits = logits.double()
-    greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     if levels == 2:
-        l = logits[:, 0]
-        sampled = (u < torch.sigmoid(l / t[:, 0])).long()
-        return torch.where(greedy, (l > 0).long(), sampled)
+        l = logits[:, :1] if logits.shape[1] > 1 else logits
+        # Cast before the where: onnxruntime has no Where on booleans.
+        return torch.where(greedy, (l > 0).long(), (u < torch.sigmoid(l / t)).long())
     z = logits / t
     z = z - z.max(dim=1, keepdim=True).values
     cdf = torch.cumsum(torch.exp(z), dim=1)
-    idx = (cdf < (u * cdf[:, -1])[:, None]).long().sum(dim=1).clamp(max=levels - 1)
-    return torch.where(greedy, logits.argmax(dim=1), idx)
+    idx = (cdf < u * cdf[:, -1:]).long().sum(dim=1, keepdim=True).clamp(max=levels - 1)
+    return torch.where(greedy, logits.argmax(dim=1, keepdim=True), idx)
 
 
 def log_prob_torch(logits: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
-    """log p(v) for one sub-pixel: logits (B, K), v (B,) -> (B,)."""
+    """log p(v) for one sub-pixel: logits (B, K), v (B, 1) -> (B, 1)."""
     if levels == 2:
-        return bernoulli_log_prob(logits[:, 0], v)
-    return torch.gather(F.log_softmax(logits, dim=1), 1, v[:, None]).squeeze(1)
+        return bernoulli_log_prob(logits[:, :1] if logits.shape[1] > 1 else logits, v)
+    return torch.gather(F.log_softmax(logits, dim=1), 1, v)
 
 
 class RowCell(nn.Module):
@@ -70,7 +71,7 @@ class RowCell(nn.Module):
     def begin_row(self, state: tuple[torch.Tensor, ...], labels: torch.Tensor | None):
         raise NotImplementedError
 
-    def pixel(self, ctx, j: int, x_pix: torch.Tensor) -> torch.Tensor:
+    def pixel(self, ctx, j: int, x_pix: torch.Tensor) -> torch.Tensor:  # (B, C*K)
         raise NotImplementedError
 
     def commit(self, ctx, j: int, x_pix: torch.Tensor) -> None:
@@ -106,31 +107,40 @@ class RowCell(nn.Module):
         ctx = self.begin_row(state, labels)
         if condition is not None:
             ctx.condition = condition
-        batch = forced.shape[0]
+        C, W, K = self.channels, self.width, self.model.k
+        # What the sub-pixels read, split once per row into (B, 1) columns in (j, c) order and
+        # the temperature prepared once: indexing per sub-pixel would be ops per sub-pixel in
+        # the exported graph, which is all Gathers and Unsqueezes for a small model.
+        u = columns(uniforms.reshape(W * C, -1).t()[:, None])  # (W, C, B) -> W*C of (B, 1)
+        given = columns(forced.transpose(1, 2).reshape(-1, 1, W * C))  # (B, C, W) -> W*C of (B, 1)
+        greedy = (temperature <= 0)[:, None]  # (B, 1)
+        t = torch.where(greedy, torch.ones_like(temperature[:, None]), temperature[:, None])
+        keep = force[:, None]  # (B, 1)
+        skip = None if fixed is None else fixed.reshape(W, 1).split(1)  # W of (1, 1)
+        unknown = torch.zeros_like(forced[:, :, 0])  # (B, C): channels not drawn yet read as 0
         row_values, row_logits = [], []
-        logprob = torch.zeros(batch, dtype=torch.float32, device=forced.device)
-        for j in range(self.width):
-            copy = force if fixed is None else force | fixed[j]  # (B,)
+        logprob = torch.zeros_like(keep, dtype=torch.float32)  # (B, 1)
+        for j in range(W):
+            copy = keep if skip is None else keep | skip[j]  # (B, 1)
             known: list[torch.Tensor] = []
             pix_logits = []
-            for c in range(self.channels):
+            for c in range(C):
                 # Channels >= c are unknown; the masks guarantee channel c's logits ignore them.
-                pad = [torch.zeros_like(forced[:, 0, j])] * (self.channels - c)
-                x_pix = torch.stack(known + pad, dim=1)  # (B, C)
-                logits = self.pixel(ctx, j, x_pix)  # (B, C, K)
-                v = sample_torch(logits[:, c], uniforms[j, c], temperature, self.levels)
-                v = torch.where(copy, forced[:, c, j], v)
-                lp = log_prob_torch(logits[:, c].float(), v, self.levels)
-                logprob = logprob + (lp if fixed is None else torch.where(fixed[j], torch.zeros_like(lp), lp))
+                x_pix = torch.cat(known + [unknown[:, : C - c]], dim=1) if known else unknown  # (B, C)
+                logits = self.pixel(ctx, j, x_pix)  # (B, C*K)
+                logits = logits if C == 1 else logits[:, c * K : (c + 1) * K]  # (B, K): channel c's
+                v = torch.where(copy, given[j * C + c], sample_torch(logits, u[j * C + c], greedy, t, self.levels))
+                lp = log_prob_torch(logits.float(), v, self.levels)  # (B, 1)
+                logprob = logprob + (lp if skip is None else torch.where(skip[j], torch.zeros_like(lp), lp))
                 known.append(v)
-                pix_logits.append(logits[:, c])
-            x_pix = torch.stack(known, dim=1)  # (B, C)
+                pix_logits.append(logits)
+            x_pix = torch.cat(known, dim=1) if C > 1 else known[0]  # (B, C)
             self.commit(ctx, j, x_pix)
             row_values.append(x_pix)
-            row_logits.append(torch.stack(pix_logits, dim=1))  # (B, C, K)
-        row = torch.stack(row_values, dim=2)  # (B, C, W)
-        logits = torch.stack(row_logits, dim=3)  # (B, C, K, W)
-        return row, logprob, logits, self.end_row(ctx)
+            row_logits.append(torch.cat(pix_logits, dim=1) if C > 1 else pix_logits[0])  # (B, C*K)
+        row = from_columns(row_values)  # (B, C, W)
+        logits = from_columns(row_logits).reshape(-1, C, K, W)  # (B, C, K, W)
+        return row, logprob.reshape(-1), logits, self.end_row(ctx)
 
     def forward(self, *args):
         """ONNX-friendly flat signature: (*state, uniforms, temperature, forced, force[, labels])."""
@@ -141,11 +151,43 @@ class RowCell(nn.Module):
         return (row, logprob, logits, *new_state)
 
 
-def left_window(cols: list[torch.Tensor], j: int, width: int) -> torch.Tensor:
-    """The last `width` committed columns ending at j (inclusive), zero-padded on the left.
+def columns(maps: torch.Tensor) -> list[torch.Tensor]:
+    """A per-row map (B, F, W) as its W columns (B, F).
 
-    cols[k] is (B, Cin) for columns 0..j; returns (B, Cin, width).
-    """
-    start = j - width + 1
-    taken = [cols[k] if k >= 0 else torch.zeros_like(cols[j]) for k in range(start, j + 1)]
-    return torch.stack(taken, dim=2)
+    Cells read such maps (the rows above's contribution, the previous row's states) one column
+    per pixel. Indexing `maps[:, :, j]` exports as one Gather per column and layer, the most
+    expensive op of the unrolled graphs; a transpose, a reshape and one Split give all W
+    columns at once."""
+    _, f, w = maps.shape
+    return list(maps.transpose(1, 2).reshape(-1, w * f).split(f, dim=1))
+
+
+def layer_columns(maps: list[torch.Tensor], condition: torch.Tensor | None) -> list[list[torch.Tensor]]:
+    """Per-layer row maps (B, F, W) as columns, the row's condition (multi-scale, a first-layer
+    bias) added to the first layer's map once for the row instead of once per pixel."""
+    first = maps[0] if condition is None else maps[0] + condition
+    return [columns(m) for m in [first, *maps[1:]]]
+
+
+def from_columns(cols: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of `columns`: W columns (B, F) -> (B, F, W). `torch.stack(cols, dim=2)`
+    exports as an Unsqueeze per column; one Concat, a reshape and a transpose do the same."""
+    f = cols[0].shape[1]
+    return torch.cat(cols, dim=1).reshape(-1, len(cols), f).transpose(1, 2)
+
+
+def row_taps(conv: nn.Conv2d, bias: torch.Tensor, left: list[torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
+    """A (masked) convolution's taps on the current row up to and including the pixel, plus
+    `bias` (B, out), what the rows above (and the model's bias) contribute at this column.
+
+    left: the row's committed columns (B, Cin) before the pixel, inp: the pixel's (B, Cin).
+    The taps on the window [j-p .. j] are one matrix product of the concatenated columns with
+    the flattened kernel row (one Concat and one Gemm per layer and pixel in the graph); columns
+    left of the image are the convolution's zero padding, so their kernel rows are dropped."""
+    r, p = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    weight = conv.masked_weight() if hasattr(conv, "masked_weight") else conv.weight
+    taken = (left + [inp])[-(p + 1):]
+    w = weight[:, :, r, p + 1 - len(taken) : p + 1]  # (out, Cin, n): the taps on the taken columns
+    w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (n * Cin, out), column-major like the concat
+    x = torch.cat(taken, dim=1) if len(taken) > 1 else taken[0]  # (B, n * Cin)
+    return torch.addmm(bias, x, w)

@@ -43,30 +43,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, left_window
-from export.cells.pixelcnn import above_contribution, current_row_taps, pointwise
+from export.cells.base import RowCell, columns, from_columns, row_taps
+from export.cells.pixelcnn import above_contribution, pointwise
 from training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalLSTM
 from training.models.row_lstm import lstm_update
 
 
-def diagonal_step(lstm: DiagonalLSTM, x_is: torch.Tensor, h_above: torch.Tensor, h_side: torch.Tensor, c_side: torch.Tensor):
-    """One pixel of one direction: x_is (B, 4h) and the (B, h) states above and beside -> (h, c).
+def above_gates(lstm: DiagonalLSTM, h_above: torch.Tensor, x_is: torch.Tensor) -> list[torch.Tensor]:
+    """What a whole row's gates get from the row above, as W columns (B, 4h): the state-to-state
+    tap on the pixel above (the model's 2x1 convolution's first tap, see the docstring) applied
+    to h_above (B, h, W) at once, plus x_is, the input-to-state part known for the whole row
+    ((B, 4h, W), or its bias (4h, 1) when it is computed per pixel)."""
+    tap_above = lstm.state_to_state.weight[:, :, :1]  # (4h, h, 1)
+    return columns(F.conv1d(h_above, tap_above) + x_is)
 
-    The model's 2x1 state-to-state convolution on the two-row column [above; beside] is exactly
-    what its top-padded convolution computes for a skewed-column row (see the docstring).
-    """
-    s = lstm.state_to_state(torch.stack([h_above, h_side], dim=2)).squeeze(2)  # (B, 4h)
-    return lstm_update(x_is + s, c_side)
+
+def diagonal_step(lstm: DiagonalLSTM, gates_above: torch.Tensor, x: torch.Tensor | None, h_side, c_side):
+    """One pixel of one direction -> (h, c), each (B, h). gates_above (B, 4h) from above_gates;
+    x (B, h): the layer input when the input-to-state part is not in gates_above yet (else None);
+    (h_side, c_side): the state of the pixel beside (None at the row's first pixel: zeros).
+
+    The input-to-state weights and the state-to-state tap on the pixel beside act on the
+    concatenation [x, h_side] as one matrix product (one Gemm in the graph)."""
+    parts, weights = [], []
+    if x is not None:
+        parts.append(x)
+        weights.append(lstm.input_to_state.masked_weight()[:, :, 0, 0])  # (4h, h)
+    if h_side is not None:
+        parts.append(h_side)
+        weights.append(lstm.state_to_state.weight[:, :, 1])  # (4h, h): the tap beside
+    gates = gates_above
+    if parts:
+        gates = torch.addmm(gates_above, torch.cat(parts, dim=1), torch.cat(weights, dim=1).t())
+    return lstm_update(gates, torch.zeros_like(gates_above[:, : lstm.hidden]) if c_side is None else c_side)
 
 
 class _Row:
     """Per-row context: the previous row's states, and the row's committed columns."""
 
-    def __init__(self, rows: torch.Tensor, above: torch.Tensor, ltr_prev, rtl_prev):
+    def __init__(self, rows: torch.Tensor, above: torch.Tensor, ltr_gates, rtl_prev):
         self.rows = rows  # (B, C, 3, W)
-        self.above = above  # (B, hidden, W): the input convolution's taps on the rows above
-        self.ltr_prev, self.rtl_prev = ltr_prev, rtl_prev  # per layer (B, h, W)
-        n = len(ltr_prev)
+        self.above = columns(above)  # (B, hidden) per column: the input convolution's taps on the rows above
+        self.rtl_prev = rtl_prev  # per layer (B, h, W): the previous row's RTL states
+        self.rtl_cols = [columns(r) for r in rtl_prev]  # the same, per column (the shift down)
+        self.ltr_gates = ltr_gates  # per layer, per column (B, 4h): above_gates of the LTR direction
+        n = len(ltr_gates)
         self.image: list[torch.Tensor] = []  # (B, C) scaled pixel per committed column
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer: (B, h) per column
         self.ltr: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]  # per layer: (h, c)
@@ -93,26 +114,22 @@ class DiagonalBiLSTMCell(RowCell):
     def begin_row(self, state, labels):
         n = len(self.layers)
         above = above_contribution(self.model.input_conv, state[0])
-        return _Row(state[0], above, state[1 : 1 + n], state[1 + n :])
+        ltr_gates = [above_gates(layer.left_to_right, h, layer.left_to_right.input_to_state.bias[:, None])
+                     for layer, h in zip(self.layers, state[1 : 1 + n])]
+        return _Row(state[0], above, ltr_gates, state[1 + n :])
 
     def pixel(self, ctx: _Row, j, x_pix):
         if ctx.condition is not None:
             raise ValueError("diagonal_bilstm takes no per-row condition")
         m: DiagonalBiLSTM = self.model
         ctx.pending = []
-        window = left_window(ctx.image + [self.scale(x_pix)], j, self.above_rows + 1)  # (B, C, 4)
-        x = ctx.above[:, :, j] + current_row_taps(m.input_conv, window)  # (B, hidden)
+        x = row_taps(m.input_conv, ctx.above[j], ctx.image, self.scale(x_pix))  # (B, hidden)
         for l, layer in enumerate(self.layers):
-            if j > 0:
-                h_left, c_left = ctx.ltr[l][j - 1]
-            else:
-                h_left = c_left = torch.zeros_like(x)
-            lstm = layer.left_to_right
-            h, c = diagonal_step(lstm, pointwise(lstm.input_to_state, x), ctx.ltr_prev[l][:, :, j], h_left, c_left)
+            h_left, c_left = ctx.ltr[l][j - 1] if j > 0 else (None, None)
+            h, c = diagonal_step(layer.left_to_right, ctx.ltr_gates[l][j], x, h_left, c_left)
             ctx.pending.append((x, h, c))
-            x = x + pointwise(layer.residual, h + ctx.rtl_prev[l][:, :, j])
-        out = pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(x))))  # (B, C*K)
-        return out.view(out.shape[0], self.channels, m.k)
+            x = x + pointwise(layer.residual, h + ctx.rtl_cols[l][j])
+        return pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(x))))  # (B, C*K)
 
     def commit(self, ctx: _Row, j, x_pix):
         ctx.image.append(self.scale(x_pix))  # the image itself, with every channel now known
@@ -122,18 +139,19 @@ class DiagonalBiLSTMCell(RowCell):
 
     def end_row(self, ctx: _Row):
         """The right-to-left pass over the finished row, for every layer: the next row's RTL state."""
-        row = torch.stack(ctx.image, dim=2)[:, :, None]  # (B, C, 1, W)
+        row = from_columns(ctx.image)[:, :, None]  # (B, C, 1, W)
         rows = torch.cat([ctx.rows[:, :, 1:], row], dim=2)
-        ltr = [torch.stack([h for h, _ in cols], dim=2) for cols in ctx.ltr]  # (B, h, W) each
+        ltr = [from_columns([h for h, _ in cols]) for cols in ctx.ltr]  # (B, h, W) each
         rtl = []
         for l, layer in enumerate(self.layers):
             lstm = layer.right_to_left
-            inputs = torch.stack(ctx.inputs[l], dim=2)[:, :, None]  # (B, h, 1, W)
+            inputs = from_columns(ctx.inputs[l])[:, :, None]  # (B, h, 1, W)
             x_is = lstm.input_to_state(inputs).squeeze(2)  # (B, 4h, W)
-            h = c = torch.zeros_like(inputs[:, :, 0, 0])  # the "column W" state
+            gates = above_gates(lstm, ctx.rtl_prev[l], x_is)
+            h = c = None  # the "column W" state: zeros
             cols = [None] * self.width
             for j in reversed(range(self.width)):
-                h, c = diagonal_step(lstm, x_is[:, :, j], ctx.rtl_prev[l][:, :, j], h, c)
+                h, c = diagonal_step(lstm, gates[j], None, h, c)
                 cols[j] = h
-            rtl.append(torch.stack(cols, dim=2))
+            rtl.append(from_columns(cols))
         return (rows, *ltr, *rtl)

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, left_window
-from export.cells.pixelcnn import current_row_taps, pointwise
+from export.cells.base import RowCell, from_columns, layer_columns, row_taps
+from export.cells.pixelcnn import pointwise
 from training.models.gated_pixelcnn import GatedPixelCNN, gate
 
 
@@ -47,6 +47,14 @@ class _Row:
         self.cols: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer: (B, Cin) per column
         self.pending: list[torch.Tensor] = []
         self.condition: torch.Tensor | None = None  # (B, 2h, W) layer-0 gate bias (multi-scale)
+        self._bias: list[list[torch.Tensor]] | None = None
+
+    def bias(self, l: int, j: int) -> torch.Tensor:
+        """(B, 2h): layer l's horizontal gate bias at column j (with the row's condition at layer
+        0). Split into columns on first use: the condition is set after begin_row."""
+        if self._bias is None:
+            self._bias = layer_columns(self.h_bias, self.condition)
+        return self._bias[l][j]
 
 
 class GatedPixelCNNCell(RowCell):
@@ -74,15 +82,11 @@ class GatedPixelCNNCell(RowCell):
         ctx.pending = []
         h = self.scale(x_pix)  # (B, C)
         for l, layer in enumerate(self.layers):
-            window = left_window(ctx.cols[l] + [h], j, self.pad + 1)  # (B, Cin, p+1)
             ctx.pending.append(h)
-            pre = ctx.h_bias[l][:, :, j] + current_row_taps(layer.h_conv, window)  # (B, 2h)
-            if l == 0 and ctx.condition is not None:
-                pre = pre + ctx.condition[:, :, j]
+            pre = row_taps(layer.h_conv, ctx.bias(l, j), ctx.cols[l], h)  # (B, 2h)
             out = pointwise(layer.h_out, gate(pre))  # (B, h)
             h = out + h if layer.residual else out
-        out = pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
-        return out.view(out.shape[0], self.channels, m.k)
+        return pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
 
     def commit(self, ctx: _Row, j, x_pix):
         ctx.cols[0].append(self.scale(x_pix))  # the image itself, with every channel now known
@@ -91,7 +95,7 @@ class GatedPixelCNNCell(RowCell):
 
     def end_row(self, ctx: _Row):
         """Run the vertical stack on the finished row: new cached rows and pre-activations."""
-        v = torch.stack(ctx.cols[0], dim=2)  # (B, C, W): layer 0's vertical input is the image
+        v = from_columns(ctx.cols[0])  # (B, C, W): layer 0's vertical input is the image
         new_rows, new_pre = [], []
         for l, layer in enumerate(self.layers):
             rows = torch.cat([ctx.v_rows[l], v[:, :, None]], dim=2)  # (B, Cin, p+1, W)

@@ -6,8 +6,9 @@ State layout (all float32, zeros before row 0, matching the model's zero padding
     rows_1..rows_L  (B, h, 1, W)    ReLU(h) entering residual block l, last row (3x3 kernel)
 
 Per row, each masked convolution's taps on the rows above are applied once to the whole row
-(`above`, a (B, out, W) map); per pixel only the taps left of and at the current pixel run
-(a (B, Cin, k//2 + 1) window), so a pixel costs O(layers * h^2 * k) whatever its row.
+(`above`, a (B, out, W) map, split into columns); per pixel only the taps left of and at the
+current pixel run (base.row_taps: one matrix product over the k//2 + 1 window), so a pixel
+costs O(layers * h^2 * k) whatever its row.
 
 Why features committed after the last channel's pass are final: the first layer uses mask A,
 so no feature at pixel (i, j) reads the channel being predicted last (grey: the pixel itself;
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, left_window
+from export.cells.base import RowCell, from_columns, layer_columns, row_taps
 from training.masks import MaskedConv2d
 from training.models.pixelcnn import PixelCNN
 
@@ -32,6 +33,14 @@ class _Row:
         self.cols: list[list[torch.Tensor]] = [[] for _ in above]  # per layer: (B, Cin) per column
         self.pending: list[torch.Tensor] = []
         self.condition: torch.Tensor | None = None  # (B, h, W) first-layer bias (multi-scale)
+        self._bias: list[list[torch.Tensor]] | None = None
+
+    def bias(self, l: int, j: int) -> torch.Tensor:
+        """(B, out): what layer l gets at column j from the rows above (and the row's condition).
+        Split into columns on first use: the condition is set after begin_row."""
+        if self._bias is None:
+            self._bias = layer_columns(self.above, self.condition)
+        return self._bias[l][j]
 
 
 def above_contribution(conv: MaskedConv2d, rows: torch.Tensor) -> torch.Tensor:
@@ -39,13 +48,6 @@ def above_contribution(conv: MaskedConv2d, rows: torch.Tensor) -> torch.Tensor:
     r, p = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
     w = conv.masked_weight()[:, :, :r, :]
     return F.conv2d(F.pad(rows, (p, p, 0, 0)), w, conv.bias).squeeze(2)
-
-
-def current_row_taps(conv: MaskedConv2d, window: torch.Tensor) -> torch.Tensor:
-    """Taps of `conv` on the current row up to the centre: window (B, Cin, p+1) -> (B, out)."""
-    r, p = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
-    w = conv.masked_weight()[:, :, r, : p + 1]  # (out, Cin, p+1)
-    return torch.einsum("bcw,ocw->bo", window, w)
 
 
 def pointwise(conv: MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -68,21 +70,16 @@ class PixelCNNCell(RowCell):
         return _Row([above_contribution(conv, rows) for conv, rows in zip(self.spatial, state)], state)
 
     def _layer(self, ctx: _Row, l: int, j: int, inp: torch.Tensor) -> torch.Tensor:
-        conv = self.spatial[l]
-        window = left_window(ctx.cols[l] + [inp], j, conv.kernel_size[1] // 2 + 1)
         ctx.pending.append(inp)
-        return ctx.above[l][:, :, j] + current_row_taps(conv, window)
+        return row_taps(self.spatial[l], ctx.bias(l, j), ctx.cols[l], inp)
 
     def pixel(self, ctx, j, x_pix):
         m: PixelCNN = self.model
         ctx.pending = []
         h = self._layer(ctx, 0, j, self.scale(x_pix))  # (B, h)
-        if ctx.condition is not None:
-            h = h + ctx.condition[:, :, j]
         for l in range(1, len(self.spatial)):
             h = h + self._layer(ctx, l, j, F.relu(h))
-        out = pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
-        return out.view(out.shape[0], self.channels, m.k)
+        return pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
 
     def commit(self, ctx, j, x_pix):
         ctx.cols[0].append(self.scale(x_pix))  # the image itself, with every channel now known
@@ -92,6 +89,6 @@ class PixelCNNCell(RowCell):
     def end_row(self, ctx):
         new = []
         for rows, cols in zip(ctx.rows, ctx.cols):
-            row = torch.stack(cols, dim=2)[:, :, None]  # (B, Cin, 1, W)
+            row = from_columns(cols)[:, :, None]  # (B, Cin, 1, W)
             new.append(torch.cat([rows[:, :, 1:], row], dim=2) if rows.shape[2] > 1 else row)
         return tuple(new)

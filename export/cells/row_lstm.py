@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, left_window
-from export.cells.pixelcnn import above_contribution, current_row_taps, pointwise
+from export.cells.base import RowCell, columns, from_columns, row_taps
+from export.cells.pixelcnn import above_contribution, pointwise
 from training.models.row_lstm import RowLSTM, lstm_update
 
 
@@ -36,9 +36,10 @@ class _Row:
 
     def __init__(self, rows: torch.Tensor, above: torch.Tensor, s2s: list[torch.Tensor], c_prev: tuple[torch.Tensor, ...]):
         self.rows = rows  # (B, C, 3, W)
-        self.above = above  # (B, hidden, W): the input convolution's taps on the rows above
-        self.s2s = s2s  # per layer (B, 4h, W): state-to-state of the previous row + input-to-state bias
-        self.c_prev = c_prev  # per layer (B, h, W)
+        # Per-row maps (B, F, W) as their W columns (B, F) (base.columns):
+        self.above = columns(above)  # the input convolution's taps on the rows above
+        self.s2s = [columns(s) for s in s2s]  # per layer: state-to-state of the previous row + input-to-state bias
+        self.c_prev = [columns(c) for c in c_prev]  # per layer: the previous row's cell state
         self.image: list[torch.Tensor] = []  # (B, C) scaled pixel per committed column
         self.inputs: list[list[torch.Tensor]] = [[] for _ in s2s]  # per layer: (B, h) per column
         self.h: list[list[torch.Tensor]] = [[] for _ in s2s]  # per layer: new (B, h) per column
@@ -73,16 +74,13 @@ class RowLSTMCell(RowCell):
             raise ValueError("row_lstm takes no per-row condition")
         m: RowLSTM = self.model
         ctx.pending = []
-        window = left_window(ctx.image + [self.scale(x_pix)], j, self.above_rows + 1)  # (B, C, 4)
-        h = ctx.above[:, :, j] + current_row_taps(m.input_conv, window)  # (B, hidden)
+        h = row_taps(m.input_conv, ctx.above[j], ctx.image, self.scale(x_pix))  # (B, hidden)
         for l, layer in enumerate(self.layers):
-            window = left_window(ctx.inputs[l] + [h], j, 2)  # (B, h, 2): mask B reads j-1 and j
-            gates = ctx.s2s[l][:, :, j] + current_row_taps(layer.input_to_state, window)  # (B, 4h)
-            h_new, c_new = lstm_update(gates, ctx.c_prev[l][:, :, j])
+            gates = row_taps(layer.input_to_state, ctx.s2s[l][j], ctx.inputs[l], h)  # (B, 4h): mask B reads j-1 and j
+            h_new, c_new = lstm_update(gates, ctx.c_prev[l][j])
             ctx.pending.append((h, h_new, c_new))
             h = h + pointwise(layer.residual, h_new)
-        out = pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
-        return out.view(out.shape[0], self.channels, m.k)
+        return pointwise(m.head2, F.relu(pointwise(m.head1, F.relu(h))))  # (B, C*K)
 
     def commit(self, ctx: _Row, j, x_pix):
         ctx.image.append(self.scale(x_pix))  # the image itself, with every channel now known
@@ -92,8 +90,8 @@ class RowLSTMCell(RowCell):
             ctx.c[l].append(c)
 
     def end_row(self, ctx: _Row):
-        row = torch.stack(ctx.image, dim=2)[:, :, None]  # (B, C, 1, W)
+        row = from_columns(ctx.image)[:, :, None]  # (B, C, 1, W)
         rows = torch.cat([ctx.rows[:, :, 1:], row], dim=2)
-        hs = [torch.stack(cols, dim=2) for cols in ctx.h]  # (B, h, W) each
-        cs = [torch.stack(cols, dim=2) for cols in ctx.c]
+        hs = [from_columns(cols) for cols in ctx.h]  # (B, h, W) each
+        cs = [from_columns(cols) for cols in ctx.c]
         return (rows, *hs, *cs)

@@ -3,7 +3,8 @@ export/repository.py).
 
 Streaming (decoupled) and stateful: requests only validate and queue work for the row engine
 (runtime/engine.py), whose worker thread advances all active sequences together and streams
-each sequence's rows through its own response sender. Protocol: runtime/protocol.py.
+each sequence's rows through its own response sender, the rows that waited together in one
+response. Protocol: runtime/protocol.py.
 """
 import secrets
 import sys
@@ -45,17 +46,21 @@ class ResponseSink:
         self.outputs = set(request.requested_output_names())
         self._checked, self._cancelled = 0.0, False
 
-    def row(self, event) -> None:
+    def send_rows(self, events) -> None:
+        """Consecutive rows of one stage as one response (the engine coalesces the rows that
+        waited for this sender; runtime/protocol.py): ROW B x C x R x W, ROW_LOGPROB B x R."""
+        last, wanted = events[-1], self.outputs
         values = {
-            p.STAGE: np.array([event.stage], np.int32),
-            p.ROW_INDEX: np.array([event.index], np.int32),
-            p.ROW: np.ascontiguousarray(event.row, np.uint8),
-            p.ROW_LOGPROB: np.ascontiguousarray(event.logprob, np.float32),
-            p.ACTIVE: np.array([event.active], np.int32),
-            p.CALL_BATCH: np.array([event.batched], np.int32),
+            p.STAGE: lambda: np.array([last.stage], np.int32),
+            p.ROW_INDEX: lambda: np.array([events[0].index], np.int32),
+            p.ROW_COUNT: lambda: np.array([len(events)], np.int32),
+            p.ROW: lambda: np.stack([e.row for e in events], axis=2).astype(np.uint8, copy=False),
+            p.ROW_LOGPROB: lambda: np.stack([e.logprob for e in events], axis=1).astype(np.float32, copy=False),
+            p.ACTIVE: lambda: np.array([last.active], np.int32),
+            p.CALL_BATCH: lambda: np.array([e.batched for e in events], np.int32),
         }
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, value) for name, value in values.items() if not self.outputs or name in self.outputs]))
+            pb_utils.Tensor(name, make()) for name, make in values.items() if not wanted or name in wanted]))
 
     def done(self) -> None:
         self.sender.send(flags=FINAL)
@@ -136,11 +141,16 @@ class TritonPythonModel:
         # Sender threads: each response is a round trip to the server; several overlap them with
         # each other and with the next step's cell call.
         senders = int(params.get("sender_threads", "2"))
-        self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders)
+        # Row coalescing window (runtime/engine.py): a sequence's rows may wait this long after its
+        # previous response to go out together; each response costs IPC, gRPC and client CPU.
+        linger_ms = float(params.get("coalesce_ms", "0"))
+        self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders,
+                             linger=linger_ms / 1e3)
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
+                                 f"coalescing window {linger_ms:g} ms, "
                                  f"runtime from {Path(runtime.__file__).parent}")
 
     def execute(self, requests):
@@ -150,6 +160,7 @@ class TritonPythonModel:
             end = bool(flags & END)
             try:
                 max_rows = one_value(request, p.MAX_ROWS, int)
+                per_response = one_value(request, p.ROWS_PER_RESPONSE, int)
                 if flags & START:
                     known = array(request, p.KNOWN)
                     seed = one_value(request, p.SEED, int)
@@ -164,12 +175,12 @@ class TritonPythonModel:
                         labels=array(request, p.LABELS),
                         known=known,
                     )
-                    self.engine.start(key, spec, sink, max_rows, end)
+                    self.engine.start(key, spec, sink, max_rows, end, per_response)
                 else:
                     extra = [n for n in p.START_ONLY if pb_utils.get_input_tensor_by_name(request, n) is not None]
                     if extra:
                         raise ValueError(f"{', '.join(extra)} only go with the START request of a sequence")
-                    self.engine.resume(key, sink, max_rows, end)
+                    self.engine.resume(key, sink, max_rows, end, per_response)
             except Exception as e:  # noqa: BLE001 - every error goes back on the request's stream
                 if end:
                     # Triton forgets the sequence at this END although the request was refused. The engine

@@ -1,0 +1,466 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
+by selenium with the driver's path given) against the gateway (`python -m web`, a subprocess) and
+a real tritonserver serving tiny models (tests/deployment.py). One server, one gateway and one
+browser for the module; every wait is bounded.
+
+What the page shows is read back from its canvases (one canvas pixel per image pixel, level l of
+L shown as round(l * 255 / (L - 1))) and compared with the in-process cached sampler
+(export.cells.sample_cached) for the same seed, and with PixelClient.score. Screenshots of each
+view go to the test's temporary directory (printed), as artifacts.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.launcher import free_port
+from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, missing, require, sampler_metrics,
+                              sampler_periods, serve, stop_group, wait_for)
+
+require("tritonclient.grpc")
+require("fastapi")
+require("uvicorn")
+webdriver = require("selenium.webdriver")
+from PIL import Image  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from client import PixelClient  # noqa: E402
+from export.cells import build_cell, sample_cached  # noqa: E402
+from runtime import rowloop  # noqa: E402
+from runtime.runner import OnnxRunner  # noqa: E402
+from web.uploads import to_levels  # noqa: E402
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's; nothing downloaded
+WAIT_S = 60.0  # bound of any one thing the page must do: far above a busy machine's need, short of a hang
+PERIODS = sampler_periods()
+FREED_S = PERIODS["CANCEL_CHECK_S"] + PERIODS["METRICS_PERIOD_S"] + BUSY_SLACK_S  # cancel seen, metrics pushed
+MODELS = [
+    Tiny("bin", "pixelcnn", dict(in_channels=1, height=8, width=6, levels=2, hidden=6, layers=1), max_batch=4),
+    Tiny("rgb", "gated_pixelcnn", dict(in_channels=3, height=5, width=4, levels=4, num_classes=3, hidden=6, layers=1, kernel=3),
+         max_batch=8),
+    Tiny("ms", "multiscale", dict(in_channels=1, height=6, width=4, levels=3, base_arch="gated_pixelcnn", hidden=6, layers=1,
+                                  small_config=dict(kernel=3), big_config=dict(kernel=3))),
+    # Tall and thin (as in test_reliability_streams): an image takes seconds of row steps, so the
+    # page is seen mid-image and Stop lands mid-image; four columns keep every row cheap.
+    Tiny("tall", "gated_pixelcnn", dict(in_channels=1, height=3072, width=4, levels=4, num_classes=0, hidden=6, layers=1, kernel=3),
+         seed=0),
+    # Taller still, for Stop: its image (8 at once) outlasts the way from a click to the sampler's
+    # cancel check (browser, gateway, gRPC cancel, 0.2 s polling) several times over, even on an
+    # idle machine. (Much taller fails the export's scorer parity check: float32 sums.)
+    Tiny("long", "gated_pixelcnn", dict(in_channels=1, height=8192, width=4, levels=4, num_classes=0, hidden=6, layers=1, kernel=3),
+         seed=0),
+]
+
+
+# -- fixtures: server, gateway, browser -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    models = export_models(root, MODELS, root / "repository")
+    with serve(root / "repository", root / "triton.log") as server:
+        yield server, models
+
+
+def get(url: str, data: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
+    """(status, JSON body) of a gateway call."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if data is not None else {})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def gateway(deployed, tmp_path_factory):
+    """`python -m web` for the module's server: its URL."""
+    server, _ = deployed
+    port = free_port()
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "web", "--triton", server.grpc_url, "--port", str(port)], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return get(f"{url}/api/models")[0]
+        except OSError:
+            return process.poll()
+
+    status, ok = wait_for(up, lambda s: s == 200 or (s is not None and process.poll() is not None), WAIT_S, 0.2)
+    assert ok and status == 200, f"the gateway did not come up:\n{log.read_text()}"
+    assert f"web page: http://localhost:{port}/" in log.read_text()
+    yield url
+    stop_group(process)
+    text = log.read_text()
+    assert "Traceback" not in text, f"the gateway logged a traceback:\n{text}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not path.exists():
+            missing(f"{path} is missing (Debian packages chromium and chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    print(f"web page screenshots: {folder}")
+
+
+# -- driving the page ---------------------------------------------------------------------------
+def wait_page(driver, ok, what: str, timeout: float = WAIT_S):
+    """Poll JS expression `ok` until truthy; fail with `what` and the page's message."""
+    value, done = wait_for(lambda: driver.execute_script(f"return {ok}"), bool, timeout, 0.05)
+    assert done, f"{what} within {timeout:g} s; the page says: {message(driver)!r}, progress {progress(driver)!r}"
+    return value
+
+
+def message(driver) -> str:
+    return driver.execute_script("const m = document.getElementById('message'); return m.hidden ? '' : m.textContent")
+
+
+def progress(driver) -> str:
+    return driver.execute_script("return document.getElementById('progress').textContent")
+
+
+def open_page(driver, url: str, model: str, **fields) -> None:
+    driver.get(url)
+    wait_page(driver, f"document.getElementById('model').querySelector('option[value={model}]')", f"the page lists {model}")
+    set_fields(driver, model=model)
+    set_fields(driver, **fields)
+
+
+def set_fields(driver, **fields) -> None:
+    """Type into the page's inputs (id -> value) as a user would, firing input/change events."""
+    for name, value in fields.items():
+        driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                              "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));", name, str(value))
+
+
+def click(driver, button: str) -> None:
+    driver.find_element(By.ID, button).click()
+
+
+def wait_done(driver) -> None:
+    wait_page(driver, "document.getElementById('progress').textContent.startsWith('done')", "the stream finished")
+
+
+READ = """const [sel, levels, channels] = arguments;
+return Array.from(document.querySelectorAll(sel)).map((c) => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  return [c.height, c.width, Array.from(d)];
+});"""
+
+
+def canvas_levels(driver, selector: str, levels: int, channels: int) -> np.ndarray:
+    """The levels (N, C, H, W) shown by the canvases `selector` matches, read from their pixels."""
+    images = []
+    for h, w, data in driver.execute_script(READ, selector, levels, channels):
+        rgba = np.asarray(data, np.float64).reshape(h, w, 4)
+        assert np.all(rgba[..., 3] == 255), f"{selector}: pixels left undrawn"
+        if channels == 1:
+            assert np.array_equal(rgba[..., 0], rgba[..., 1]) and np.array_equal(rgba[..., 0], rgba[..., 2]), "grey drawn in colour"
+        images.append(np.rint(rgba[..., :channels] * (levels - 1) / 255).transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+    return np.asarray(images, np.uint8)
+
+
+def captions(driver, selector: str, key: str) -> np.ndarray:
+    return np.asarray(driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map((e) => Number(e.dataset[arguments[1]]))", selector, key))
+
+
+def expected(exported, n, seed, temperature=1.0, labels=None, known=None, known_rows=0) -> np.ndarray:
+    """The in-process cached sampler's images; more than the model's max batch are sampled as
+    PixelClient does: one sequence per max batch, the k-th seeded seed + k."""
+    cell, size = build_cell(exported.model), exported.manifest["max_batch"]
+    chunks = [sample_cached(cell, min(size, n - a), seed + k, temperature, None if labels is None else labels[a:a + size],
+                            None if known is None else known[a:a + size], known_rows)
+              for k, a in enumerate(range(0, n, size))]
+    return np.concatenate(chunks)
+
+
+def sampler_events(server, model: str) -> dict[str, int]:
+    found = sampler_metrics(server, f"{model}_sample")
+    assert "live" in found, f"no sampler metrics for {model}_sample"
+    return found
+
+
+# -- the tests ----------------------------------------------------------------------------------
+def test_sample_streams_rows_progressively_and_draws_the_sampler_image(deployed, gateway, browser, shots):
+    server, models = deployed
+    tall = models["tall"].manifest
+    h = tall["shape"][1]
+    open_page(browser, gateway, "tall", batch=2, seed=5, temperature=1.0)
+    # Count the drawn rows of the first image at every frame the browser renders.
+    browser.execute_script("""window.__rows = []; const tick = () => {
+        const c = document.querySelector('#samples canvas');
+        if (c) { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                 let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; window.__rows.push(n / c.width); }
+        requestAnimationFrame(tick); }; requestAnimationFrame(tick);""")
+    click(browser, "sample")
+    wait_page(browser, f"window.__rows.some((n) => n > {h // 4})", "a quarter of the rows drawn")
+    browser.save_screenshot(str(shots / "sample_mid.png"))
+    wait_done(browser)
+    rows = browser.execute_script("return window.__rows")
+    middle = sorted({n for n in rows if 0 < n < h})
+    assert len(middle) >= 3, f"the canvas did not fill progressively: drawn rows per frame {rows[:50]}..."
+    nonzero = [n for n in rows if n > 0]
+    assert nonzero == sorted(nonzero), "drawn rows went backwards"
+    assert "rows/s" in progress(browser)
+    shown = canvas_levels(browser, "#samples canvas", tall["levels"], 1)
+    # The in-process sampler on the exported cells (onnxruntime: the torch cells would take minutes
+    # for 3072 rows; the export checked these cells against them).
+    runner = OnnxRunner.from_manifest(tall, models["tall"].export_dir)
+    np.testing.assert_array_equal(shown, rowloop.sample(runner, rowloop.SampleSpec(batch=2, temperature=1.0, seed=5)))
+    browser.save_screenshot(str(shots / "sample_done.png"))
+
+
+def test_binary_grey_rgb_and_multiscale_models_show_the_sampler_images_and_scores(deployed, gateway, browser, shots):
+    server, models = deployed
+    cases = [("bin", dict(batch=6, seed=1, temperature=1.0), None),  # 6 > max batch 4: two sequences
+             ("rgb", dict(batch=3, seed=2, temperature=0.8, label=2), 2),
+             ("ms", dict(batch=2, seed=3, temperature=1.0), None)]
+    for name, fields, label in cases:
+        manifest = models[name].manifest
+        open_page(browser, gateway, name, **fields)
+        # Record how each row lands, and the canvas as it was before the first full-size row.
+        browser.execute_script("""window.__puts = []; window.__before = null;
+            const put = CanvasRenderingContext2D.prototype.putImageData;
+            CanvasRenderingContext2D.prototype.putImageData = function (img, x, y) {
+              if (this.canvas.classList.contains('sample')) {
+                if (img.height === 1 && window.__before === null && this.canvas === document.querySelector('#samples canvas'))
+                  window.__before = Array.from(this.getImageData(0, 0, this.canvas.width, this.canvas.height).data);
+                window.__puts.push([y, img.height]);
+              }
+              return put.call(this, img, x, y); };""")
+        click(browser, "sample")
+        wait_done(browser)
+        n = fields["batch"]
+        c, h, w = manifest["shape"]
+        want = expected(models[name], n, fields["seed"], fields["temperature"], None if label is None else np.full(n, label))
+        np.testing.assert_array_equal(canvas_levels(browser, "#samples canvas", manifest["levels"], c), want)
+        with PixelClient(server.grpc_url, name) as client:
+            scores = client.score(want, None if label is None else np.full(n, label))
+        np.testing.assert_allclose(captions(browser, "#samples figcaption", "nll"), scores.nll_nats, rtol=1e-6)
+        np.testing.assert_allclose(captions(browser, "#samples figcaption", "bpd"), scores.bits_per_dim, rtol=1e-6)
+        puts = browser.execute_script("return window.__puts")
+        if name == "ms":  # the small image (every other row and column) first, each pixel a 2 x 2 block
+            small = h // 2  # rows of the half-size image
+            assert [p[1] for p in puts[:small * n]] == [2] * (small * n), f"row heights drawn: {puts}"
+            before = np.asarray(browser.execute_script("return window.__before"), np.float64).reshape(h, w, 4)
+            upscaled = want[0, 0, ::2, ::2].repeat(2, 0).repeat(2, 1)
+            np.testing.assert_array_equal(np.rint(before[..., 0] * (manifest["levels"] - 1) / 255), upscaled)
+        else:
+            assert {p[1] for p in puts} == {1} and len(puts) == n * h
+        browser.save_screenshot(str(shots / f"sample_{name}.png"))
+
+
+def draw_stroke(driver, points) -> None:
+    """Drag the mouse over the drawing canvas through these (x, y) image pixels."""
+    canvas = driver.find_element(By.ID, "draw")
+    rect = driver.execute_script("const r = document.getElementById('draw').getBoundingClientRect(); return [r.width, r.height]")
+    h, w = driver.execute_script("const c = document.getElementById('draw'); return [c.height, c.width]")
+    at = [(round((x + 0.5) * rect[0] / w - rect[0] / 2), round((y + 0.5) * rect[1] / h - rect[1] / 2)) for x, y in points]
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, *at[0]).click_and_hold()
+    for x, y in at[1:]:
+        chain = chain.move_to_element_with_offset(canvas, x, y)
+    chain.release().perform()
+
+
+def test_completion_keeps_the_drawn_rows_and_scores_the_drawing(deployed, gateway, browser, shots, tmp_path):
+    server, models = deployed
+    manifest = models["bin"].manifest
+    c, h, w = manifest["shape"]
+    open_page(browser, gateway, "bin", seed=4, temperature=1.0, known=4, k=3)
+    draw_stroke(browser, [(1, 0), (1, 5), (4, 5)])  # an L across the kept rows and below them
+    drawn = canvas_levels(browser, "#draw", 2, 1)[0]
+    assert drawn[0, 0:6, 1].tolist() == [1] * 6 and drawn[0, 5, 1:5].tolist() == [1] * 4 and drawn.sum() == 9, drawn
+    click(browser, "complete")
+    wait_done(browser)
+    done = canvas_levels(browser, "#completions canvas", 2, 1)
+    assert done.shape == (3, c, h, w)
+    np.testing.assert_array_equal(done[:, :, :4], np.repeat(drawn[None, :, :4], 3, axis=0))  # the kept rows exactly
+    np.testing.assert_array_equal(done, expected(models["bin"], 3, 4, known=np.repeat(drawn[None], 3, axis=0), known_rows=4))
+    click(browser, "score")
+    wait_page(browser, "document.getElementById('draw-score').dataset.nll", "the drawing's score")
+    with PixelClient(server.grpc_url, "bin") as client:
+        want = client.score(drawn[None])
+        completions_scored = client.score(done)
+    assert float(browser.execute_script("return document.getElementById('draw-score').dataset.nll")) == pytest.approx(
+        float(want.nll_nats[0]), rel=1e-6)
+    np.testing.assert_allclose(captions(browser, "#completions figcaption", "nll"), completions_scored.nll_nats, rtol=1e-6)
+    browser.save_screenshot(str(shots / "complete.png"))
+
+    # An uploaded PNG of another size replaces the drawing, scaled and quantized to the model's levels.
+    picture = np.zeros((16, 12), np.uint8)
+    picture[2:14, 5:7] = 255  # a bar
+    path = tmp_path / "bar.png"
+    Image.fromarray(picture).save(path)
+    browser.find_element(By.ID, "upload").send_keys(str(path))
+    want_upload = to_levels(path.read_bytes(), (c, h, w), 2)
+    wait_page(browser, "document.getElementById('draw').getContext('2d').getImageData(2, 3, 1, 1).data[0] > 0", "the upload drawn")
+    np.testing.assert_array_equal(canvas_levels(browser, "#draw", 2, 1)[0], want_upload)
+    assert message(browser) == ""
+
+
+def start_and_wait_rows(driver, url) -> None:
+    open_page(driver, url, "long", batch=8, seed=9)
+    click(driver, "sample")
+    wait_page(driver, "/^row [1-9]/.test(document.getElementById('progress').textContent)", "rows arriving")
+
+
+def test_stop_and_leaving_the_page_cancel_the_sequence(deployed, gateway, browser):
+    server, _ = deployed
+    before, idle = wait_for(lambda: sampler_events(server, "long"), lambda m: m["live"] == 0, FREED_S)
+    assert idle, f"sequences still live before the test: {before}"
+
+    def freed(count):
+        metrics, ok = wait_for(lambda: sampler_events(server, "long"),
+                               lambda m: m["live"] == 0 and m.get("cancelled", 0) >= before.get("cancelled", 0) + count, FREED_S)
+        assert ok, f"the sequence was not cancelled and freed within {FREED_S:g} s: {metrics} (before {before})"
+        # Started, then cancelled mid-image: never completed.
+        assert metrics["started"] == before["started"] + count, (before, metrics)
+        assert metrics.get("completed", 0) == before.get("completed", 0), "the image was finished, not cancelled"
+
+    start_and_wait_rows(browser, gateway)
+    click(browser, "stop")
+    assert "stopped" in message(browser)
+    freed(1)
+
+    start_and_wait_rows(browser, gateway)
+    browser.get("about:blank")  # the tab leaves the page: the browser drops the stream
+    freed(2)
+
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    try:
+        start_and_wait_rows(browser, gateway)
+    finally:
+        browser.close()  # the tab is closed
+        browser.switch_to.window(first)
+    freed(3)
+
+
+def test_tabs_sampling_at_once_share_the_samplers_cell_calls(deployed, gateway, browser):
+    server, models = deployed
+    # The 8192-row model: the first tab's image must still be streaming when the second tab's
+    # click lands (window switches and clicks take seconds on a busy machine; 3072 rows were not
+    # always enough).
+    model = models["long"]
+    h = model.manifest["shape"][1]
+    before = sampler_events(server, "long")
+    first = browser.current_window_handle
+    open_page(browser, gateway, "long", batch=1, seed=11)
+    browser.switch_to.new_window("tab")
+    second = browser.current_window_handle
+    try:
+        open_page(browser, gateway, "long", batch=2, seed=12)
+        browser.switch_to.window(first)
+        click(browser, "sample")
+        browser.switch_to.window(second)
+        click(browser, "sample")
+        shown = {}
+        for handle, n in ((first, 1), (second, 2)):
+            browser.switch_to.window(handle)
+            wait_done(browser)
+            shown[n] = canvas_levels(browser, "#samples canvas", model.manifest["levels"], 1)
+    finally:
+        browser.switch_to.window(second)
+        browser.close()
+        browser.switch_to.window(first)
+    runner = OnnxRunner.from_manifest(model.manifest, model.export_dir)
+    for n, seed in ((1, 11), (2, 12)):
+        np.testing.assert_array_equal(shown[n], rowloop.sample(runner, rowloop.SampleSpec(batch=n, temperature=1.0, seed=seed)))
+    # Both sequences ran at the same time: fewer cell calls than rows streamed (one call per row
+    # step serves every live sequence). The metrics are pushed periodically: wait for all rows.
+    after, ok = wait_for(lambda: sampler_events(server, "long"), lambda m: m["rows"] - before["rows"] >= 2 * h, FREED_S)
+    assert ok and after["rows"] - before["rows"] == 2 * h, (before, after)
+    assert after["calls"] - before["calls"] < 2 * h, f"no row step served both tabs: {before} -> {after}"
+
+
+def test_bad_input_gets_a_message_on_the_page_and_a_4xx_from_the_gateway(deployed, gateway, browser, tmp_path):
+    # The gateway: one-line JSON errors, never a stack trace.
+    cases = [
+        ("POST", "/api/sample", {"model": "nope", "n": 1}, 404, "unknown model"),
+        ("POST", "/api/sample", {"model": "rgb", "n": 1, "temperature": 99, "label": 0}, 422, "temperature"),
+        ("POST", "/api/sample", {"model": "rgb", "n": 1, "temperature": -1, "label": 0}, 422, "temperature"),
+        ("POST", "/api/sample", {"model": "rgb", "n": 1, "label": 3}, 400, "labels must be in [0, 3)"),
+        ("POST", "/api/sample", {"model": "bin", "n": 17}, 422, "n:"),
+        ("POST", "/api/sample", {"model": "bin", "n": 1, "label": 1}, 400, "not class-conditional"),
+        ("POST", "/api/sample", {"model": "bin", "n": 1, "known_rows": 3, "image": [[[0] * 6] * 8] * 2}, 400, "image must be"),
+        ("POST", "/api/score", {"model": "bin", "images": [[[[2] * 6] * 8]]}, 400, "levels"),
+    ]
+    for method, path, body, status, text in cases:
+        got, answer = get(gateway + path, json.dumps(body).encode())
+        assert (got, text in answer.get("error", "")) == (status, True), (path, body, got, answer)
+    got, answer = get(f"{gateway}/api/upload?model=bin", b"hello, not a picture", "application/octet-stream")
+    assert got == 400 and "not a PNG" in answer["error"]
+    got, answer = get(f"{gateway}/api/upload?model=bin", b"\x89PNG\r\n\x1a\n" + bytes(3 * 1024 * 1024), "application/octet-stream")
+    assert got == 413 and "at most" in answer["error"]
+    got, answer = get(f"{gateway}/api/upload?model=bin", b"\x89PNG\r\n\x1a\n broken", "application/octet-stream")
+    assert got == 400 and "cannot be read" in answer["error"]
+
+    # The page: each refusal shows as its message, and the page goes on working.
+    open_page(browser, gateway, "rgb", batch=1, temperature=-1, label=0)
+    click(browser, "sample")
+    wait_page(browser, "document.getElementById('message').className === 'error'", "an error message")
+    assert "temperature" in message(browser)
+    set_fields(browser, temperature=1.0, label=7)
+    click(browser, "sample")
+    wait_page(browser, "document.getElementById('message').textContent.includes('labels must be')", "the label message")
+    set_fields(browser, label=1, batch=40)
+    click(browser, "sample")
+    wait_page(browser, "document.getElementById('message').textContent.includes('n:')", "the batch message")
+    not_png = tmp_path / "notes.png"
+    not_png.write_text("not a picture")
+    browser.find_element(By.ID, "upload").send_keys(str(not_png))
+    wait_page(browser, "document.getElementById('message').textContent.includes('not a PNG')", "the upload message")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3 * 1024 * 1024))
+    browser.find_element(By.ID, "upload").send_keys(str(big))
+    wait_page(browser, "document.getElementById('message').textContent.includes('at most')", "the size message")
+    set_fields(browser, batch=2)
+    click(browser, "sample")
+    wait_done(browser)
+    assert message(browser) == ""
+
+
+def test_the_page_reports_a_lost_server_and_recovers_when_it_returns(deployed, gateway, browser, shots):
+    server, models = deployed
+    open_page(browser, gateway, "bin", batch=2, seed=6)
+    server.stop()
+    try:
+        click(browser, "sample")
+        wait_page(browser, "document.getElementById('message').textContent.includes('not reachable')", "the lost server")
+        got, answer = get(f"{gateway}/api/models")
+        assert got == 503 and "not reachable" in answer["error"]
+        browser.save_screenshot(str(shots / "server_gone.png"))
+    finally:
+        server.start()  # the same ports: the page's next look at the model list finds it again
+    wait_page(browser, "document.getElementById('message').hidden", "the page recovered", WAIT_S)
+    click(browser, "sample")
+    wait_done(browser)
+    np.testing.assert_array_equal(canvas_levels(browser, "#samples canvas", 2, 1), expected(models["bin"], 2, 6))
