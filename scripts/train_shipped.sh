@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains (or, with RESUME=1, continues) the short-run shipped checkpoints with the project's own
-# command. The Row LSTM and the binarized-MNIST Gated PixelCNN come from the long runs instead
+# command. The Row LSTM, the Diagonal BiLSTM and the binarized-MNIST Gated PixelCNN come from the long runs instead
 # (runs/long/, README "Long training runs").
 # Two queues of one thread each fit a 2-core machine. Step counts are sized so the cosine
 # schedule ends within about MINUTES per run on this CPU; MINUTES also hard-stops a run.
@@ -16,7 +16,6 @@ queue_a() {
 }
 queue_b() {
   $PY -m training.train --arch gated_pixelcnn --data fashion-mnist --conditional --hidden 36 --layers 5 --steps $((750 * S)) --out runs/gated_pixelcnn_fashion_mnist $common $R
-  $PY -m training.train --arch diagonal_bilstm --data binarized-mnist --hidden 24 --layers 1 --steps $((700 * S)) --out runs/diagonal_bilstm_binarized_mnist $common $R
 }
 queue_a > runs/queue_a.log 2>&1 &
 queue_b > runs/queue_b.log 2>&1 &
