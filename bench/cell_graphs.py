@@ -38,6 +38,7 @@ VARIANTS = {
     "optimize_basic": {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
     "two_intra_op_threads": {"intra_op_num_threads": 2},
     "no_memory_pattern": {"enable_mem_pattern": False},
+    "cpu_memory_arena": {"enable_cpu_mem_arena": True},  # make_session turns it off (memory given back)
 }
 
 
@@ -49,6 +50,7 @@ def session(path: Path, changes: dict | None, optimized_out: Path | None = None)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_cpu_mem_arena = False
     so.log_severity_level = 3
     for key, value in (changes or {}).items():
         setattr(so, key, value)

@@ -22,7 +22,9 @@ waits for the server to be ready again and reopens the sequences with the same s
 rows it already has as KNOWN rows. Known rows consume the random numbers their sampling would
 have, so the images end exactly as an uninterrupted stream's, and no row is yielded twice.
 Behind a load balancer (python -m server.cluster) the reopened stream lands on a live replica;
-score(..., retries=N) sends a chunk again the same way.
+score(..., retries=N) sends a chunk again the same way. A sampler at its live-images budget
+refuses a START at once (ServerBusy, runtime/protocol.py OVERLOADED); with retries the client
+tries again after a growing, jittered wait, up to retry_wait_s.
 
 What the client knows of the model comes from Triton's config of NAME_score: the image shape
 (IMAGES dims), the max batch, whether it takes LABELS, and, where the repository writes them as
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import queue
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -59,6 +62,10 @@ class ClientError(RuntimeError):
 
 class ServerGone(ClientError):
     """The server cannot be reached or went away mid-stream: a restart may bring it back."""
+
+
+class ServerBusy(ClientError):
+    """The sampler is at its live-images budget and refused the sequence: try again later."""
 
 
 class Row(NamedTuple):
@@ -328,6 +335,13 @@ class PixelClient:
                         raise ClientError(f"the resumed stream differs from the lost one at stage {row.stage} row {row.index} "
                                           "(was the model changed?)")
                 return
+            except ServerBusy as e:
+                if attempt == retries:
+                    raise
+                # Backoff: 0.5 s doubling per try, up to wait_s, jittered so refused clients spread out.
+                pause = min(wait_s, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                notice(f"{e}; trying again in {pause:.1f} s (retry {attempt + 1} of {retries})")
+                time.sleep(pause)
             except ServerGone as e:
                 if attempt == retries:
                     raise
@@ -383,6 +397,8 @@ class PixelClient:
                 except queue.Empty:
                     raise ClientError(f"no row from {p.sample_model(self.model)} for {self.row_timeout:g} s") from None
                 if error is not None:
+                    if _message(error).startswith(p.OVERLOADED):  # nothing was sampled: the stream may start over
+                        raise ServerBusy(f"{p.sample_model(self.model)} is busy: {_message(error)}")
                     if yielded and _is_unavailable(error):  # the server died or restarted mid-stream
                         raise ServerGone(f"lost the connection to the Triton server at {self.url} after {yielded} rows "
                                          f"({_message(error)})")

@@ -37,6 +37,7 @@ from runtime import tensor_names  # noqa: E402
 from runtime.manifest import FORMAT, MANIFEST, file_sha256  # noqa: E402
 from export.onnx_export import OPSET, TOLERANCE, Artifact, ParityError, artifacts  # noqa: E402
 from export.repository import write_repository  # noqa: E402
+from runtime.admission import DEFAULT_MEMORY_MB  # noqa: E402
 from export.tensorrt_engine import MAX_BATCH, EngineError, float64_tensors, tensorrt_available  # noqa: E402
 from training.checkpoint import CheckpointError, load_model  # noqa: E402
 
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensorrt", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--fp16", action="store_true", help="let TensorRT use FP16 kernels")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="largest batch of the TensorRT profile and the server")
+    p.add_argument("--sampler-memory-mb", type=float, default=DEFAULT_MEMORY_MB,
+                   help="with --repository: the sampler's memory for live sequences, which sets its live-images budget "
+                        f"(runtime/admission.py; default {DEFAULT_MEMORY_MB})")
     args = p.parse_args(argv)
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
         return code
     if args.repository:
         try:
-            write_repository(manifest, out, Path(args.repository))
+            write_repository(manifest, out, Path(args.repository), sampler_memory_mb=args.sampler_memory_mb)
             print(f"Triton model repository written to {args.repository}")
         except (OSError, ValueError) as e:  # e.g. a --name Triton cannot use, an unwritable folder
             return fail(f"Triton repository {args.repository}: {e}")

@@ -18,7 +18,12 @@ protocol is in runtime/protocol.py.
 To (re)write a repository from an export folder with other settings than build_engine's:
     python -m export.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
         [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
-        [--sender-threads N]
+        [--sender-threads N] [--coalesce-ms MS] [--sampler-memory-mb MB] [--max-live-images N]
+
+Overload: the sampler admits sequences while their images fit its live-images budget
+(runtime/admission.py): max_live_images when given, else as many images as sampler_memory_mb holds
+at the state size per image the manifest gives (default 512 MiB: 3,938 images of the shipped
+PixelCNN, 133 KiB each). A START over it gets an immediate UNAVAILABLE error naming the budget and the load.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from runtime.admission import DEFAULT_MEMORY_MB
 from runtime.manifest import MANIFEST
 from runtime import protocol as p
 
@@ -156,10 +162,12 @@ def stage_rows(manifest: dict) -> list[int]:
 
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
-                     onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS) -> list[Path]:
+                     onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS,
+                     sampler_memory_mb: float = DEFAULT_MEMORY_MB, max_live_images: int = 0) -> list[Path]:
     """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders.
     coalesce_ms: the sampler's row coalescing window (runtime/engine.py; 0: rows only share a
-    response when they waited for a busy sender)."""
+    response when they waited for a busy sender). sampler_memory_mb / max_live_images: the
+    sampler's live-images budget (module notes; max_live_images 0: from sampler_memory_mb)."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -168,12 +176,20 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1 and sender_threads >= 0")
     if not 0 <= coalesce_ms <= 1000:
         raise ValueError(f"coalesce_ms must be in [0, 1000], got {coalesce_ms}")
+    if not sampler_memory_mb > 0 or max_live_images < 0:
+        raise ValueError(f"sampler_memory_mb must be > 0 and max_live_images >= 0, got {sampler_memory_mb}, {max_live_images}")
+    if 0 < max_live_images < int(manifest["max_batch"]):
+        raise ValueError(f"max_live_images must hold at least one full sequence (max_batch {manifest['max_batch']}), "
+                         f"got {max_live_images}")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
     params = {"onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
-    sample_params = {**params, "sender_threads": str(sender_threads), "coalesce_ms": f"{coalesce_ms:g}"}
+    sample_params = {**params, "sender_threads": str(sender_threads), "coalesce_ms": f"{coalesce_ms:g}",
+                     # The budget itself is the model's to derive (log line, metrics): editing
+                     # sampler_memory_mb here changes it with nothing else to keep in step.
+                     "sampler_memory_mb": f"{sampler_memory_mb:g}", "max_live_images": str(max_live_images)}
     models = {
         p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
                               score_config(manifest, max_queue_delay_us, score_instances, params)),
@@ -230,13 +246,18 @@ def main(argv=None) -> int:
     parser.add_argument("--coalesce-ms", type=float, default=COALESCE_MS,
                         help="sampler: a sequence's rows may wait this long after its last response to share the next "
                              f"(first rows never wait; 0: off; default {COALESCE_MS:g})")
+    parser.add_argument("--sampler-memory-mb", type=float, default=DEFAULT_MEMORY_MB,
+                        help=f"sampler: memory for live sequences' state, sets the live-images budget (default {DEFAULT_MEMORY_MB})")
+    parser.add_argument("--max-live-images", type=int, default=0,
+                        help="sampler: live-images budget itself (0: from --sampler-memory-mb); STARTs over it are refused")
     args = parser.parse_args(argv)
     try:
         manifest = json.loads((Path(args.export) / MANIFEST).read_text())
         written = write_repository(manifest, args.export, args.repository, sequence_idle_s=args.sequence_idle_s,
                                    max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
                                    score_instances=args.score_instances, onnx_threads=args.onnx_threads,
-                                   sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms)
+                                   sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms,
+                                   sampler_memory_mb=args.sampler_memory_mb, max_live_images=args.max_live_images)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

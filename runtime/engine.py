@@ -43,6 +43,19 @@ wait until `linger` after its previous response went out, or until max_ahead / 2
 wait, then go out together. Its first row never waits (first-row latency is kept), nor do the
 rows of a request that asked for a per-response limit (ROWS_PER_RESPONSE), nor the last rows
 of a request (its final message flushes them).
+
+Overload. Admission: with `max_images`, the images of all live sequences stay within that budget
+(runtime/admission.py derives it from the state sizes and a memory budget): a START that does
+not fit is refused at once by `start` raising `Overloaded`, which names the budget and the load
+(the caller answers "try later"; nothing is queued). Fairness: when the sequences that want rows
+hold more than one call's worth of images (max_batch), a step makes ONE cell call, for the
+sequences that have been served least, counted in image-rows (each row of a B-image sequence
+costs B), a newcomer starting level with the least served one and, at a tie, small sequences
+first: a 1-image sequence gets its first row from the next call and then rows at a rate set by
+the number of calls, not by the other sequences' sizes (weighted fair queuing). Otherwise a step
+advances every ready sequence, one call per group, as before. Memory: when the last sequence
+is freed the allocator's free memory goes back to the OS (admission.give_back_memory), as the
+servers' malloc settings keep glibc from doing it by itself.
 """
 from __future__ import annotations
 
@@ -56,7 +69,13 @@ from typing import Any, Callable, Hashable, Protocol
 
 import numpy as np
 
+from runtime.admission import give_back_memory
+from runtime.protocol import OVERLOADED
 from runtime.rowloop import RowSequence, SampleSpec, Stage, call_row
+
+
+class Overloaded(RuntimeError):
+    """A START that does not fit the sampler's live-images budget: the client should retry later."""
 
 
 @dataclass
@@ -94,6 +113,7 @@ class _Sequence:
     job: RowSequence  # the row loop's state of this sampling job (runtime/rowloop.py)
     requests: deque = field(default_factory=deque)
     last_active: float = 0.0
+    served: int = 0  # image-rows made so far, from the level it started at (fair scheduling)
 
     @property
     def spec(self) -> SampleSpec:
@@ -237,8 +257,16 @@ class Outbox:
 class Engine:
     def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16,
-                 linger: float = 0.0):
+                 linger: float = 0.0, max_images: int | None = None, trim: Callable[[], Any] = give_back_memory,
+                 fair: bool = True):
         self.runner = runner
+        if max_images is not None and max_images < max_batch:
+            raise ValueError(f"max_images ({max_images}) must hold at least one full sequence (max_batch {max_batch})")
+        self.max_images = max_images  # live-images budget (None: unbounded); see the module notes
+        self._images = 0  # images of live and admitted sequences; under _cv
+        self.overloaded = 0  # STARTs refused for the budget; under _cv
+        self._trim, self._trimmed = trim, True  # give memory back once per idle period
+        self.fair = fair  # False: every ready sequence in every step, as before (bench/overload.py compares)
         self.stages: list[Stage] = list(runner.stages)
         self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
         self._sequences: dict[Hashable, _Sequence] = {}  # worker thread only
@@ -298,11 +326,18 @@ class Engine:
     def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True,
               rows_per_response: int | None = None) -> None:
         """Open sequence `key` (a START for a key that is live is refused on the request's sink);
-        raises ValueError for bad parameters. `rows_per_response`: at most this many rows in one
-        `sink.send_rows` call (1: one per row; None: as many as are waiting)."""
+        raises ValueError for bad parameters, Overloaded when its images do not fit `max_images`.
+        `rows_per_response`: at most this many rows in one `sink.send_rows` call (1: one per row;
+        None: as many as are waiting)."""
         self._check_rows(max_rows, rows_per_response)
         self.validate(spec)
-        self._post(("start", key, spec, _Request(sink, max_rows, end, rows_per_response)))
+        with self._cv:  # admission and queueing under one lock: concurrent STARTs cannot overshoot
+            if self.max_images is not None and self._images + spec.batch > self.max_images:
+                self.overloaded += 1
+                raise Overloaded(f"{OVERLOADED} the sampler holds {self._images} live images, its budget is {self.max_images} "
+                                 f"(max_live_images); a START of {spec.batch} more does not fit: retry later")
+            self._post(("start", key, spec, _Request(sink, max_rows, end, rows_per_response)))
+            self._images += spec.batch
 
     def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False,
                rows_per_response: int | None = None) -> None:
@@ -322,8 +357,12 @@ class Engine:
         if rows_per_response is not None and rows_per_response < 1:
             raise ValueError(f"ROWS_PER_RESPONSE must be >= 1 (1: one response per row), got {rows_per_response}")
 
-    def _post(self, item) -> None:
+    def _release(self, images: int) -> None:
         with self._cv:
+            self._images -= images
+
+    def _post(self, item) -> None:
+        with self._cv:  # an RLock (Condition's default): start() holds it already
             if self._stopping:
                 raise RuntimeError("the sampler is shutting down")
             self._inbox.append(item)
@@ -390,6 +429,8 @@ class Engine:
         self._drain_inbox()
         self._housekeeping()
         ready = self._ready()
+        if self.fair and sum(s.spec.batch for s in ready) > self.max_batch:
+            ready = self._least_served(ready)
         groups: dict[Any, list[_Sequence]] = defaultdict(list)
         for seq in ready:
             groups[seq.job.group()].append(seq)
@@ -404,7 +445,26 @@ class Engine:
             if chunk:
                 self._run(chunk)
         self._housekeeping()
+        if self._sequences:
+            self._trimmed = False
+        elif not self._trimmed:  # idle after work: what the sequences held goes back to the OS
+            self._trimmed = True
+            _safe(self._trim)
         return bool(ready)
+
+    def _least_served(self, ready: list[_Sequence]) -> list[_Sequence]:
+        """One call's sequences when they do not all fit: the least served one (image-rows), then
+        the next least served of its group that still fit, small ones first at a tie. Always
+        taking the least served one starves nobody; counting image-rows gives every image, not
+        every sequence, the same share, so a flood of big sequences cannot hold a small one back."""
+        order = sorted(ready, key=lambda s: (s.served, s.spec.batch))  # stable: older first at a full tie
+        group = order[0].job.group()
+        chosen, size = [], 0
+        for seq in order:
+            if seq.job.group() == group and size + seq.spec.batch <= self.max_batch:
+                chosen.append(seq)
+                size += seq.spec.batch
+        return chosen
 
     def _drain_inbox(self) -> None:
         while True:
@@ -416,6 +476,8 @@ class Engine:
                 if key in self._sequences:
                     self._end_when_streamed(self._sequences[key])
                 continue
+            if kind == "start" and (self._stopping or key in self._sequences):
+                self._release(spec.batch)  # admitted by start(), never opened
             if self._stopping:
                 self._outbox.put(key, request.sink.error, "the sampler is shutting down")
                 continue
@@ -430,9 +492,13 @@ class Engine:
                 try:
                     seq = _Sequence(key, RowSequence.open(self.runner, spec), last_active=self.clock())
                 except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+                    self._release(spec.batch)
                     self.counts["refused"] += 1
                     self._outbox.put(key, request.sink.error, f"cannot start sequence {key}: {e}")
                     continue
+                # Level with the least served live sequence: not ahead of the others for the rows it
+                # never waited for, nor behind them (fair scheduling, see the module notes).
+                seq.served = min((s.served for s in self._sequences.values()), default=0)
                 self._sequences[key] = seq
                 self.counts["started"] += 1
             else:
@@ -496,6 +562,7 @@ class Engine:
                 continue
             seq.last_active = self.clock()
             request = seq.requests[0]
+            seq.served += seq.spec.batch
             self._outbox.put_row(seq.key, request.sink, RowEvent(seq.key, stage, index, row.astype(np.uint8), logprob, active, batched),
                                  request.per_response)
             self.counts["rows"] += 1
@@ -510,6 +577,7 @@ class Engine:
     def _free(self, seq: _Sequence, why: str) -> None:
         if self._sequences.pop(seq.key, None) is not None:
             self.counts[why] += 1
+            self._release(seq.spec.batch)
 
     def _drop(self, seq: _Sequence, message: str, why: str) -> None:
         """Free the sequence; each of its open requests gets `message` as an error."""
@@ -520,11 +588,14 @@ class Engine:
         seq.requests.clear()
 
     def stats(self) -> dict[str, int]:
-        """Live sequences and counters since start: sequences started / completed / ended /
-        cancelled / disconnected / expired / failed / shutdown, requests refused, rows streamed,
-        batched cell calls. Worker thread (or, approximately, any thread: ints only)."""
+        """Live sequences, live images (admitted, not yet freed), the live-images budget (0: none)
+        and counters since start: sequences started (= admitted) / completed / ended / cancelled /
+        disconnected / expired / failed / shutdown, requests refused (bad or conflicting) and
+        overloaded (STARTs over the budget), rows streamed, batched cell calls. Worker thread (or,
+        approximately, any thread: ints only)."""
         keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
-        return {"live": len(self._sequences), **{k: self.counts[k] for k in keys}, "calls": self.calls}
+        return {"live": len(self._sequences), "live_images": self._images, "budget": self.max_images or 0,
+                **{k: self.counts[k] for k in keys}, "overloaded": self.overloaded, "calls": self.calls}
 
 
 def _safe(fn, *args, default=None):

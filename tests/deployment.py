@@ -159,7 +159,8 @@ def kill_hard(server: TritonServer) -> None:
 
 
 def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
-    """One sampler model's own metrics, {"live": sequences held, event: count}, as Triton's
+    """One sampler model's own metrics, {"live": sequences held, "live_images": their images,
+    "budget": the live-images budget, event: count}, as Triton's
     metrics endpoint shows them (the model pushes them every 0.5 s; {} before its first push)."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
         text = r.read().decode()
@@ -167,7 +168,9 @@ def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
     for name, labels, value in re.findall(r"^(pixelrnn_sampler_\w+)\{([^}]*)\} (\S+)$", text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         if labels.get("model") == model:
-            found["live" if name.endswith("live_sequences") else labels["event"]] = int(float(value))
+            gauge = {"pixelrnn_sampler_live_sequences": "live", "pixelrnn_sampler_live_images": "live_images",
+                     "pixelrnn_sampler_images_budget": "budget"}.get(name)
+            found[gauge or labels["event"]] = int(float(value))
     return found
 
 

@@ -108,11 +108,12 @@ def test_calls_hold_at_most_max_batch_images_and_late_sequences_join():
     a, b, c = Sink(), Sink(), Sink()
     engine.start(1, SampleSpec(batch=3, seed=1), a)
     engine.start(2, SampleSpec(batch=3, seed=2), b)
+    engine.step()  # 6 images do not fit one call: one call per step, the least served first
     engine.step()
     assert runner.calls == [(0, 3), (0, 3)]
     engine.start(3, SampleSpec(batch=1, seed=3), c)  # joins the running ones at its own row 0
-    engine.step()
-    assert runner.calls[2:] == [(0, 3), (0, 4)]
+    engine.step()  # level with them (3 image-rows each), and the smaller first at the tie
+    assert runner.calls[2:] == [(0, 4)]
     drain(engine)
     for sink, spec in ((a, SampleSpec(batch=3, seed=1)), (b, SampleSpec(batch=3, seed=2)), (c, SampleSpec(batch=1, seed=3))):
         np.testing.assert_array_equal(sink.image(), solo(FakeRunner(), spec))
@@ -491,10 +492,11 @@ def test_linger_lets_rows_gather_but_never_holds_a_first_row_or_strict_pacing():
         np.testing.assert_array_equal(sink.image(), solo(FakeRunner(h=24), SampleSpec(seed=6)))
         engine.stop()
         got[per_response] = sink.responses
-    # The first row alone; then rows gather for up to 50 ms (~16 calls of 3 ms), but a sender holds
-    # at most max_ahead / 2 = 4 (where the sequence would otherwise wait for it): responses of 4,
-    # more only when a busy machine let the sender fall behind (never over max_ahead).
-    assert got[None][0] == 1 and 1 < max(got[None]) <= 8 and sum(got[None]) == 24 and len(got[None]) <= 12
+    # The first row is not held (alone, or with the one more row a busy machine let pile up before
+    # the sender ran: it is never lingered up to a full pile); then rows gather for up to 50 ms
+    # (~16 calls of 3 ms), but a sender holds at most max_ahead / 2 = 4 (where the sequence would
+    # otherwise wait for it): responses of 4, more only when the sender fell behind (never over max_ahead).
+    assert got[None][0] <= 2 and 1 < max(got[None]) <= 8 and sum(got[None]) == 24 and len(got[None]) <= 12
     assert got[1] == [1] * 24
 
 

@@ -166,11 +166,37 @@ def cluster(d):
                    f"5 s windows, {d['settings']['repeats']} interleaved repeats"]
 
 
+def overload(d):
+    v, a, m, t, sf = d["victim"], d["admission"], d["memory"], d["trim_cost"], d["server_flood"]
+    fair, unfair = v["fair"], v["unfair"]
+    assert m["after_trim_within_20pct"] and d["fairness_within_10pct"]  # the README says so
+    assert sf["seconds_to_within_20pct"] is not None  # the README says the server's RSS comes back
+    return [f"{a['budget_images']:,} images ({a['image_bytes'] / 1024:.0f} KiB each)",
+            f"({sf['starts']} STARTs of {sf['images_each']} images on one stream) had {sf['admitted']} admitted and "
+            f"{sf['refused']} refused at once",
+            f"first row after {sf['victim']['first_row_s'] * 1e3:.0f} ms and its image after {sf['victim']['image_s']:.2f} s",
+            f"the flood was done in {sf['flood_s']:.1f} s",
+            f"with {d['flood']['sequences']} sequences of 64 images under way",
+            f"first row after {fair['first_row_s'] * 1e3:.1f} ms ({fair['first_row_calls']} cell call) and its whole image "
+            f"after {fair['image_s']:.2f} s ({fair['image_calls']} calls)",
+            f"gave {unfair['first_row_s'] * 1e3:.0f} ms ({unfair['first_row_calls']} calls) and {unfair['image_s']:.2f} s "
+            f"({unfair['image_calls']} calls)",
+            f"{d['fairness_throughput_ratio']:.2f}x the image-rows per CPU second (medians of {d['flood']['repeats']} interleaved repeats)",
+            f"a flood of {2 * d['flood']['sequences']} such sequences",  # bench.overload's memory run: twice the flood
+            f"RSS {m['baseline_mib']:.0f} MiB before, {m['peak_mib']:.0f} MiB at the peak, {m['after_flood_mib']:.0f} MiB after "
+            f"the flood as the allocator leaves it, {m['after_trim_mib']:.0f} MiB after the trim ({m['trim_seconds'] * 1e3:.0f} ms)",
+            f"first {t['steps']} calls right after a trim ran {t['slowdown_after_trim']:.2f}x slower",
+            f"held {sf['rss_mib']['baseline']:.0f} MiB before the flood, {sf['rss_mib']['peak']:.0f} MiB at the peak and "
+            f"{sf['rss_mib']['after_settle']:.0f} MiB {sf['settle_window_s']:.0f} s after, back within 20% of the baseline "
+            f"{sf['seconds_to_within_20pct']:.1f} s after the flood"]
+
+
 FIGURES = {
     "checkpoints.json": checkpoints, "sampling.json": sampling, "training.json": training, "long_runs.json": long_runs,
     "deployment.json": deployment, "serving.json": serving, "serving_no_window.json": serving_no_window,
     "load_16_streams.json": load_16_streams, "load.json": load_run, "perf_analyzer.json": perf_analyzer,
     "abandoned_streams.json": abandoned_streams, "cluster.json": cluster, "cell_graphs.json": cell_graphs,
+    "overload.json": overload,
 }
 
 

@@ -4,7 +4,9 @@ export/repository.py).
 Streaming (decoupled) and stateful: requests only validate and queue work for the row engine
 (runtime/engine.py), whose worker thread advances all active sequences together and streams
 each sequence's rows through its own response sender, the rows that waited together in one
-response. Protocol: runtime/protocol.py.
+response. Protocol: runtime/protocol.py. A START over the live-images budget (runtime/admission.py,
+the config's max_live_images / sampler_memory_mb) is answered at once with an UNAVAILABLE error
+naming the budget and the load: the client may retry later (client/library.py does when asked).
 """
 import secrets
 import sys
@@ -24,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import runtime  # noqa: E402
 from runtime import protocol as p  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.admission import DEFAULT_MEMORY_MB, live_images_budget  # noqa: E402
+from runtime.engine import Engine, Overloaded  # noqa: E402
 from runtime.manifest import model_folder  # noqa: E402
 from runtime.rowloop import SampleSpec  # noqa: E402
 from runtime.runner import OnnxRunner  # noqa: E402
@@ -65,8 +68,9 @@ class ResponseSink:
     def done(self) -> None:
         self.sender.send(flags=FINAL)
 
-    def error(self, message: str) -> None:
-        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+    def error(self, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def cancelled(self) -> bool:
         now = time.monotonic()
@@ -78,8 +82,11 @@ class ResponseSink:
 
 class SamplerMetrics:
     """The engine's stats as Triton custom metrics, on the server's metrics endpoint
-    (http://HOST:METRICS_PORT/metrics): pixelrnn_sampler_live_sequences{model=...} and
-    pixelrnn_sampler_events_total{model=..., event=started|completed|...|rows|calls}.
+    (http://HOST:METRICS_PORT/metrics): pixelrnn_sampler_live_sequences{model=...},
+    pixelrnn_sampler_live_images{model=...} (admitted, not yet freed),
+    pixelrnn_sampler_images_budget{model=...} (max live images; 0: none) and
+    pixelrnn_sampler_events_total{model=..., event=started|completed|...|overloaded|rows|calls}
+    (started: STARTs admitted; overloaded: STARTs refused for the budget).
     A thread of its own pushes changes, so the engine never waits on the round trips."""
 
     def __init__(self, engine, model: str):
@@ -88,9 +95,14 @@ class SamplerMetrics:
                                      kind=pb_utils.MetricFamily.GAUGE)
         events = pb_utils.MetricFamily(name="pixelrnn_sampler_events_total", description="sampler events since the model loaded",
                                        kind=pb_utils.MetricFamily.COUNTER)
-        self.families = (live, events)  # a family must outlive its metrics
-        self.live = live.Metric(labels={"model": model})
-        self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats() if k != "live"}
+        images = pb_utils.MetricFamily(name="pixelrnn_sampler_live_images", description="images of the live sampling sequences",
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        budget = pb_utils.MetricFamily(name="pixelrnn_sampler_images_budget",
+                                       description="live images the sampler admits (0: no budget)", kind=pb_utils.MetricFamily.GAUGE)
+        self.families = (live, events, images, budget)  # a family must outlive its metrics
+        self.gauges = {"live": live.Metric(labels={"model": model}), "live_images": images.Metric(labels={"model": model}),
+                       "budget": budget.Metric(labels={"model": model})}
+        self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats() if k not in self.gauges}
         self._sent = {k: 0 for k in self.counters}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler-metrics", daemon=True)
@@ -105,7 +117,8 @@ class SamplerMetrics:
 
     def push(self) -> None:
         stats = self.engine.stats()
-        self.live.set(stats["live"])
+        for k, gauge in self.gauges.items():
+            gauge.set(stats[k])
         for k, metric in self.counters.items():
             if stats[k] > self._sent[k]:
                 metric.increment(stats[k] - self._sent[k])
@@ -144,13 +157,17 @@ class TritonPythonModel:
         # Row coalescing window (runtime/engine.py): a sequence's rows may wait this long after its
         # previous response to go out together; each response costs IPC, gRPC and client CPU.
         linger_ms = float(params.get("coalesce_ms", "0"))
+        # Live-images budget (runtime/admission.py): the config's max_live_images, else what
+        # sampler_memory_mb holds at the state size per image the manifest gives.
+        budget = int(params.get("max_live_images", "0")) or live_images_budget(
+            manifest, float(params.get("sampler_memory_mb", DEFAULT_MEMORY_MB)))
         self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders,
-                             linger=linger_ms / 1e3)
+                             linger=linger_ms / 1e3, max_images=budget)
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
-                                 f"coalescing window {linger_ms:g} ms, "
+                                 f"coalescing window {linger_ms:g} ms, live-images budget {budget}, "
                                  f"runtime from {Path(runtime.__file__).parent}")
 
     def execute(self, requests):
@@ -190,7 +207,10 @@ class TritonPythonModel:
                         self.engine.forget(key)
                     except RuntimeError:  # shutting down: nothing left to free
                         pass
-                sink.error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+                if isinstance(e, Overloaded):  # not the request's fault: UNAVAILABLE, the client may retry
+                    sink.error(str(e), pb_utils.TritonError.UNAVAILABLE)
+                else:
+                    sink.error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         return None
 
     def finalize(self):

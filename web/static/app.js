@@ -161,10 +161,11 @@ async function run(params, target) {
     let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) break;
+      // After Stop, rows already read are dropped: the canvas keeps what was shown at the click.
+      if (done || controller.signal.aborted) break;
       buffer += value;
       let nl;
-      while ((nl = buffer.indexOf("\n")) >= 0) {
+      while ((nl = buffer.indexOf("\n")) >= 0 && !controller.signal.aborted) {
         const msg = JSON.parse(buffer.slice(0, nl));
         buffer = buffer.slice(nl + 1);
         if (msg.type === "start") {

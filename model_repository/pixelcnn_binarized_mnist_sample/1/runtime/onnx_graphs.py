@@ -16,13 +16,19 @@ from runtime import tensor_names as tn
 def make_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """A CPU session tuned for small graphs run once per row: the unrolled cell is thousands of
     tiny ops, where thread hand-offs cost more than they save, so by default one thread, no
-    inter-op parallelism, and no spinning (idle threads would burn cores shared with others)."""
+    inter-op parallelism, and no spinning (idle threads would burn cores shared with others);
+    no memory arena (below)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No CPU memory arena: the arena keeps every buffer it ever grew to, so a sampler that held a
+    # flood of sequences would keep that memory for good; without it the allocator gives it back
+    # once the engine trims after going idle (runtime/admission.py). Its cost in sampling time:
+    # bench/results/cell_graphs.json, variant cpu_memory_arena.
+    so.enable_cpu_mem_arena = False
     so.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 

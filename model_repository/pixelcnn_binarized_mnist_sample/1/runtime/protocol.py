@@ -44,6 +44,14 @@ unless said otherwise:
   then an empty response flagged final (tritonclient: enable_empty_final_response=True).
   A sequence is freed when its image is complete, at sequence_end, on an error, when the
   client cancels, or after the idle timeout without a request; errors arrive per request.
+  Overload: the sampler holds at most its live-images budget (the config's max_live_images
+  parameter, or what sampler_memory_mb holds; runtime/admission.py; shown on the metrics
+  endpoint as pixelrnn_sampler_images_budget and in the server log). A START
+  whose BATCH_SIZE images do not fit gets at once an error (UNAVAILABLE) whose message starts
+  with OVERLOADED and names the budget and the current load; nothing is queued: retry later.
+  The live sequences go on; when more images want rows than one cell call takes, each call
+  goes to the least served sequences counted in image-rows, so a small sequence is not held
+  back by big ones (runtime/engine.py).
 """
 from __future__ import annotations
 
@@ -70,6 +78,7 @@ ROW = tn.ROW
 ROW_LOGPROB = "ROW_LOGPROB"
 ACTIVE = "ACTIVE"
 CALL_BATCH = "CALL_BATCH"
+OVERLOADED = "overloaded:"  # how the error of a START over the live-images budget begins
 
 
 def score_model(name: str) -> str:
