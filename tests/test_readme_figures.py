@@ -56,9 +56,18 @@ def training(d):
                    f"Gated PixelCNN {t['gated_pixelcnn']['worst_speedup']:.2f}x at worst)"]
 
 
+def long_run_nll(r) -> str:
+    """A long run's best validation figure as the README gives it (a run that just started has none yet)."""
+    if r["best_valid_nll_nats"] is None:
+        return "none yet (first validation at step 500)"
+    if r["unit"] == "bits/dim":
+        return f"{r['best_valid_bits_per_dim']:.3f} bits/dim (2,000-image subset, step {r['best_step']})"
+    return f"{r['best_valid_nll_nats']:.2f} (2,000-image subset, step {r['best_step']})"
+
+
 def long_runs(runs):
     return [f"| {r['steps']} steps x 64 ({r['epochs']:.2f} epochs) | {r['hours']:.2f} h, {'/'.join(r['devices'])} | "
-            f"{r['best_valid_nll_nats']:.2f} (2,000-image subset, step {r['best_step']}) |" for r in runs]
+            f"{long_run_nll(r)} |" for r in runs]
 
 
 def deployment(d):
