@@ -45,7 +45,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.stream import close_stream, decode, split_rows
+from client.stream import close_stream, decode, sample_inputs, split_rows
 from runtime import protocol as p
 
 DEFAULT_URL = "localhost:8001"
@@ -376,16 +376,9 @@ class PixelClient:
             stream.start_stream(callback=lambda result, error: responses.put((result, error)))
             outputs = [grpcclient.InferRequestedOutput(n) for n in ROW_OUTPUTS]  # not ACTIVE, CALL_BATCH: less to send
             for k, (a, size, seed) in enumerate(chunks):
-                inputs = [_tensor(p.BATCH_SIZE, np.array([size], np.int32), "INT32"),
-                          _tensor(p.TEMPERATURE, np.array([temperature], np.float64), "FP64")]
-                if seed is not None:
-                    inputs.append(_tensor(p.SEED, np.array([seed], np.uint64), "UINT64"))
-                if labels is not None:
-                    inputs.append(_tensor(p.LABELS, labels[a:a + size], "INT64"))
-                if known is not None:
-                    inputs.append(_tensor(p.KNOWN, known[a:a + size], "UINT8"))
-                if per_response is not None:
-                    inputs.append(_tensor(p.ROWS_PER_RESPONSE, np.array([per_response], np.int32), "INT32"))
+                inputs = sample_inputs(batch=size, temperature=temperature, seed=seed, rows_per_response=per_response,
+                                       labels=None if labels is None else labels[a:a + size],
+                                       known=None if known is None else known[a:a + size])
                 stream.async_stream_infer(p.sample_model(self.model), inputs, outputs=outputs, request_id=str(k),
                                           sequence_id=correlation_id(), sequence_start=True, sequence_end=True,
                                           enable_empty_final_response=True)

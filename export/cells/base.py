@@ -39,10 +39,9 @@ def sample_torch(logits: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor, t:
     logits (B, K), u (B, 1) float64, greedy (B, 1) bool, t (B, 1) float64 the temperature
     (1 where greedy) -> (B, 1) int64."""
     logits = logits.double()
-    if levels == 2:
-        l = logits[:, :1] if logits.shape[1] > 1 else logits
+    if levels == 2:  # one logit per sub-pixel (distributions.logits_per_channel): logits is (B, 1)
         # Cast before the where: onnxruntime has no Where on booleans.
-        return torch.where(greedy, (l > 0).long(), (u < torch.sigmoid(l / t)).long())
+        return torch.where(greedy, (logits > 0).long(), (u < torch.sigmoid(logits / t)).long())
     z = logits / t
     z = z - z.max(dim=1, keepdim=True).values
     cdf = torch.cumsum(torch.exp(z), dim=1)
@@ -53,7 +52,7 @@ def sample_torch(logits: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor, t:
 def log_prob_torch(logits: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
     """log p(v) for one sub-pixel: logits (B, K), v (B, 1) -> (B, 1)."""
     if levels == 2:
-        return bernoulli_log_prob(logits[:, :1] if logits.shape[1] > 1 else logits, v)
+        return bernoulli_log_prob(logits, v)  # logits (B, 1): one per sub-pixel
     return torch.gather(F.log_softmax(logits, dim=1), 1, v)
 
 
@@ -162,11 +161,23 @@ def columns(maps: torch.Tensor) -> list[torch.Tensor]:
     return list(maps.transpose(1, 2).reshape(-1, w * f).split(f, dim=1))
 
 
-def layer_columns(maps: list[torch.Tensor], condition: torch.Tensor | None) -> list[list[torch.Tensor]]:
-    """Per-layer row maps (B, F, W) as columns, the row's condition (multi-scale, a first-layer
-    bias) added to the first layer's map once for the row instead of once per pixel."""
-    first = maps[0] if condition is None else maps[0] + condition
-    return [columns(m) for m in [first, *maps[1:]]]
+class BiasedRow:
+    """Per-row context of the PixelCNN-type cells: what each spatial layer gets from outside the
+    current row, one map (B, F, W) per layer read one column per pixel, and the row's condition
+    (multi-scale: a first-layer bias, which run_row sets after begin_row)."""
+
+    def __init__(self, bias_maps: list[torch.Tensor]):
+        self.bias_maps = bias_maps
+        self.condition: torch.Tensor | None = None  # (B, F_0, W)
+        self._columns: list[list[torch.Tensor]] | None = None
+
+    def bias(self, l: int, j: int) -> torch.Tensor:
+        """(B, F): layer l's bias at column j. Split into columns on first use, as the condition
+        comes after begin_row; it is added to the first layer's map once for the row, not per pixel."""
+        if self._columns is None:
+            first = self.bias_maps[0] if self.condition is None else self.bias_maps[0] + self.condition
+            self._columns = [columns(m) for m in [first, *self.bias_maps[1:]]]
+        return self._columns[l][j]
 
 
 def from_columns(cols: list[torch.Tensor]) -> torch.Tensor:

@@ -31,30 +31,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, from_columns, layer_columns, row_taps
+from export.cells.base import BiasedRow, RowCell, from_columns, row_taps
 from export.cells.pixelcnn import pointwise
 from training.models.gated_pixelcnn import GatedPixelCNN, gate
 
 
-class _Row:
-    """Per-row context: what the horizontal stack adds at every column, and the committed columns."""
+class _Row(BiasedRow):
+    """Per-row context: what the horizontal stack adds at every column (the layers' bias maps),
+    and the committed columns."""
 
     def __init__(self, state: tuple[torch.Tensor, ...], h_bias: list[torch.Tensor], embeds: list[torch.Tensor | None]):
+        super().__init__(h_bias)  # per layer (B, 2h, W): vertical link + h_conv bias + label embedding
         n = len(h_bias)
         self.v_rows, self.v_pre = state[:n], state[n:]
-        self.h_bias = h_bias  # per layer (B, 2h, W): vertical link + h_conv bias + label embedding
         self.embeds = embeds  # per layer (B, 2h) or None
         self.cols: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer: (B, Cin) per column
         self.pending: list[torch.Tensor] = []
-        self.condition: torch.Tensor | None = None  # (B, 2h, W) layer-0 gate bias (multi-scale)
-        self._bias: list[list[torch.Tensor]] | None = None
-
-    def bias(self, l: int, j: int) -> torch.Tensor:
-        """(B, 2h): layer l's horizontal gate bias at column j (with the row's condition at layer
-        0). Split into columns on first use: the condition is set after begin_row."""
-        if self._bias is None:
-            self._bias = layer_columns(self.h_bias, self.condition)
-        return self._bias[l][j]
 
 
 class GatedPixelCNNCell(RowCell):

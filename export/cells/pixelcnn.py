@@ -19,28 +19,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, from_columns, layer_columns, row_taps
+from export.cells.base import BiasedRow, RowCell, from_columns, row_taps
 from training.masks import MaskedConv2d
 from training.models.pixelcnn import PixelCNN
 
 
-class _Row:
-    """Per-row context: contributions of the rows above, and the row's committed columns."""
+class _Row(BiasedRow):
+    """Per-row context: contributions of the rows above (the layers' bias maps), and the row's
+    committed columns."""
 
     def __init__(self, above: list[torch.Tensor], rows: tuple[torch.Tensor, ...]):
-        self.above = above  # per spatial layer (B, out, W)
+        super().__init__(above)  # per spatial layer (B, out, W)
         self.rows = rows
         self.cols: list[list[torch.Tensor]] = [[] for _ in above]  # per layer: (B, Cin) per column
         self.pending: list[torch.Tensor] = []
-        self.condition: torch.Tensor | None = None  # (B, h, W) first-layer bias (multi-scale)
-        self._bias: list[list[torch.Tensor]] | None = None
-
-    def bias(self, l: int, j: int) -> torch.Tensor:
-        """(B, out): what layer l gets at column j from the rows above (and the row's condition).
-        Split into columns on first use: the condition is set after begin_row."""
-        if self._bias is None:
-            self._bias = layer_columns(self.above, self.condition)
-        return self._bias[l][j]
 
 
 def above_contribution(conv: MaskedConv2d, rows: torch.Tensor) -> torch.Tensor:
