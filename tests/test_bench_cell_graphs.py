@@ -46,3 +46,29 @@ def test_pixelcnn_cell_reads_per_row_maps_without_a_gather_per_pixel(tmp_path):
     assert per_pixel.get("Gather", 0) == 0, per_pixel
     # 3 spatial layers x (Concat, Gemm, Add, Relu), the head, the draw and its log-probability.
     assert sum(per_pixel.values()) <= 40, per_pixel
+
+
+def test_row_cells_have_no_shape_branches_or_shape_arithmetic_per_pixel(tmp_path):
+    """Only the batch axis is dynamic: a cell must not branch on shapes at run time, nor redo
+    shape arithmetic per pixel. squeeze(2) on a dynamic batch exported as an If per layer (a
+    subgraph call copying the whole per-row map), and chunk() and every size read through the
+    tracer as Shape, Gather, Div ... ops at every pixel of every layer; with the sizes read as
+    constants (export/cells/base.drop_row_axis, gated_pixelcnn.gate, row_lstm.lstm_update)
+    neither is left in any architecture: a wider image adds no Shape op."""
+    import torch
+
+    from export import onnx_export as ox
+    from export.cells import build_cell
+    from training.models import build_model
+
+    for arch in ("pixelcnn", "gated_pixelcnn", "row_lstm", "diagonal_bilstm"):
+        shapes = {}
+        for width in (4, 6):
+            torch.manual_seed(0)
+            model = build_model(arch, dict(in_channels=1, height=4, width=width, levels=2, hidden=6, layers=2)).eval()
+            path = tmp_path / f"{arch}{width}.onnx"
+            ox.export_cell(build_cell(model), path)
+            ops = cell_graphs.histogram(path)
+            assert ops.get("If", 0) == 0, (arch, ops)
+            shapes[width] = ops.get("Shape", 0)
+        assert shapes[6] == shapes[4] <= 8, (arch, shapes)  # per row: the batch size where zeros are made

@@ -157,8 +157,19 @@ def columns(maps: torch.Tensor) -> list[torch.Tensor]:
     per pixel. Indexing `maps[:, :, j]` exports as one Gather per column and layer, the most
     expensive op of the unrolled graphs; a transpose, a reshape and one Split give all W
     columns at once."""
-    _, f, w = maps.shape
+    _, f, w = (int(n) for n in maps.shape)  # constants of the graph: see drop_row_axis
     return list(maps.transpose(1, 2).reshape(-1, w * f).split(f, dim=1))
+
+
+def drop_row_axis(maps: torch.Tensor) -> torch.Tensor:
+    """(B, F, 1, W) -> (B, F, W), a convolution's one output row as a per-row map.
+
+    Not `squeeze(2)`: with a dynamic batch axis that exports as an If on the runtime shape, a
+    subgraph call that copies the whole map every row (10% of a batch-16 PixelCNN row). Only the
+    batch axis is dynamic, so the other sizes are read as Python ints (the tracer then records
+    them as constants, not as Shape/Gather ops run every call) and the Reshape is one node."""
+    _, f, _, w = (int(n) for n in maps.shape)
+    return maps.reshape(-1, f, w)
 
 
 class BiasedRow:
@@ -183,7 +194,7 @@ class BiasedRow:
 def from_columns(cols: list[torch.Tensor]) -> torch.Tensor:
     """The inverse of `columns`: W columns (B, F) -> (B, F, W). `torch.stack(cols, dim=2)`
     exports as an Unsqueeze per column; one Concat, a reshape and a transpose do the same."""
-    f = cols[0].shape[1]
+    f = int(cols[0].shape[1])  # a constant of the graph: see drop_row_axis
     return torch.cat(cols, dim=1).reshape(-1, len(cols), f).transpose(1, 2)
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, columns, from_columns, row_taps
+from export.cells.base import RowCell, columns, drop_row_axis, from_columns, row_taps
 from export.cells.pixelcnn import above_contribution, pointwise
 from training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalLSTM
 from training.models.row_lstm import lstm_update
@@ -146,7 +146,7 @@ class DiagonalBiLSTMCell(RowCell):
         for l, layer in enumerate(self.layers):
             lstm = layer.right_to_left
             inputs = from_columns(ctx.inputs[l])[:, :, None]  # (B, h, 1, W)
-            x_is = lstm.input_to_state(inputs).squeeze(2)  # (B, 4h, W)
+            x_is = drop_row_axis(lstm.input_to_state(inputs))  # (B, 4h, W)
             gates = above_gates(lstm, ctx.rtl_prev[l], x_is)
             h = c = None  # the "column W" state: zeros
             cols = [None] * self.width

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import BiasedRow, RowCell, from_columns, row_taps
+from export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
 from export.cells.pixelcnn import pointwise
 from training.models.gated_pixelcnn import GatedPixelCNN, gate
 
@@ -65,7 +65,7 @@ class GatedPixelCNNCell(RowCell):
         embeds = [layer.embed(labels) if layer.embed is not None else None for layer in self.layers]
         h_bias = []
         for layer, v_pre, emb in zip(self.layers, state[n:], embeds):
-            b = layer.v_to_h(v_pre[:, :, None]).squeeze(2) + layer.h_conv.bias[:, None]  # (B, 2h, W)
+            b = drop_row_axis(layer.v_to_h(v_pre[:, :, None])) + layer.h_conv.bias[:, None]  # (B, 2h, W)
             h_bias.append(b if emb is None else b + emb[:, :, None])
         return _Row(state, h_bias, embeds)
 
@@ -91,7 +91,7 @@ class GatedPixelCNNCell(RowCell):
         new_rows, new_pre = [], []
         for l, layer in enumerate(self.layers):
             rows = torch.cat([ctx.v_rows[l], v[:, :, None]], dim=2)  # (B, Cin, p+1, W)
-            v_pre = layer.v_conv(F.pad(rows, (self.pad, self.pad, 0, 0))).squeeze(2)  # (B, 2h, W)
+            v_pre = drop_row_axis(layer.v_conv(F.pad(rows, (self.pad, self.pad, 0, 0))))  # (B, 2h, W)
             new_rows.append(rows[:, :, 1:])
             new_pre.append(v_pre)
             if l + 1 < len(self.layers):  # the last layer's gated vertical output is never read

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import BiasedRow, RowCell, from_columns, row_taps
+from export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
 from training.masks import MaskedConv2d
 from training.models.pixelcnn import PixelCNN
 
@@ -39,7 +39,7 @@ def above_contribution(conv: MaskedConv2d, rows: torch.Tensor) -> torch.Tensor:
     """Taps of `conv` on the rows above, for a whole row: rows (B, Cin, r, W) -> (B, out, W)."""
     r, p = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
     w = conv.masked_weight()[:, :, :r, :]
-    return F.conv2d(F.pad(rows, (p, p, 0, 0)), w, conv.bias).squeeze(2)
+    return drop_row_axis(F.conv2d(F.pad(rows, (p, p, 0, 0)), w, conv.bias))
 
 
 def pointwise(conv: MaskedConv2d, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,9 @@ class GatedPixelCNNConfig(ModelConfig):
 
 def gate(pre: torch.Tensor) -> torch.Tensor:
     """(B, 2h, H, W) pre-activations [a | b] -> (B, h, H, W) tanh(a) * sigmoid(b)."""
-    a, b = pre.chunk(2, dim=1)
+    # Split at a constant: chunk(2) exports to ONNX as shape arithmetic (Shape, Gather, Add, Div,
+    # Mul) before its Split, run at every pixel of every layer in a row cell.
+    a, b = pre.split(int(pre.shape[1]) // 2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
 
 

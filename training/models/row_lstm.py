@@ -44,7 +44,9 @@ def gate_groups(hidden: int, colour_groups: int) -> torch.Tensor:
 
 def lstm_update(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM cell update from pre-activations (B, 4h, ...) in o, f, i, g order -> (h, c) (B, h, ...)."""
-    o, f, i, g = gates.chunk(4, dim=1)
+    # Split at a constant, not chunk(4), which exports to ONNX as shape arithmetic run at every
+    # pixel of every layer in a row cell (see gated_pixelcnn.gate).
+    o, f, i, g = gates.split(int(gates.shape[1]) // 4, dim=1)
     # The candidate g goes through tanh (not sigmoid) so the cell can store negative values.
     c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
