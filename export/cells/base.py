@@ -49,13 +49,6 @@ def sample_torch(logits: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor, t:
     return torch.where(greedy, logits.argmax(dim=1, keepdim=True), idx)
 
 
-def log_prob_torch(logits: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
-    """log p(v) for one sub-pixel: logits (B, K), v (B, 1) -> (B, 1)."""
-    if levels == 2:
-        return bernoulli_log_prob(logits, v)  # logits (B, 1): one per sub-pixel
-    return torch.gather(F.log_softmax(logits, dim=1), 1, v)
-
-
 class RowCell(nn.Module):
     def __init__(self, model: ImageModel):
         super().__init__()
@@ -118,7 +111,6 @@ class RowCell(nn.Module):
         skip = None if fixed is None else fixed.reshape(W, 1).split(1)  # W of (1, 1)
         unknown = torch.zeros_like(forced[:, :, 0])  # (B, C): channels not drawn yet read as 0
         row_values, row_logits = [], []
-        logprob = torch.zeros_like(keep, dtype=torch.float32)  # (B, 1)
         for j in range(W):
             copy = keep if skip is None else keep | skip[j]  # (B, 1)
             known: list[torch.Tensor] = []
@@ -129,8 +121,6 @@ class RowCell(nn.Module):
                 logits = self.pixel(ctx, j, x_pix)  # (B, C*K)
                 logits = logits if C == 1 else logits[:, c * K : (c + 1) * K]  # (B, K): channel c's
                 v = torch.where(copy, given[j * C + c], sample_torch(logits, u[j * C + c], greedy, t, self.levels))
-                lp = log_prob_torch(logits.float(), v, self.levels)  # (B, 1)
-                logprob = logprob + (lp if skip is None else torch.where(skip[j], torch.zeros_like(lp), lp))
                 known.append(v)
                 pix_logits.append(logits)
             x_pix = torch.cat(known, dim=1) if C > 1 else known[0]  # (B, C)
@@ -139,7 +129,15 @@ class RowCell(nn.Module):
             row_logits.append(torch.cat(pix_logits, dim=1) if C > 1 else pix_logits[0])  # (B, C*K)
         row = from_columns(row_values)  # (B, C, W)
         logits = from_columns(row_logits).reshape(-1, C, K, W)  # (B, C, K, W)
-        return row, logprob.reshape(-1), logits, self.end_row(ctx)
+        # The row's log-probability from its logits at once, not per sub-pixel: a dozen ops per
+        # sub-pixel in the graph otherwise, for arithmetic that needs no sampled value but its own.
+        if self.levels == 2:  # one logit per sub-pixel (distributions.logits_per_channel)
+            lp = bernoulli_log_prob(logits[:, :, 0], row)  # (B, C, W)
+        else:
+            lp = torch.gather(F.log_softmax(logits, dim=2), 2, row[:, :, None])  # (B, C, 1, W)
+        if fixed is not None:  # (W,): the copied grid columns are not the row's to score
+            lp = torch.where(fixed, torch.zeros_like(lp), lp)
+        return row, lp.sum(dim=tuple(range(1, lp.dim()))), logits, self.end_row(ctx)
 
     def forward(self, *args):
         """ONNX-friendly flat signature: (*state, uniforms, temperature, forced, force[, labels])."""
