@@ -2,6 +2,8 @@
 
     python -m bench.cluster --json bench/results/cluster.json [--checkpoint PATH] [--replicas 1,2,3]
                             [--streams 16] [--score-clients 2] [--seconds 5] [--repeats 5] [--quick]
+    python -m bench.cluster --sustained --json bench/results/cluster.json [--replicas 3] [--streams 48]
+                            [--score-clients 4] [--seconds 60] [--quick]
 
 The checkpoint is exported once into a temporary repository (build_engine --repository, the
 default settings) and served by max(--replicas) tritonserver replicas (server/cluster.py). One
@@ -25,11 +27,21 @@ Python process), beyond that more replicas add processes, not CPU, and the aggre
 the figures say what the proxy and the extra processes cost, not how a cluster of machines
 scales. Windows vary a lot on a shared machine: each setting's min and max are kept with its
 median.
+
+--sustained is the issue's long run instead: max(--replicas) replicas (default 3) behind one
+proxy, --streams sampling streams (48) and --score-clients scoring clients (4) for --seconds
+(60), once, with bench/load.py's clients: a warm-up image per stream, then images back to back,
+every image checked after the run against the in-process sampler for its seed and every score
+against the in-process scorer. Then every replica's sampler must hold no live sequence, all of
+them together must count every sequence completed and none failed, and scoring and sampling must
+have reached every replica (their metrics); any failure is an error. Its results go under the
+key "sustained" of the --json file, whose other keys are kept.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import statistics
 import sys
@@ -50,6 +62,8 @@ from server.cluster import Cluster, Proxy
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(replicas="1,2,3", streams=16, score_clients=2, score_batch=16, seconds=5.0, repeats=5)
 QUICK = dict(replicas="1,2", streams=4, score_clients=1, score_batch=4, seconds=1.5, repeats=1)
+SUSTAINED = dict(replicas="3", streams=48, score_clients=4, score_batch=16, seconds=60.0, repeats=1)
+SUSTAINED_QUICK = dict(replicas="2", streams=4, score_clients=1, score_batch=4, seconds=2.0, repeats=1)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -155,6 +169,86 @@ def run(args, manifest: dict, cluster: Cluster, targets: dict[str, str]) -> dict
     return {"results": results, "errors": len(errors), "error_messages": sorted(set(errors))[:20]}
 
 
+def sustained(args, manifest: dict, folder: Path, cluster: Cluster) -> dict:
+    """--sustained (module notes): one long run through the proxy over every replica."""
+    from bench import load
+
+    name, (c, h, w) = manifest["name"], manifest["shape"]
+    images, labels, source = load.score_images(args.checkpoint, manifest, 1000, 0)
+    errors = load.Errors()
+    before = counts(cluster, name)
+    print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients through the proxy over "
+          f"{cluster.count} replicas for {args.seconds:g} s ...", file=sys.stderr, flush=True)
+    samplers, scorers, elapsed = load.run_clients(argparse.Namespace(**{**vars(args), "seed": 1}), cluster.url, manifest, images,
+                                                  labels, errors)
+    sampled, scored = sum(r["images"] for r in samplers), sum(r["images"] for r in scorers)
+    expected = sampled + args.streams  # and one warm-up image per stream
+
+    deadline = time.perf_counter() + load.SETTLE_S  # the samplers push their metrics every 0.5 s
+    while True:
+        metrics = [load.sampler_metrics(r, p.sample_model(name)) for r in cluster.replicas]
+        completed = sum(m["events"].get("completed", 0) for m in metrics)
+        if (completed >= expected and all(m["live"] == 0 for m in metrics)) or time.perf_counter() > deadline:
+            break
+        time.sleep(0.25)
+    after = counts(cluster, name)
+    score_calls = [int(a[0] - b[0]) for a, b in zip(after, before)]
+    sequences = [int(a[1] - b[1]) for a, b in zip(after, before)]
+    for k, m in enumerate(metrics):
+        if m["live"] != 0:
+            errors.add(f"replica {k}'s sampler still holds {m['live']} live sequences after the run")
+        for event in ("failed", "expired", "disconnected", "cancelled", "refused", "stuck"):
+            if m["events"].get(event):
+                errors.add(f"replica {k}'s sampler counts {m['events'][event]} {event} sequences or requests")
+    if completed != expected:
+        errors.add(f"the replicas' samplers count {completed} completed sequences, expected {expected}")
+    if not all(score_calls) or not all(sequences):
+        errors.add(f"the load did not reach every replica: score calls {score_calls}, sequences {sequences}")
+    print(f"checking {sampled} images and {scored} scores against the in-process graphs ...", file=sys.stderr, flush=True)
+    verified = load.verify_content(samplers, scorers, manifest, folder, images, labels, errors)
+    rows = sum(r["rows"] for r in samplers)
+    return {
+        "machine": machine_info(),
+        "checkpoint": args.checkpoint,
+        "settings": {"replicas": cluster.count, "streams": args.streams, "score_clients": args.score_clients,
+                     "score_batch": args.score_batch, "seconds": args.seconds},
+        "seconds": elapsed,
+        "score_data": source,
+        "totals": {"images_sampled": sampled, "rows": rows, "images_scored": scored,
+                   "score_requests": sum(len(r["latencies"]) for r in scorers)},
+        "throughput": {"pixels_per_s": sampled * c * h * w / elapsed, "images_sampled_per_s": sampled / elapsed,
+                       "rows_per_s": rows / elapsed, "images_scored_per_s": scored / elapsed},
+        "latency_ms": {"first_row": load.percentiles_ms([f for r in samplers for f in r["firsts"]]),
+                       "row": load.percentiles_ms([g for r in samplers for g in r["gaps"]]),
+                       "score_request": load.percentiles_ms([x for r in scorers for x in r["latencies"]])},
+        "score_calls_per_replica": score_calls,  # the warm-up's included
+        "sequences_per_replica": sequences,
+        "sampler_metrics": [{"live": m["live"], "events_total": m["events"]} for m in metrics],
+        "expected_completed": expected,
+        "content": verified,
+        "errors": errors.total(),
+        "error_messages": errors.report(),
+    }
+
+
+def report_sustained(payload: dict) -> None:
+    s, t, lat = payload["settings"], payload["throughput"], payload["latency_ms"]
+    print(f"{s['replicas']} replicas behind nginx, {s['streams']} sampling streams + {s['score_clients']} scoring clients for "
+          f"{payload['seconds']:.0f} s: {payload['totals']['images_sampled']} images ({t['pixels_per_s']:,.0f} pixels/s), "
+          f"{payload['totals']['images_scored']} scored ({t['images_scored_per_s']:,.0f}/s); first row p50 "
+          f"{lat['first_row'].get('p50', 0):.0f} ms; score calls per replica {payload['score_calls_per_replica']}, "
+          f"sequences per replica {payload['sequences_per_replica']}; {payload['content']['images_checked']} images and "
+          f"{payload['content']['scores_checked']} scores checked, {payload['content']['images_wrong']} and "
+          f"{payload['content']['scores_wrong']} wrong")
+    print(f"errors: {payload['errors']}")
+
+
+def write_sustained(path: str, payload: dict) -> None:
+    """The run under "sustained" in the JSON at `path`, its other keys kept."""
+    existing = json.loads(Path(path).read_text()) if Path(path).exists() else {"benchmark": "cluster"}
+    write_json(path, {**existing, "sustained": payload})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
@@ -166,15 +260,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--quick", action="store_true", help="a short run (for the tests)")
+    parser.add_argument("--sustained", action="store_true",
+                        help="one long run through the proxy over max(--replicas) replicas instead (module notes)")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    defaults = (SUSTAINED_QUICK if args.quick else SUSTAINED) if args.sustained else QUICK if args.quick else DEFAULTS
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
         counts_wanted = sorted({int(n) for n in args.replicas.split(",")})
     except ValueError:
         counts_wanted = []
-    if not counts_wanted or counts_wanted[0] != 1:
+    if args.sustained and counts_wanted:
+        counts_wanted = [max(counts_wanted)]
+    elif not counts_wanted or counts_wanted[0] != 1:
         parser.error(f"--replicas: replica counts from 1 (the baseline of the ratios), e.g. 1,2,3; got {args.replicas!r}")
 
     from export import build_engine
@@ -187,6 +286,13 @@ def main(argv=None) -> int:
         if code:
             raise SystemExit(f"error: export of {args.checkpoint} failed (exit code {code})")
         manifest = read_manifest(work / "export")
+        if args.sustained:
+            with Cluster(work / "repository", counts_wanted[0], run_dir=work / "run", supervise=False) as cluster:
+                payload = sustained(args, manifest, work / "export", cluster)
+            report_sustained(payload)
+            if args.json:
+                write_sustained(args.json, payload)
+            return 1 if payload["errors"] else 0
         with Cluster(work / "repository", max(counts_wanted), run_dir=work / "run", supervise=False) as cluster:
             proxies = {}
             try:

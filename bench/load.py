@@ -299,13 +299,13 @@ def percentiles_ms(seconds: list[float]) -> dict:
             "mean": float(ms.mean())}
 
 
-def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_response: int | None = None,
-             completed_before: int = 0) -> dict:
-    """One load phase; `per_response`: the streams' ROWS_PER_RESPONSE (None: rows coalesced);
-    `completed_before`: sequences this server completed in earlier phases."""
-    images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
+def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, errors: Errors,
+                per_response: int | None = None) -> tuple[list[dict], list[dict], float]:
+    """args.streams samplers and args.score_clients scorers on `url`, warmed up, then timed together
+    for args.seconds (images from seed args.seed on, each its own) -> (the samplers' results, the
+    scorers', the timed seconds). bench/cluster.py --sustained runs them through its proxy."""
     seeds = itertools.count(args.seed)  # next() is atomic under the GIL: every image its own seed
-    errors, stop = Errors(), [float("inf")]
+    stop = [float("inf")]
     start = threading.Barrier(args.streams + args.score_clients + 1)
     timeout = max(60.0, 2 * args.seconds)
     results, threads = {}, []
@@ -318,13 +318,11 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_respo
             start.abort()  # nobody waits for it at the barrier
 
     for k in range(args.streams):
-        threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, server.grpc_url, manifest, seeds, start, stop,
+        threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, url, manifest, seeds, start, stop,
                                                           errors, k, timeout, per_response), daemon=True))
     for k in range(args.score_clients):
-        threads.append(threading.Thread(target=run, args=(f"scorer {k}", scorer, server.grpc_url, manifest, images, labels,
+        threads.append(threading.Thread(target=run, args=(f"scorer {k}", scorer, url, manifest, images, labels,
                                                           args.score_batch, start, stop, errors, k, timeout), daemon=True))
-    print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients for {args.seconds:g} s ...",
-          file=sys.stderr, flush=True)
     for t in threads:
         t.start()
     try:
@@ -336,9 +334,20 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_respo
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-
     samplers = [r for key, r in results.items() if key.startswith("sampler")]
     scorers = [r for key, r in results.items() if key.startswith("scorer")]
+    return samplers, scorers, elapsed
+
+
+def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_response: int | None = None,
+             completed_before: int = 0) -> dict:
+    """One load phase; `per_response`: the streams' ROWS_PER_RESPONSE (None: rows coalesced);
+    `completed_before`: sequences this server completed in earlier phases."""
+    images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
+    errors = Errors()
+    print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients for {args.seconds:g} s ...",
+          file=sys.stderr, flush=True)
+    samplers, scorers, elapsed = run_clients(args, server.grpc_url, manifest, images, labels, errors, per_response)
     sampled = sum(r["images"] for r in samplers)
     rows = sum(r["rows"] for r in samplers)
     scored = sum(r["images"] for r in scorers)

@@ -22,6 +22,8 @@ waits for the server to be ready again and reopens the sequences with the same s
 rows it already has as KNOWN rows. Known rows consume the random numbers their sampling would
 have, so the images end exactly as an uninterrupted stream's, and no row is yielded twice.
 Behind a load balancer (python -m server.cluster) the reopened stream lands on a live replica;
+a stream that a replica ends because one of its response sends got stuck (an error starting
+with runtime/protocol.py UNHEALTHY) is resumed the same way, as from a lost server.
 score(..., retries=N) sends a chunk again the same way. A sampler at its live-images budget
 refuses a START at once (ServerBusy, runtime/protocol.py OVERLOADED); with retries the client
 tries again after a growing, jittered wait, up to retry_wait_s.
@@ -392,6 +394,9 @@ class PixelClient:
                 if error is not None:
                     if _message(error).startswith(p.OVERLOADED):  # nothing was sampled: the stream may start over
                         raise ServerBusy(f"{p.sample_model(self.model)} is busy: {_message(error)}")
+                    if _message(error).startswith(p.UNHEALTHY):  # its sender got stuck (runtime/engine.py): resume elsewhere
+                        raise ServerGone(f"{p.sample_model(self.model)} at {self.url} ended the stream after {yielded} rows: "
+                                         f"{_message(error)}")
                     if yielded and _is_unavailable(error):  # the server died or restarted mid-stream
                         raise ServerGone(f"lost the connection to the Triton server at {self.url} after {yielded} rows "
                                          f"({_message(error)})")

@@ -19,11 +19,15 @@ To (re)write a repository from an export folder with other settings than build_e
     python -m export.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
         [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
         [--sender-threads N] [--coalesce-ms MS] [--sampler-memory-mb MB] [--max-live-images N]
+        [--stuck-send-s S] [--admission-queue N --admission-wait-ms MS]
 
 Overload: the sampler admits sequences while their images fit its live-images budget
 (runtime/admission.py): max_live_images when given, else as many images as sampler_memory_mb holds
 at the state size per image the manifest gives (default 512 MiB: 3,938 images of the shipped
-PixelCNN, 133 KiB each). A START over it gets an immediate UNAVAILABLE error naming the budget and the load.
+PixelCNN, 133 KiB each). A START over it gets an immediate UNAVAILABLE error naming the budget and the load,
+or, with admission_queue N > 0, waits for room first, first come first served, N STARTs at most, for
+admission_wait_ms at most (below the sequence idle timeout, after which Triton forgets the id),
+and gets that error only then (runtime/engine.py, Overload).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import sys
 from pathlib import Path
 
 from runtime.admission import DEFAULT_MEMORY_MB
+from runtime.engine import STUCK_SEND_S
 from runtime.manifest import MANIFEST
 from runtime import protocol as p
 
@@ -163,11 +168,16 @@ def stage_rows(manifest: dict) -> list[int]:
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
                      onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS,
-                     sampler_memory_mb: float = DEFAULT_MEMORY_MB, max_live_images: int = 0) -> list[Path]:
+                     sampler_memory_mb: float = DEFAULT_MEMORY_MB, max_live_images: int = 0,
+                     stuck_send_s: float = STUCK_SEND_S, admission_queue: int = 0, admission_wait_ms: float = 0.0) -> list[Path]:
     """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders.
     coalesce_ms: the sampler's row coalescing window (runtime/engine.py; 0: rows only share a
     response when they waited for a busy sender). sampler_memory_mb / max_live_images: the
-    sampler's live-images budget (module notes; max_live_images 0: from sampler_memory_mb)."""
+    sampler's live-images budget (module notes; max_live_images 0: from sampler_memory_mb).
+    admission_queue / admission_wait_ms: STARTs over the budget that may wait for room, and for
+    how long (module notes; 0: refused at once).
+    stuck_send_s: a response send outstanding this long marks the sampler unhealthy and ends the
+    sequences on its sender thread (runtime/engine.py, "Stuck sends"; 0: off)."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -178,9 +188,14 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         raise ValueError(f"coalesce_ms must be in [0, 1000], got {coalesce_ms}")
     if not sampler_memory_mb > 0 or max_live_images < 0:
         raise ValueError(f"sampler_memory_mb must be > 0 and max_live_images >= 0, got {sampler_memory_mb}, {max_live_images}")
+    if not 0 <= stuck_send_s <= 3600:
+        raise ValueError(f"stuck_send_s must be in [0, 3600] (0: off), got {stuck_send_s}")
     if 0 < max_live_images < int(manifest["max_batch"]):
         raise ValueError(f"max_live_images must hold at least one full sequence (max_batch {manifest['max_batch']}), "
                          f"got {max_live_images}")
+    if admission_queue < 0 or (admission_queue and not 0 < admission_wait_ms < sequence_idle_s * 1000):
+        raise ValueError(f"admission_queue must be >= 0, and with a queue admission_wait_ms must be > 0 and below the sequence "
+                         f"idle timeout ({sequence_idle_s * 1000:g} ms), got {admission_queue}, {admission_wait_ms:g}")
     stages = list(manifest["stages"]) + (["condition"] if manifest.get("multiscale") else [])
     params = {"onnx_threads": str(onnx_threads),
               # Published so clients can validate input and lay out streamed rows before sending.
@@ -189,7 +204,9 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     sample_params = {**params, "sender_threads": str(sender_threads), "coalesce_ms": f"{coalesce_ms:g}",
                      # The budget itself is the model's to derive (log line, metrics): editing
                      # sampler_memory_mb here changes it with nothing else to keep in step.
-                     "sampler_memory_mb": f"{sampler_memory_mb:g}", "max_live_images": str(max_live_images)}
+                     "sampler_memory_mb": f"{sampler_memory_mb:g}", "max_live_images": str(max_live_images),
+                     "stuck_send_s": f"{stuck_send_s:g}",
+                     "admission_queue": str(admission_queue), "admission_wait_ms": f"{admission_wait_ms:g}"}
     models = {
         p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
                               score_config(manifest, max_queue_delay_us, score_instances, params)),
@@ -250,6 +267,13 @@ def main(argv=None) -> int:
                         help=f"sampler: memory for live sequences' state, sets the live-images budget (default {DEFAULT_MEMORY_MB})")
     parser.add_argument("--max-live-images", type=int, default=0,
                         help="sampler: live-images budget itself (0: from --sampler-memory-mb); STARTs over it are refused")
+    parser.add_argument("--admission-queue", type=int, default=0,
+                        help="sampler: STARTs over the budget that may wait for room, first come first served (0: refused at once)")
+    parser.add_argument("--admission-wait-ms", type=float, default=0.0,
+                        help="sampler: how long such a START waits before it is refused (needs --admission-queue)")
+    parser.add_argument("--stuck-send-s", type=float, default=STUCK_SEND_S,
+                        help="sampler: a response send outstanding this long marks it unhealthy and ends the sequences on "
+                             f"its sender thread (0: off; default {STUCK_SEND_S:g})")
     args = parser.parse_args(argv)
     try:
         manifest = json.loads((Path(args.export) / MANIFEST).read_text())
@@ -257,7 +281,9 @@ def main(argv=None) -> int:
                                    max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
                                    score_instances=args.score_instances, onnx_threads=args.onnx_threads,
                                    sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms,
-                                   sampler_memory_mb=args.sampler_memory_mb, max_live_images=args.max_live_images)
+                                   sampler_memory_mb=args.sampler_memory_mb, max_live_images=args.max_live_images,
+                                   stuck_send_s=args.stuck_send_s, admission_queue=args.admission_queue,
+                                   admission_wait_ms=args.admission_wait_ms)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

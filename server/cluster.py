@@ -12,7 +12,10 @@ and temp files under the run directory; no system service). A sampling stream is
 stream, which nginx keeps on one replica, so a sequence stays where its state is; unary calls
 (scoring) spread over the replicas; a replica that refuses connections is left out for a while
 (passive failure detection, see the template). A supervisor thread restarts a replica that dies
-on its own ports, so the proxy, which tries it again after fail_timeout, takes it back.
+on its own ports, so the proxy, which tries it again after fail_timeout, takes it back. A stuck
+replica is a dead one: a replica whose sampler reports a response send that does not return
+(pixelrnn_sampler_healthy 0 on its metrics page; runtime/engine.py, "Stuck sends") is killed
+with SIGKILL and restarted the same way, which cuts its streams so their clients resume elsewhere.
 SIGINT/SIGTERM stop nginx, then every replica. Proxy is nginx alone, over any replicas' gRPC
 ports (bench/cluster.py puts one over the first 1, 2, 3 replicas of one cluster).
 """
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +40,8 @@ from server.launcher import HOST, START_ATTEMPTS, ServerError, TritonServer, che
 
 TEMPLATE = Path(__file__).resolve().parent / "deploy" / "nginx.conf.template"
 SUPERVISE_S = 0.5  # how often the supervisor looks at the replicas
+HEALTH_S = 1.0  # how often it reads their metrics for a stuck sampler (an HTTP call per replica)
+HEALTH_METRIC = "pixelrnn_sampler_healthy"  # export/triton_models/sample_model.py SamplerMetrics
 SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_\S+")
 
 
@@ -67,6 +73,19 @@ def render_config(run_dir: Path, port: int, grpc_ports: list[int], fail_timeout_
 def check_fail_timeout(seconds) -> None:
     if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:  # nginx's fail_timeout: whole seconds
         raise ServerError(f"fail_timeout_s must be a whole number of seconds >= 1, got {seconds!r}")
+
+
+def stuck_models(metrics_url: str, timeout: float = 2.0) -> list[str]:
+    """The sampler models whose gauge on this metrics page says a response send is stuck
+    (HEALTH_METRIC 0); [] when the page does not answer (a replica starting up, or a dead one,
+    which the supervisor sees by its process)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return []
+    found = re.findall(rf'^{HEALTH_METRIC}\{{[^}}]*model="([^"]*)"[^}}]*\}} (\S+)$', text, re.M)
+    return sorted(model for model, value in found if float(value) == 0)
 
 
 def _shm_regions(pid: int) -> set[str]:
@@ -170,6 +189,7 @@ class Cluster:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.replicas: list[TritonServer] = []
         self.restarts = [0] * replicas  # per replica: restarts by the supervisor
+        self.stuck = [0] * replicas  # per replica: kills by the supervisor because a sampler said it was stuck
         self.proxy: Proxy | None = None
         self._regions: list[set[str]] = [set() for _ in range(replicas)]
         self._stopping = threading.Event()
@@ -225,13 +245,25 @@ class Cluster:
         return server
 
     def _watch(self) -> None:
-        """Restart a replica that died, on its own ports (the proxy's upstream list is fixed)."""
-        retry_at = [0.0] * self.count
+        """Restart a replica that died, on its own ports (the proxy's upstream list is fixed); kill
+        and restart one whose sampler says it is stuck."""
+        retry_at, check_at = [0.0] * self.count, 0.0
         while not self._stopping.wait(SUPERVISE_S):
+            check = time.monotonic() >= check_at
+            if check:
+                check_at = time.monotonic() + HEALTH_S
             for k in range(self.count):
                 server = self.replicas[k]
-                if server.running() or time.monotonic() < retry_at[k] or self._stopping.is_set():
+                if time.monotonic() < retry_at[k] or self._stopping.is_set():
                     continue
+                if server.running():
+                    stuck = stuck_models(server.metrics_url) if check else []
+                    if not stuck or self._stopping.is_set():
+                        continue
+                    self.log(f"replica {k} ({server.grpc_url}) is stuck: {', '.join(stuck)} has a response send that does "
+                             f"not return ({HEALTH_METRIC} 0): killing it (SIGKILL)")
+                    self.stuck[k] += 1
+                    self._kill(k)
                 self.log(f"replica {k} ({server.grpc_url}) exited with code {server.process.returncode}: restarting it")
                 self._clean_up(k)
                 try:
@@ -247,6 +279,18 @@ class Cluster:
                     self.replicas[k] = replacement
                     self.restarts[k] += 1
                 self.log(f"replica {k} is back on {replacement.grpc_url}")
+
+    def _kill(self, k: int) -> None:
+        """SIGKILL replica k's process group (the server and its backend stubs) and reap it."""
+        process = self.replicas[k].process
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.log(f"replica {k} did not exit within 30 s of SIGKILL")
 
     def _clean_up(self, k: int) -> None:
         """What a killed replica leaves: its backend stubs (its process group) and shared memory."""

@@ -1,7 +1,7 @@
 """bench.cluster: a bounded run (--quick: 1 and 2 replicas behind nginx, and one replica direct,
 4 streams and a scorer for 1.5 s each) on a tiny model: zero errors, the JSON's figures present
-and consistent, and through the 2-replica proxy both scoring and sampling reach both replicas.
-No speed is asserted."""
+and consistent, and through the 2-replica proxy both scoring and sampling reach both replicas;
+and a bounded --sustained run (every image and score checked). No speed is asserted."""
 import json
 
 import pytest
@@ -19,15 +19,21 @@ from training.models import build_model  # noqa: E402
 CONFIG = dict(in_channels=1, height=8, width=4, levels=2, hidden=6, layers=1, kernel=3)
 
 
-@pytest.mark.triton
-@pytest.mark.slow
-def test_bounded_cluster_run_has_no_errors_and_writes_consistent_figures(tmp_path, capsys):
+def tiny_checkpoint(tmp_path):
+    """A tiny checkpoint to benchmark (skips, or fails under CI, without tritonserver or nginx)."""
     require_tritonserver()
     nginx_or_skip()
     torch.manual_seed(1)
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(checkpoint, {"arch": "gated_pixelcnn", "config": CONFIG,
                                  "model": build_model("gated_pixelcnn", dict(CONFIG)).state_dict(), "step": 1})
+    return checkpoint
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_bounded_cluster_run_has_no_errors_and_writes_consistent_figures(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path)
     out = tmp_path / "cluster.json"
     code = cluster.main(["--quick", "--checkpoint", str(checkpoint), "--json", str(out)])
     data = json.loads(out.read_text())
@@ -49,3 +55,27 @@ def test_bounded_cluster_run_has_no_errors_and_writes_consistent_figures(tmp_pat
     assert all(c > 0 for c in two["score_calls_per_replica"]), two
     assert all(c > 0 for c in two["sequences_per_replica"]), two
     assert "2: sampling" in capsys.readouterr().out
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_bounded_sustained_run_checks_every_image_and_reaches_every_replica(tmp_path, capsys):
+    """--sustained --quick: 2 replicas behind one proxy, 4 streams and a scorer for 2 s; every image
+    and score checked against the in-process graphs, zero errors, every replica served both, the
+    section written under "sustained" beside what the file held."""
+    checkpoint = tiny_checkpoint(tmp_path)
+    out = tmp_path / "cluster.json"
+    out.write_text(json.dumps({"benchmark": "cluster", "results": {"1": "kept"}}))
+    code = cluster.main(["--sustained", "--quick", "--checkpoint", str(checkpoint), "--json", str(out)])
+    data = json.loads(out.read_text())
+    s = data["sustained"]
+    assert code == 0 and s["errors"] == 0, s["error_messages"]
+    assert data["results"] == {"1": "kept"}
+    assert s["settings"]["replicas"] == 2 and s["settings"]["streams"] == cluster.SUSTAINED_QUICK["streams"]
+    c = s["content"]
+    assert c["images_checked"] == s["totals"]["images_sampled"] > 0 and c["images_wrong"] == 0
+    assert c["scores_checked"] > 0 and c["scores_wrong"] == 0
+    assert all(n > 0 for n in s["score_calls_per_replica"]) and all(n > 0 for n in s["sequences_per_replica"])
+    assert sum(m["events_total"]["completed"] for m in s["sampler_metrics"]) == s["expected_completed"]
+    assert all(m["live"] == 0 for m in s["sampler_metrics"])
+    assert "errors: 0" in capsys.readouterr().out

@@ -2,11 +2,13 @@
 scoring spreads over all of them, and a replica killed with SIGKILL mid-load loses nothing.
 
 One module-wide cluster of 3 replicas of a tiny 128-row model serves the stickiness and the
-failover tests (the replica to be killed runs its sampler slowed first, so that the kill finds
-images in flight: see Throttle); a smaller one is started through `make serve REPLICAS=2` and
-stopped with Ctrl-C (SIGINT). Images are checked against the in-process sampler, scores against
-the model's NLL. Bounded: 8 s of load (12 sampling streams, 2 scoring clients); every wait has
-its own bound. The manifest for Kubernetes is checked against the Kubernetes schema here too."""
+failover tests (the replica to be killed runs its sampler slowed first, and is killed once a
+stream on it is mid-image: see Throttle and freeze_mid_image) and the stuck-replica test (a
+response send hung by the sampler's test-only hook: the supervisor kills and restarts that
+replica); a smaller one is started through `make serve REPLICAS=2` and stopped with Ctrl-C
+(SIGINT). Images are checked against the in-process sampler, scores against the model's NLL.
+Bounded: 8 s of load (12 sampling streams, 2 scoring clients), then a few seconds of 7 streams
+around the stuck replica; every wait has its own bound. The manifest for Kubernetes is checked against the Kubernetes schema here too."""
 import os
 import re
 import signal
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.cluster import Cluster, Proxy, find_nginx, render_config
+from server.cluster import HEALTH_S, Cluster, Proxy, find_nginx, render_config, stuck_models
 from server.launcher import ServerError, check_port, free_port
 from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, kill_hard, missing, require, require_tritonserver,
                               sampler_metrics, sampler_periods, stop_group, wait_for)
@@ -44,6 +46,16 @@ THROTTLE_S = 1.0  # the killed replica's sampler runs slowed for this long befor
 KILLED = 1  # the replica killed mid-load
 FAIL_TIMEOUT_S = 1  # how long nginx leaves out a replica that refused a connection
 RETRIES = dict(retries=3, retry_wait_s=60.0)
+# A stream with rows that gets none for STALL_S while the sampler to be killed is frozen is mid-image there
+# (freeze_mid_image). A freeze lasts at most FREEZE_S: Triton's Python backend calls a stub that has
+# not answered a message for 1 s unhealthy (and fails the requests sent to it) if it is stopped while
+# holding its health lock.
+STALL_S, FREEZE_S = 0.3, 0.6
+STUCK_SEND_S = 3  # the replicas' stuck-send bound (export/repository.py stuck_send_s; 10 s by default)
+STUCK_SEED = 987654321  # the sampler's TEST ONLY hook gets this seed's sends stuck (export/triton_models/sample_model.py),
+# switched on by this environment variable (read from that file: it imports Triton's module, so it cannot be imported here)
+STUCK_ENV = re.search(r'^TEST_ONLY_STUCK_SEED = "(\w+)"', (REPO / "export" / "triton_models" / "sample_model.py").read_text(),
+                      re.M).group(1)
 
 
 def nginx_or_skip():
@@ -107,6 +119,35 @@ def test_a_proxy_on_a_busy_port_is_refused_naming_it(tmp_path):
             Proxy([7001], tmp_path, port=port).start()
 
 
+def test_the_supervisor_reads_a_stuck_sampler_from_a_metrics_page():
+    """stuck_models: the sampler models whose pixelrnn_sampler_healthy gauge is 0 on a replica's
+    metrics page (Triton's format); a page that does not answer names none."""
+    import http.server
+
+    page = (b'# HELP pixelrnn_sampler_healthy 1, or 0 while a response send is stuck\n'
+            b'pixelrnn_sampler_healthy{model="a_sample"} 1\npixelrnn_sampler_healthy{model="b_sample"} 0\n'
+            b'nv_inference_request_success{model="c_score",version="1"} 0\n')
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert stuck_models(f"http://127.0.0.1:{server.server_port}/metrics") == ["b_sample"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stuck_models(f"http://127.0.0.1:{server.server_port}/metrics", timeout=1) == []
+
+
 def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schema():
     """server/deploy/triton-replicas.yaml against the schema kubernetes-validate bundles (offline;
     the manifest is not run on a cluster here): every resource valid in strict mode (no unknown
@@ -135,17 +176,22 @@ def deployed(tmp_path_factory):
     require_tritonserver()
     nginx_or_skip()
     root = tmp_path_factory.mktemp("cluster")
-    exported = export_models(root, [Tiny(MODEL, "gated_pixelcnn", CONFIG, max_batch=16)], root / "repository")
+    exported = export_models(root, [Tiny(MODEL, "gated_pixelcnn", CONFIG, max_batch=16, writer=dict(stuck_send_s=STUCK_SEND_S))],
+                             root / "repository")
     return root, exported[MODEL].model
 
 
 @pytest.fixture(scope="module")
 def cluster(deployed):
+    """The replicas run with the sampler's TEST ONLY stuck-send hook on for STUCK_SEED (every other
+    seed is served as usual): test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume."""
     root, _ = deployed
     events = []
-    with Cluster(root / "repository", REPLICAS, run_dir=root / "run", fail_timeout_s=FAIL_TIMEOUT_S, log=events.append) as c:
-        c.events = events
-        yield c
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(STUCK_ENV, str(STUCK_SEED))
+        with Cluster(root / "repository", REPLICAS, run_dir=root / "run", fail_timeout_s=FAIL_TIMEOUT_S, log=events.append) as c:
+            c.events = events
+            yield c
 
 
 @pytest.mark.triton
@@ -188,7 +234,8 @@ class Throttle:
     its backend stub (the process that makes the rows), as on a replica behind on its work. Its
     gRPC front end runs on at full speed, so streams whose images are done close as usual, and
     those still open when the replica is killed are cut mid-image (at full speed this tiny model
-    makes an image in a few ms, and a kill would find its streams being set up or closed)."""
+    makes an image in a few ms, and a kill would find its streams being set up or closed).
+    `freeze` stops the stub outright (SIGSTOP held), `thaw` goes back to throttling."""
 
     STOPPED_S, RUNNING_S = 0.04, 0.01
 
@@ -212,6 +259,37 @@ class Throttle:
     def stop(self):
         self.done.set()
         self.thread.join(timeout=5)
+
+    def freeze(self):
+        self.stop()
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self):
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+
+def freeze_mid_image(throttle: Throttle, progress: dict, bound: float) -> list[int]:
+    """Freeze the throttled sampler with a stream of it mid-image, within `bound` s, and return
+    frozen (the caller kills it at once): a stream that has rows, is open, and gets no row for
+    STALL_S of the freeze is one of the frozen replica's (the others' rows go on coming); none
+    within FREEZE_S: thaw a while and try again. -> the samplers found stalled (progress: sampler
+    -> [rows of its current image, when the last came, whether it is open])."""
+    deadline = time.monotonic() + bound
+    while True:
+        throttle.freeze()
+        frozen_at = time.monotonic()
+
+        def stalled():
+            now = time.monotonic()
+            return [k for k, (rows, at, open_) in list(progress.items()) if open_ and rows and now - max(at, frozen_at) > STALL_S]
+
+        found, ok = wait_for(stalled, bool, FREEZE_S, interval=0.02)
+        if ok or time.monotonic() > deadline:
+            return found
+        throttle.thaw()
+        time.sleep(THROTTLE_S / 5)
 
 
 def in_process_images(deployed, seeds) -> dict[int, np.ndarray]:
@@ -245,15 +323,20 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
         want_nll = model.nll(torch.from_numpy(score_images).long()).numpy()
     stop_at = [float("inf")]
     errors, notices, images, scores = [], [], {}, []
+    progress = {k: [0, 0.0, False] for k in range(STREAMS)}  # see freeze_mid_image
 
     def sampler(k):
         try:
             with PixelClient(cluster.url, model=MODEL) as client:
                 n = 0
                 while time.monotonic() < stop_at[0]:
-                    seed = 1000 * k + n
-                    images[seed] = list(client.sample(1, seed=seed, on_retry=lambda line: notices.append((seed, line)),
-                                                      **RETRIES))
+                    seed, rows, track = 1000 * k + n, [], progress[k]
+                    track[:] = [0, time.monotonic(), True]
+                    for row in client.sample(1, seed=seed, on_retry=lambda line: notices.append((seed, line)), **RETRIES):
+                        rows.append(row)
+                        track[:2] = [len(rows), time.monotonic()]
+                    track[2] = False
+                    images[seed] = rows
                     n += 1
         except Exception as e:  # noqa: BLE001 - every failure is a test failure, reported below
             errors.append(f"sampler {k}: {type(e).__name__}: {e}")
@@ -278,12 +361,14 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
     # Before the kill: scoring and sampling landed on every replica (Triton's and the sampler's metrics).
     spread = [counter(r, "nv_inference_request_success", p.score_model(MODEL)) for r in cluster.replicas]
     started = [sampler_metrics(r, p.sample_model(MODEL)).get("started", 0) for r in cluster.replicas]
+    # The kill must find a stream there mid-image (the test's point): it waits, bounded, for one.
+    cut = freeze_mid_image(throttle, progress, BUSY_SLACK_S)
     kill_hard(cluster.replicas[KILLED])
     throttle.stop()
     for t in threads:
         t.join(timeout=LOAD_S + 120)
     assert not any(t.is_alive() for t in threads), "a client did not finish within its bound"
-    print(f"score requests per replica before the kill {spread}, sequences started {started}; "
+    print(f"score requests per replica before the kill {spread}, sequences started {started}, samplers mid-image there {cut}; "
           f"{len(images)} images, {len(scores)} score calls; notices: {notices[:6]}")
     assert not errors, errors[:5]
     assert all(s > 0 for s in spread), f"scoring did not reach every replica: {spread}"
@@ -346,6 +431,66 @@ def test_score_with_retries_waits_for_its_server_and_sends_again(cluster, deploy
             client.score(images)
         np.testing.assert_allclose(client.score(images, retries=2, retry_wait_s=60).nll_nats, want, rtol=1e-5, atol=1e-4)
     assert cluster.restarts[0] == restarts + 1
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume(cluster, deployed):
+    """A response send that never returns (the sampler's TEST ONLY hook for STUCK_SEED: its
+    second send hangs, as one caught in Triton 2.51's gRPC stream deadlock does), on whichever
+    replica the proxy gives that stream, under 6 more sampling streams: after STUCK_SEND_S that
+    sampler ends the other sequences on the stuck sender thread with an UNHEALTHY error and says
+    pixelrnn_sampler_healthy 0; the supervisor kills the replica (SIGKILL) and restarts it. Every
+    client, the stuck one too, resumes on a live replica and gets the in-process sampler's image."""
+    periods = sampler_periods()
+    restarts, stuck = list(cluster.restarts), list(cluster.stuck)
+    stop = threading.Event()
+    errors, notices, images = [], [], {}
+
+    def sampler(seeds):
+        try:
+            with PixelClient(cluster.url, model=MODEL) as client:
+                for seed in seeds:
+                    if stop.is_set():
+                        return
+                    images[seed] = list(client.sample(1, seed=seed, on_retry=lambda line: notices.append((seed, line)),
+                                                      retries=4, retry_wait_s=60.0))
+        except Exception as e:  # noqa: BLE001 - every failure is a test failure, reported below
+            errors.append(f"seeds from {seeds[0]}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=sampler, args=([STUCK_SEED],), daemon=True)]
+    threads += [threading.Thread(target=sampler, args=(range(3000 * k, 3000 * (k + 1)),), daemon=True) for k in range(1, 7)]
+    for t in threads:
+        t.start()
+    bound = STUCK_SEND_S + periods["ENGINE_POLL_S"] + periods["METRICS_PERIOD_S"] + HEALTH_S + BUSY_SLACK_S
+    _, found = wait_for(lambda: cluster.stuck, lambda now: now != stuck, bound)
+    time.sleep(1.0)  # load on the survivors after the kill
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client did not finish within its bound"
+    assert found, f"no replica was found stuck within {bound:g} s: {cluster.events[-5:]}"
+    (k,) = [k for k in range(REPLICAS) if cluster.stuck[k] != stuck[k]]
+    print(f"replica {k} stuck and killed; {len(images)} images; notices: {notices[:6]}")
+    assert not errors, errors[:5]
+    assert any(f"replica {k} " in e and "is stuck" in e and "pixelrnn_sampler_healthy 0" in e for e in cluster.events)
+    # The streams behind the stuck send were ended with the clear error and resumed; the stuck one
+    # was cut by the kill after its first response and resumed from its rows.
+    assert any("unhealthy: a response send of this sampler has not returned" in line for _, line in notices), notices
+    assert any(seed == STUCK_SEED and (m := re.search(r"resuming from row (\d+)", line)) and int(m.group(1)) > 0
+               for seed, line in notices), notices
+    want = in_process_images(deployed, images)
+    assert STUCK_SEED in images
+    for seed, rows in images.items():
+        assert [(r.stage, r.index) for r in rows] == [(0, i) for i in range(HEIGHT)], f"seed {seed}: rows lost or repeated"
+        np.testing.assert_array_equal(assemble(rows), want[seed], err_msg=f"seed {seed}")
+    # Restarted, healthy, and the module's cluster whole again for the other tests.
+    _, back = wait_for(lambda: cluster.restarts[k], lambda n: n == restarts[k] + 1, 60 + BUSY_SLACK_S, interval=0.2)
+    assert back and cluster.replicas[k].running(), cluster.events[-5:]
+    healthy, ok = wait_for(lambda: sampler_metrics(cluster.replicas[k], p.sample_model(MODEL)).get("healthy"), lambda v: v == 1,
+                           periods["METRICS_PERIOD_S"] + BUSY_SLACK_S)
+    assert ok, f"the restarted replica says healthy {healthy}"
 
 
 # ------------------------------------------------------------------------------ the command

@@ -41,7 +41,7 @@ def sampling(d):
 
 def cell_graphs(d):
     return [f"| {arch} | {r['nodes_exported']} | {r['nodes_run']} | {r['nodes_run_per_pixel']:.0f} |"
-            for arch, r in d["results"].items()] + [f"(load average {d['machine']['load_average_1_5_15'][0]:g})"]
+            for arch, r in d["results"].items()] + [f"(load average {d['machine']['load_average_1_5_15'][0]:g};"]
 
 
 def training(d):
@@ -171,15 +171,29 @@ def cluster(d):
             f"{k(r[n]['pixels_per_s_min'])}-{k(r[n]['pixels_per_s_max'])}) | {r[n]['scored_images_per_s']:.0f} images/s "
             f"({r[n]['scoring_vs_one_replica']:.2f}x; {r[n]['scored_images_per_s_min']:.0f}-{r[n]['scored_images_per_s_max']:.0f}) |"
             for n, label in (("direct", "1, no proxy (direct)"), ("1", "1"), ("2", "2"), ("3", "3"))]
-    return rows + [f"{d['errors']} errors; load average {d['machine']['load_average_1_5_15'][0]:.0f} on 2 cores",
-                   f"5 s windows, {d['settings']['repeats']} interleaved repeats"]
+    s = d["sustained"]  # bench.cluster --sustained
+    t, c, lat, st = s["throughput"], s["content"], s["latency_ms"]["first_row"], s["settings"]
+    assert s["errors"] == 0 and c["images_wrong"] == 0 and c["scores_wrong"] == 0  # the README says so
+    assert all(m["live"] == 0 for m in s["sampler_metrics"])
+    assert sum(m["events_total"]["completed"] for m in s["sampler_metrics"]) == s["expected_completed"]
+    sustained = [f"{st['replicas']} replicas behind nginx, {st['streams']} concurrent sampling streams and "
+                 f"{st['score_clients']} scoring clients for {st['seconds']:.0f} s",
+                 f"{s['totals']['images_sampled']:,} images sampled ({k(t['pixels_per_s'])} pixels/s) and "
+                 f"{s['totals']['images_scored']:,} images scored ({t['images_scored_per_s']:.0f}/s), {s['errors']} errors",
+                 f"({c['images_checked']:,} images and {c['scores_checked']:,} scores checked, 0 wrong)",
+                 "score calls per replica " + " / ".join(str(n) for n in s["score_calls_per_replica"]),
+                 "sequences per replica " + " / ".join(f"{n:,}" for n in s["sequences_per_replica"]),
+                 f"all {s['expected_completed']:,} sequences completed",
+                 f"first row p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms; load average "
+                 f"{s['machine']['load_average_1_5_15'][0]:.0f} on 2 cores"]
+    return rows + sustained + [f"{d['errors']} errors; load average {d['machine']['load_average_1_5_15'][0]:.0f} on 2 cores",
+                               f"5 s windows, {d['settings']['repeats']} interleaved repeats"]
 
 
 def overload(d):
     v, a, m, t, sf = d["victim"], d["admission"], d["memory"], d["trim_cost"], d["server_flood"]
     fair, unfair = v["fair"], v["unfair"]
     assert m["after_trim_within_20pct"] and d["fairness_within_10pct"]  # the README says so
-    assert sf["seconds_to_within_20pct"] is not None  # the README says the server's RSS comes back
     return [f"{a['budget_images']:,} images ({a['image_bytes'] / 1024:.0f} KiB each)",
             f"({sf['starts']} STARTs of {sf['images_each']} images on one stream) had {sf['admitted']} admitted and "
             f"{sf['refused']} refused at once",
@@ -196,8 +210,10 @@ def overload(d):
             f"the flood as the allocator leaves it, {m['after_trim_mib']:.0f} MiB after the trim ({m['trim_seconds'] * 1e3:.0f} ms)",
             f"first {t['steps']} calls right after a trim ran {t['slowdown_after_trim']:.2f}x slower",
             f"held {sf['rss_mib']['baseline']:.0f} MiB before the flood, {sf['rss_mib']['peak']:.0f} MiB at the peak and "
-            f"{sf['rss_mib']['after_settle']:.0f} MiB {sf['settle_window_s']:.0f} s after, back within 20% of the baseline "
-            f"{sf['seconds_to_within_20pct']:.1f} s after the flood"]
+            f"{sf['rss_mib']['after_settle']:.0f} MiB {sf['settle_window_s']:.0f} s after, "
+            + (f"back within 20% of the baseline {sf['seconds_to_within_20pct']:.1f} s after the flood"
+               if sf["seconds_to_within_20pct"] is not None else  # whichever the run measured, the README says
+               f"not back within 20% of the baseline in {sf['settle_window_s']:.0f} s")]
 
 
 FIGURES = {

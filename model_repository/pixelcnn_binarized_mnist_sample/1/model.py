@@ -6,8 +6,11 @@ Streaming (decoupled) and stateful: requests only validate and queue work for th
 each sequence's rows through its own response sender, the rows that waited together in one
 response. Protocol: runtime/protocol.py. A START over the live-images budget (runtime/admission.py,
 the config's max_live_images / sampler_memory_mb) is answered at once with an UNAVAILABLE error
-naming the budget and the load: the client may retry later (client/library.py does when asked).
+naming the budget and the load: the client may retry later (client/library.py does when asked);
+with the config's admission_queue / admission_wait_ms it waits for room first, and only then
+gets that error.
 """
+import os
 import secrets
 import sys
 import threading
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.admission import DEFAULT_MEMORY_MB, live_images_budget  # noqa: E402
-from runtime.engine import Engine, Overloaded  # noqa: E402
+from runtime.engine import STUCK_SEND_S, Engine, Overloaded  # noqa: E402
 from runtime.manifest import model_folder  # noqa: E402
 from runtime.rowloop import SampleSpec  # noqa: E402
 from runtime.runner import OnnxRunner  # noqa: E402
@@ -37,6 +40,11 @@ END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.2  # is_cancelled() is a round trip to the server: not on every row
 METRICS_PERIOD_S = 0.5  # so is every metric update
+# TEST ONLY (tests/test_cluster.py): with this environment variable set to a seed, a START with
+# that SEED and no KNOWN rows gets a sink whose second response send never returns, as a send
+# stuck in Triton 2.51's gRPC stream handler does (runtime/engine.py, "Stuck sends"). A client
+# resuming that sequence sends KNOWN rows, so it is not caught again. Never set outside that test.
+TEST_ONLY_STUCK_SEED = "PIXELRNN_TEST_ONLY_STUCK_SEND_SEED"
 
 
 class ResponseSink:
@@ -69,6 +77,8 @@ class ResponseSink:
         self.sender.send(flags=FINAL)
 
     def error(self, message: str, code=None) -> None:
+        if code is None and message.startswith(p.OVERLOADED):  # a START whose wait for room ran out (runtime/engine.py)
+            code = pb_utils.TritonError.UNAVAILABLE  # not the request's fault: the client may retry
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
@@ -80,13 +90,41 @@ class ResponseSink:
         return self._cancelled
 
 
+class TestOnlyStuckSink:
+    """TEST ONLY (TEST_ONLY_STUCK_SEED): a ResponseSink whose second send_rows never returns."""
+
+    def __init__(self, sink: ResponseSink):
+        self.sink, self.sends = sink, 0
+
+    def send_rows(self, events) -> None:
+        self.sends += 1
+        if self.sends > 1:
+            threading.Event().wait()  # for ever: the engine must find it stuck and go on without it
+        self.sink.send_rows(events)
+
+    def done(self) -> None:
+        self.sink.done()
+
+    def error(self, message: str, code=None) -> None:
+        self.sink.error(message, code)
+
+    def cancelled(self) -> bool:
+        return self.sink.cancelled()
+
+
 class SamplerMetrics:
     """The engine's stats as Triton custom metrics, on the server's metrics endpoint
     (http://HOST:METRICS_PORT/metrics): pixelrnn_sampler_live_sequences{model=...},
     pixelrnn_sampler_live_images{model=...} (admitted, not yet freed),
-    pixelrnn_sampler_images_budget{model=...} (max live images; 0: none) and
-    pixelrnn_sampler_events_total{model=..., event=started|completed|...|overloaded|rows|calls}
-    (started: STARTs admitted; overloaded: STARTs refused for the budget).
+    pixelrnn_sampler_images_budget{model=...} (max live images; 0: none),
+    pixelrnn_sampler_waiting_starts{model=...} (STARTs in the admission queue now),
+    pixelrnn_sampler_healthy{model=...} (1; 0 while a response send is stuck: runtime/engine.py,
+    "Stuck sends"; server/cluster.py restarts a replica that says 0) and
+    pixelrnn_sampler_events_total{model=..., event=started|completed|...|overloaded|rows|calls|stuck_sends}
+    (admitted: STARTs admitted, at once or after waiting; queued: STARTs that waited for room;
+    overloaded: STARTs refused for the budget, at once or when their wait ran out; started:
+    sequences opened; refused: bad or conflicting requests; stuck_sends: sender
+    threads found stuck; stuck: sequences ended for it).
     A thread of its own pushes changes, so the engine never waits on the round trips."""
 
     def __init__(self, engine, model: str):
@@ -99,9 +137,14 @@ class SamplerMetrics:
                                        kind=pb_utils.MetricFamily.GAUGE)
         budget = pb_utils.MetricFamily(name="pixelrnn_sampler_images_budget",
                                        description="live images the sampler admits (0: no budget)", kind=pb_utils.MetricFamily.GAUGE)
-        self.families = (live, events, images, budget)  # a family must outlive its metrics
+        healthy = pb_utils.MetricFamily(name="pixelrnn_sampler_healthy", kind=pb_utils.MetricFamily.GAUGE,
+                                        description="1, or 0 while a response send is stuck (restart the server)")
+        waiting = pb_utils.MetricFamily(name="pixelrnn_sampler_waiting_starts", kind=pb_utils.MetricFamily.GAUGE,
+                                        description="STARTs waiting in the admission queue for room in the budget")
+        self.families = (live, events, images, budget, healthy, waiting)  # a family must outlive its metrics
         self.gauges = {"live": live.Metric(labels={"model": model}), "live_images": images.Metric(labels={"model": model}),
-                       "budget": budget.Metric(labels={"model": model})}
+                       "budget": budget.Metric(labels={"model": model}), "healthy": healthy.Metric(labels={"model": model}),
+                       "waiting": waiting.Metric(labels={"model": model})}
         self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats() if k not in self.gauges}
         self._sent = {k: 0 for k in self.counters}
         self._stop = threading.Event()
@@ -157,17 +200,26 @@ class TritonPythonModel:
         # Row coalescing window (runtime/engine.py): a sequence's rows may wait this long after its
         # previous response to go out together; each response costs IPC, gRPC and client CPU.
         linger_ms = float(params.get("coalesce_ms", "0"))
+        # A response send outstanding this long is stuck (runtime/engine.py, "Stuck sends"; 0: off).
+        stuck_send_s = float(params.get("stuck_send_s", str(STUCK_SEND_S)))
         # Live-images budget (runtime/admission.py): the config's max_live_images, else what
         # sampler_memory_mb holds at the state size per image the manifest gives.
         budget = int(params.get("max_live_images", "0")) or live_images_budget(
             manifest, float(params.get("sampler_memory_mb", DEFAULT_MEMORY_MB)))
+        # Admission queue (runtime/engine.py, Overload): STARTs that do not fit wait this long, this many at most (0: none).
+        queue_starts, wait_ms = int(params.get("admission_queue", "0")), float(params.get("admission_wait_ms", "0"))
         self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders,
-                             linger=linger_ms / 1e3, max_images=budget)
+                             linger=linger_ms / 1e3, max_images=budget, stuck_send_s=stuck_send_s, max_waiting=queue_starts,
+                             wait_s=wait_ms / 1e3)
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
+        self.test_only_stuck_seed = os.environ.get(TEST_ONLY_STUCK_SEED)  # None outside tests/test_cluster.py
+        if self.test_only_stuck_seed is not None:
+            pb_utils.Logger.log_warn(f"TEST ONLY: {TEST_ONLY_STUCK_SEED}={self.test_only_stuck_seed}: that seed's sends get stuck")
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
-                                 f"coalescing window {linger_ms:g} ms, live-images budget {budget}, "
+                                 f"coalescing window {linger_ms:g} ms, live-images budget {budget}, admission queue {queue_starts} "
+                                 f"(wait {wait_ms:g} ms), stuck-send bound {stuck_send_s:g} s, "
                                  f"runtime from {Path(runtime.__file__).parent}")
 
     def execute(self, requests):
@@ -192,6 +244,8 @@ class TritonPythonModel:
                         labels=array(request, p.LABELS),
                         known=known,
                     )
+                    if self.test_only_stuck_seed is not None and str(spec.seed) == self.test_only_stuck_seed and known is None:
+                        sink = TestOnlyStuckSink(sink)
                     self.engine.start(key, spec, sink, max_rows, end, per_response)
                 else:
                     extra = [n for n in p.START_ONLY if pb_utils.get_input_tensor_by_name(request, n) is not None]

@@ -48,10 +48,21 @@ unless said otherwise:
   parameter, or what sampler_memory_mb holds; runtime/admission.py; shown on the metrics
   endpoint as pixelrnn_sampler_images_budget and in the server log). A START
   whose BATCH_SIZE images do not fit gets at once an error (UNAVAILABLE) whose message starts
-  with OVERLOADED and names the budget and the current load; nothing is queued: retry later.
+  with OVERLOADED and names the budget and the current load: retry later. With the config's
+  admission_queue N > 0 (export/repository.py --admission-queue N --admission-wait-ms MS) it
+  waits instead, first come first served, while fewer than N wait: it starts as soon as it
+  fits, else gets that OVERLOADED error after admission_wait_ms (a full queue refuses at once);
+  later requests of a waiting sequence wait with it. Metrics: pixelrnn_sampler_waiting_starts
+  and pixelrnn_sampler_events_total{event=admitted|queued|overloaded}.
   The live sequences go on; when more images want rows than one cell call takes, each call
   goes to the least served sequences counted in image-rows, so a small sequence is not held
   back by big ones (runtime/engine.py).
+  Stuck sends: a response send that has not returned for the config's stuck_send_s seconds
+  (default 10; 0: off) marks the sampler unhealthy (metrics endpoint:
+  pixelrnn_sampler_healthy 0, pixelrnn_sampler_events_total{event="stuck_sends"}); the other
+  sequences on that sender thread get the rows already made, then an error starting with
+  UNHEALTHY: resume them elsewhere from the received rows (KNOWN, same seed); new sequences go
+  to a fresh sender thread. python -m server.cluster restarts a replica that reports it.
 """
 from __future__ import annotations
 
@@ -79,6 +90,7 @@ ROW_LOGPROB = "ROW_LOGPROB"
 ACTIVE = "ACTIVE"
 CALL_BATCH = "CALL_BATCH"
 OVERLOADED = "overloaded:"  # how the error of a START over the live-images budget begins
+UNHEALTHY = "unhealthy:"  # how the error of a sequence ended because a response send got stuck begins
 
 
 def score_model(name: str) -> str:

@@ -47,7 +47,12 @@ of a request (its final message flushes them).
 Overload. Admission: with `max_images`, the images of all live sequences stay within that budget
 (runtime/admission.py derives it from the state sizes and a memory budget): a START that does
 not fit is refused at once by `start` raising `Overloaded`, which names the budget and the load
-(the caller answers "try later"; nothing is queued). Fairness: when the sequences that want rows
+(the caller answers "try later"). With an admission queue (`max_waiting` N > 0, `wait_s`) such a
+START waits instead, first come first served, while fewer than N wait: it is admitted as soon as
+it fits (as sequences end), or refused with the same overloaded message once it has waited
+`wait_s` (the worker wakes for that deadline); a START that fits waits too while others wait
+(nobody is passed over), and a full queue refuses at once. Requests of a waiting sequence
+(resume, forget) go in right after its START. Fairness: when the sequences that want rows
 hold more than one call's worth of images (max_batch), a step makes ONE cell call, for the
 sequences that have been served least, counted in image-rows (each row of a B-image sequence
 costs B), a newcomer starting level with the least served one and, at a tie, small sequences
@@ -55,10 +60,25 @@ first: a 1-image sequence gets its first row from the next call and then rows at
 the number of calls, not by the other sequences' sizes (weighted fair queuing). Otherwise a step
 advances every ready sequence, one call per group, as before. Memory: when the last sequence
 is freed the allocator's free memory goes back to the OS (admission.give_back_memory), as the
-servers' malloc settings keep glibc from doing it by itself.
+servers' malloc settings keep glibc from doing it by itself, and once more after `poll` s idle
+(after a garbage collection), for what was freed after the first time.
+
+Stuck sends. A sink call that never returns (Triton 2.51's gRPC stream handler can deadlock
+when a cancellation races a response write) would stall every sequence on its sender thread.
+Each sender records when its current sink call began; the worker's housekeeping (every step, at
+least every `poll` s) retires a sender whose call has been outstanding for more than
+`stuck_send_s` (0: never; inline sends, `senders=0`, cannot be watched): a fresh thread takes
+its slot and the messages it had not sent, in order, except those to the stuck stream, which is
+abandoned (nothing more is sent to it: a send would get stuck too). The live sequences of that
+slot are then ended with an error starting with protocol.UNHEALTHY, sent after the rows already
+made (their clients resume elsewhere from every row made), new sequences of the slot go to the
+fresh sender, and `stats()` says healthy 0 while the stuck call has not returned (the Triton
+glue publishes it as a metric; server/cluster.py restarts such a replica). The stuck thread is
+left in its call; should the call return, the thread ends without sending anything more.
 """
 from __future__ import annotations
 
+import gc
 import math
 import queue
 import threading
@@ -70,8 +90,11 @@ from typing import Any, Callable, Hashable, Protocol
 import numpy as np
 
 from runtime.admission import give_back_memory
-from runtime.protocol import OVERLOADED
+from runtime.protocol import OVERLOADED, UNHEALTHY
 from runtime.rowloop import RowSequence, SampleSpec, Stage, call_row
+
+
+STUCK_SEND_S = 10.0  # a sink call outstanding this long is stuck (module notes, "Stuck sends")
 
 
 class Overloaded(RuntimeError):
@@ -120,25 +143,65 @@ class _Sequence:
         return self.job.spec
 
 
+@dataclass(eq=False)  # compared by identity (the spec holds arrays)
+class _Waiting:
+    """A START waiting in the admission queue for room in the budget (module notes, Overload)."""
+
+    key: Hashable
+    spec: SampleSpec
+    request: _Request
+    deadline: float  # engine clock: refused as overloaded if still waiting then
+    later: list = field(default_factory=list)  # inbox items of the same sequence sent meanwhile (resume, forget)
+
+
+class _Sender:
+    """One sender thread, its queue and what it is doing, which the stuck-send watch reads
+    (Outbox.retire_stuck); every field but `queue` under Outbox._lock."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.pile: deque = deque()  # messages taken from the queue, not yet sent
+        self.held: dict[Hashable, tuple] = {}  # key -> a row message held back (linger), not yet sent
+        self.sent: Counter = Counter()  # rows sent from the current pile, not yet counted down in pending
+        self.current: tuple | None = None  # the message whose sink call is in progress
+        self.since: float | None = None  # when that call began (time.monotonic)
+        self.retired = False  # found stuck: a fresh sender took over its slot and what it had not sent
+        self.thread: threading.Thread | None = None
+
+
+def _sink_of(item) -> Any:
+    """The sink a queued message goes to (a row message names it; done/error are its bound methods)."""
+    return item[1] if item[1] is not None else getattr(item[2], "__self__", None)
+
+
 class Outbox:
     """Sink calls, inline (`senders=0`) or on sender threads, in order per sequence key.
     A sink whose `send_rows` raised (client gone) is remembered in `failed` for the engine to drop.
     `pending(key)`: rows of that key queued and not yet sent; `on_sent(key, left, sent)` is
     called by a sender after each response of `sent` rows (the engine waits on it when a
-    sequence is too far ahead). Rows waiting together are coalesced (see the module notes)."""
+    sequence is too far ahead). Rows waiting together are coalesced (see the module notes).
+    A sender whose sink call has not returned for `stuck_send_s` is retired by `retire_stuck`
+    (see the module notes, "Stuck sends")."""
 
     def __init__(self, senders: int = 0, on_sent: Callable[[Hashable, int, int], None] | None = None, linger: float = 0.0,
-                 hold_rows: int = 8):
+                 hold_rows: int = 8, stuck_send_s: float = 0.0):
         self.failed: dict[int, str] = {}  # id(sink) -> why; written by senders, read by the worker
-        self._linger, self._hold_rows = linger, hold_rows
+        self._linger, self._hold_rows, self._stuck_send_s = linger, hold_rows, stuck_send_s
         self._pending: Counter = Counter()
-        self._pending_lock = threading.Lock()
+        self._lock = threading.Lock()  # _pending and the senders' state
         self._on_sent = on_sent
-        self._queues = [queue.SimpleQueue() for _ in range(senders)]
-        self._threads = [threading.Thread(target=self._loop, args=(q,), name=f"row-sender-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
-        for t in self._threads:
-            t.start()
+        self._senders = [self._spawn(i) for i in range(senders)]
+        self._stuck_senders: list[_Sender] = []  # retired ones; their thread ends if their call ever returns
+        self._abandoned: dict[int, Any] = {}  # id(sink) -> a sink a send is stuck on: nothing more goes to it
+        self.stuck_sends = 0  # senders found stuck so far
+        for sender in self._senders:
+            sender.thread.start()
+
+    def _spawn(self, slot: int) -> _Sender:
+        sender = _Sender(slot)
+        sender.thread = threading.Thread(target=self._loop, args=(sender,), name=f"row-sender-{slot}", daemon=True)
+        return sender
 
     def put(self, key: Hashable, fn: Callable, *args) -> None:
         """A message that is not a row (done, error): failures are the client's, not counted."""
@@ -147,22 +210,33 @@ class Outbox:
     def put_row(self, key: Hashable, sink, event: RowEvent, per_response: int | None = None) -> None:
         """A row for `sink`; it may share a response with the rows queued next to it for the same
         sink (at most `per_response` rows in one)."""
-        if self._queues:
-            with self._pending_lock:
+        if self._senders:
+            with self._lock:
                 self._pending[key] += 1
         self._send((key, sink, [event], per_response))
 
     def pending(self, key: Hashable) -> int:
         return self._pending.get(key, 0)
 
+    def slot(self, key: Hashable) -> int | None:
+        """The sender slot whose thread sends every message of `key` (None: inline sends)."""
+        return hash(key) % len(self._senders) if self._senders else None
+
+    @property
+    def healthy(self) -> bool:
+        """No sink call is stuck: every sender found stuck has since returned (its thread ended)."""
+        return not any(s.thread.is_alive() for s in self._stuck_senders)
+
     def _send(self, item) -> None:
-        if self._queues:
-            self._queues[hash(item[0]) % len(self._queues)].put(item)
+        if self._senders:
+            self._senders[self.slot(item[0])].queue.put(item)
         else:
             self._deliver(item)
 
     def _deliver(self, item) -> None:
         key, row_sink, fn_or_events, args = item
+        if id(_sink_of(item)) in self._abandoned:  # its stream is stuck: a send would get stuck too
+            return
         try:
             if row_sink is None:
                 fn_or_events(*args)
@@ -195,12 +269,14 @@ class Outbox:
             out.append(item)
         return out
 
-    def _loop(self, q: queue.SimpleQueue) -> None:
-        held: dict[Hashable, tuple] = {}  # key -> a row message held back (linger), not yet sent
+    def _loop(self, sender: _Sender) -> None:
         last: dict[Hashable, float] = {}  # key -> when its last row message was sent
+        q = sender.queue
         while True:
+            with self._lock:
+                held = sender.held
+                wait = None if not held else max(0.0, min(last[key] for key in held) + self._linger - time.monotonic())
             items = []
-            wait = None if not held else max(0.0, min(last[key] for key in held) + self._linger - time.monotonic())
             try:
                 items.append(q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait())
             except queue.Empty:
@@ -211,30 +287,46 @@ class Outbox:
                 except queue.Empty:
                     break
             stop = None in items
-            messages = self.coalesce([*held.values(), *(i for i in items if i is not None)])
-            held.clear()
-            final = {item[0]: k for k, item in enumerate(messages)}  # each key's last message
-            now, sent = time.monotonic(), Counter()
-            for k, item in enumerate(messages):
-                key, row_sink = item[0], item[1]
-                if row_sink is not None and not stop and final[key] == k and self._may_hold(item, last.get(key), now):
-                    held[key] = item
-                    continue
+            with self._lock:  # (a sender is retired only in a sink call: never here)
+                messages = self.coalesce([*held.values(), *(i for i in items if i is not None)])
+                held.clear()
+                sender.pile.extend(messages)
+            final = {item[0]: item for item in messages}  # each key's last message
+            now = time.monotonic()
+            while True:
+                with self._lock:
+                    if sender.retired or not sender.pile:
+                        break
+                    item = sender.pile.popleft()
+                    key, row_sink = item[0], item[1]
+                    if row_sink is not None and not stop and final[key] is item and self._may_hold(item, last.get(key), now):
+                        held[key] = item
+                        continue
+                    sender.current, sender.since = item, time.monotonic()
                 self._deliver(item)
-                if row_sink is not None:
-                    sent[key] += len(item[2])
-                    last[key] = now
-                else:
-                    last.pop(key, None)  # done/error: the request is over
+                with self._lock:
+                    if sender.retired:  # stuck in that call: a fresh sender has what was left
+                        return
+                    sender.current = sender.since = None
+                    if row_sink is not None:
+                        sender.sent[key] += len(item[2])
+                        last[key] = now
+                    else:
+                        last.pop(key, None)  # done/error: the request is over
             # Counted once the whole pile is sent, not per response: the keys of one sender then
             # drain together, and the engine advances them together (see Engine._ready).
-            for key, n in sent.items():
-                with self._pending_lock:
-                    left = self._pending[key] = self._pending[key] - n
-                    if not left:
+            with self._lock:
+                if sender.retired:
+                    return
+                sent, sender.sent = sender.sent, Counter()
+                left = {}
+                for key, n in sent.items():
+                    left[key] = self._pending[key] = self._pending[key] - n
+                    if not left[key]:
                         del self._pending[key]
-                if self._on_sent is not None:
-                    self._on_sent(key, left, n)
+            if self._on_sent is not None:
+                for key, n in sent.items():
+                    self._on_sent(key, left[key], n)
             if stop:
                 return
 
@@ -246,26 +338,80 @@ class Outbox:
         return (self._linger > 0 and last_sent is not None and now - last_sent < self._linger and item[3] is None
                 and len(item[2]) < self._hold_rows)
 
+    def retire_stuck(self) -> list[tuple[int, Hashable]]:
+        """Retire every sender whose sink call has been outstanding for more than `stuck_send_s`
+        (0: never): a fresh sender takes its slot and, in their order, the messages it had not
+        sent (taken, held back or queued), except those to the sink it is stuck on, which is
+        abandoned (nothing is sent to it any more: its stream is stuck). The stuck thread is left
+        to its call; if that ever returns, the thread ends. Returns (slot, key of the stuck
+        message) per sender retired now. The engine's worker calls it (Engine._housekeeping)."""
+        if not self._stuck_send_s:
+            return []
+        retired, now = [], time.monotonic()
+        with self._lock:
+            for slot, sender in enumerate(self._senders):
+                if sender.since is None or now - sender.since <= self._stuck_send_s:
+                    continue
+                sender.retired = True
+                stuck = _sink_of(sender.current)
+                self._abandoned[id(stuck)] = stuck  # kept alive, so that its id is never another sink's
+                rest = [*sender.pile, *sender.held.values()]  # a held message is its key's last in the pile
+                while True:
+                    try:
+                        rest.append(sender.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                # Rows that will never be sent no longer count as pending: those sent from the pile,
+                # the stuck message's, and those to the abandoned sink.
+                gone = sender.sent + Counter({sender.current[0]: len(sender.current[2])} if sender.current[1] is not None else {})
+                fresh = self._spawn(slot)
+                for item in rest:
+                    if item is not None and _sink_of(item) is stuck:
+                        if item[1] is not None:
+                            gone[item[0]] += len(item[2])
+                        continue
+                    fresh.queue.put(item)
+                for key, n in gone.items():
+                    self._pending[key] -= n
+                    if self._pending[key] <= 0:
+                        del self._pending[key]
+                self._senders[slot] = fresh
+                self._stuck_senders.append(sender)
+                self.stuck_sends += 1
+                retired.append((slot, sender.current[0]))
+                fresh.thread.start()
+        return retired
+
     def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued, then stop the senders."""
-        for q in self._queues:
-            q.put(None)
-        for t in self._threads:
-            t.join(timeout)
+        """Send what is queued, then stop the senders (not a stuck one: it is left to its call)."""
+        senders = list(self._senders)
+        for sender in senders:
+            sender.queue.put(None)
+        for sender in senders:
+            sender.thread.join(timeout)
 
 
 class Engine:
     def __init__(self, runner, max_batch: int = 64, idle_timeout: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, poll: float = 0.5, senders: int = 0, max_ahead: int = 16,
                  linger: float = 0.0, max_images: int | None = None, trim: Callable[[], Any] = give_back_memory,
-                 fair: bool = True):
+                 fair: bool = True, stuck_send_s: float = STUCK_SEND_S, max_waiting: int = 0, wait_s: float = 0.0):
         self.runner = runner
         if max_images is not None and max_images < max_batch:
             raise ValueError(f"max_images ({max_images}) must hold at least one full sequence (max_batch {max_batch})")
+        if max_waiting < 0 or (max_waiting and not (wait_s > 0 and max_images is not None)):
+            raise ValueError(f"an admission queue (max_waiting {max_waiting}) needs a budget (max_images) and a wait > 0 s, "
+                             f"got max_images {max_images}, wait_s {wait_s}")
         self.max_images = max_images  # live-images budget (None: unbounded); see the module notes
+        self.max_waiting, self.wait_s = max_waiting, wait_s  # the admission queue (module notes; 0: none)
         self._images = 0  # images of live and admitted sequences; under _cv
-        self.overloaded = 0  # STARTs refused for the budget; under _cv
-        self._trim, self._trimmed = trim, True  # give memory back once per idle period
+        self._waiting: deque[_Waiting] = deque()  # STARTs waiting for room, oldest first; under _cv
+        # STARTs admitted (at once or after waiting), queued (they waited) and refused for the
+        # budget (at once, or when their wait ran out): under _cv
+        self.admitted = self.queued = self.overloaded = 0
+        # Give memory back twice per idle period (step): trims done in this one (2: none due; never
+        # busy yet), and since when it has been idle (engine clock).
+        self._trim, self._trims, self._idle_since = trim, 2, 0.0
         self.fair = fair  # False: every ready sequence in every step, as before (bench/overload.py compares)
         self.stages: list[Stage] = list(runner.stages)
         self.max_batch, self.idle_timeout, self.clock, self.poll = max_batch, idle_timeout, clock, poll
@@ -277,7 +423,9 @@ class Engine:
         self.max_ahead = max_ahead  # rows a sequence may have queued for its sender (see the module notes)
         # linger: see the module notes. Held rows stay under max_ahead / 2, below where a sequence
         # would wait for its sender (_ready), so holding them never stalls the cell calls.
-        self._outbox = Outbox(senders, on_sent=self._row_sent, linger=linger, hold_rows=max(1, max_ahead // 2))
+        self._outbox = Outbox(senders, on_sent=self._row_sent, linger=linger, hold_rows=max(1, max_ahead // 2),
+                              stuck_send_s=stuck_send_s)
+        self.stuck_send_s = stuck_send_s  # a send outstanding this long is stuck (module notes, "Stuck sends")
         self.calls = 0  # batched cell calls so far (tests, metrics)
         # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
         self.counts: Counter = Counter()
@@ -326,29 +474,103 @@ class Engine:
     def start(self, key: Hashable, spec: SampleSpec, sink: Sink, max_rows: int | None = None, end: bool = True,
               rows_per_response: int | None = None) -> None:
         """Open sequence `key` (a START for a key that is live is refused on the request's sink);
-        raises ValueError for bad parameters, Overloaded when its images do not fit `max_images`.
-        `rows_per_response`: at most this many rows in one `sink.send_rows` call (1: one per row;
+        raises ValueError for bad parameters, Overloaded when its images do not fit `max_images`
+        and cannot wait (no admission queue, or a full one: module notes); one that waits is
+        admitted later, or refused on its sink when its wait runs out. `rows_per_response`: at most this many rows in one `sink.send_rows` call (1: one per row;
         None: as many as are waiting)."""
         self._check_rows(max_rows, rows_per_response)
         self.validate(spec)
+        request = _Request(sink, max_rows, end, rows_per_response)
         with self._cv:  # admission and queueing under one lock: concurrent STARTs cannot overshoot
-            if self.max_images is not None and self._images + spec.batch > self.max_images:
+            if self._waiting_for(key) is not None:
+                raise ValueError(f"sequence {key} is already waiting for room in the sampler: a START request needs a new "
+                                 f"sequence id")
+            if self.max_images is None or (not self._waiting and self._images + spec.batch <= self.max_images):
+                self._admit(key, spec, request)
+            elif len(self._waiting) < self.max_waiting:  # FIFO: a START that fits does not pass one that waits
+                self._waiting.append(_Waiting(key, spec, request, self.clock() + self.wait_s))
+                self.queued += 1
+                self._cv.notify()  # the worker wakes by this deadline at the latest (_loop)
+            else:
                 self.overloaded += 1
-                raise Overloaded(f"{OVERLOADED} the sampler holds {self._images} live images, its budget is {self.max_images} "
-                                 f"(max_live_images); a START of {spec.batch} more does not fit: retry later")
-            self._post(("start", key, spec, _Request(sink, max_rows, end, rows_per_response)))
-            self._images += spec.batch
+                full = f" and the admission queue is full ({len(self._waiting)} STARTs wait)" if self.max_waiting else ""
+                raise Overloaded(f"{self._load()}; a START of {spec.batch} more does not fit{full}: retry later")
 
     def resume(self, key: Hashable, sink: Sink, max_rows: int | None = None, end: bool = False,
                rows_per_response: int | None = None) -> None:
         """Ask an open sequence for more rows (all remaining when max_rows is None)."""
         self._check_rows(max_rows, rows_per_response)
-        self._post(("resume", key, None, _Request(sink, max_rows, end, rows_per_response)))
+        self._post_or_hold(("resume", key, None, _Request(sink, max_rows, end, rows_per_response)))
 
     def forget(self, key: Hashable) -> None:
         """The caller no longer knows sequence `key` (Triton forgets an id at an END flag, even
         on a request it refused): end it once what it already asked for is streamed."""
-        self._post(("forget", key, None, None))
+        self._post_or_hold(("forget", key, None, None))
+
+    def _post_or_hold(self, item) -> None:
+        """Queue a request of an open sequence for the worker; one whose START waits for room
+        goes in right after that START is admitted (or is refused with it)."""
+        with self._cv:
+            waiting = self._waiting_for(item[1])
+            if waiting is None:
+                self._post(item)
+            else:
+                waiting.later.append(item)
+
+    def _waiting_for(self, key: Hashable) -> _Waiting | None:
+        """The waiting START of sequence `key`, if any (under _cv; the queue is short: max_waiting)."""
+        return next((w for w in self._waiting if w.key == key), None)
+
+    def _load(self) -> str:
+        """How an overloaded refusal begins: the load and the budget (under _cv)."""
+        return f"{OVERLOADED} the sampler holds {self._images} live images, its budget is {self.max_images} (max_live_images)"
+
+    def _admit(self, key: Hashable, spec: SampleSpec, request: _Request, later: list = ()) -> None:
+        """Take sequence `key` into the budget and queue its START (and what came for it meanwhile)
+        for the worker (under _cv)."""
+        self._post(("start", key, spec, request))
+        for item in later:
+            self._post(item)
+        self._images += spec.batch
+        self.admitted += 1
+
+    def _admit_waiting(self) -> None:
+        """Admit the waiting STARTs, oldest first, while the oldest fits (under _cv)."""
+        while self._waiting and not self._stopping and self._images + self._waiting[0].spec.batch <= self.max_images:
+            waiting = self._waiting.popleft()
+            self._admit(waiting.key, waiting.spec, waiting.request, waiting.later)
+
+    def _expire_waiting(self) -> None:
+        """Refuse the waiting STARTs whose wait ran out (overloaded, as a START refused at once
+        is) and drop those whose client is gone; then admit what fits behind them."""
+        with self._cv:
+            waiting = list(self._waiting)
+        if not waiting:
+            return
+        now = self.clock()
+        # cancelled() may be a round trip to the server (the Triton glue): not under the lock.
+        gone = [(w, None if now >= w.deadline else "cancelled") for w in waiting
+                if now >= w.deadline or _safe(w.request.sink.cancelled, default=False)]
+        refusals = []
+        with self._cv:
+            for w, message in gone:
+                if w in self._waiting:  # not admitted meanwhile
+                    self._waiting.remove(w)
+                    if message is None:
+                        self.overloaded += 1
+                        message = (f"{self._load()}; a START of {w.spec.batch} more waited {self.wait_s:g} s for room "
+                                   f"(admission_wait_ms): retry later")
+                    refusals.append((w, message))
+            self._admit_waiting()  # a big START gone from the head may let the smaller ones behind it in
+        for w, message in refusals:
+            self._refuse_waiting(w, message)
+
+    def _refuse_waiting(self, waiting: _Waiting, message: str) -> None:
+        """A waiting START's error, and its sequence's requests that came meanwhile get it too."""
+        self._outbox.put(waiting.key, waiting.request.sink.error, message)
+        for _, key, _, request in waiting.later:
+            if request is not None:  # a resume (a forget has no one to tell)
+                self._outbox.put(key, request.sink.error, message)
 
     @staticmethod
     def _check_rows(max_rows, rows_per_response=None):
@@ -360,6 +582,7 @@ class Engine:
     def _release(self, images: int) -> None:
         with self._cv:
             self._images -= images
+            self._admit_waiting()
 
     def _post(self, item) -> None:
         with self._cv:  # an RLock (Condition's default): start() holds it already
@@ -379,6 +602,11 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for w in waiting:
+            self._refuse_waiting(w, "the sampler is shutting down")
         self._drain_inbox()
         for seq in list(self._sequences.values()):
             self._drop(seq, "the sampler is shutting down", "shutdown")
@@ -395,7 +623,9 @@ class Engine:
                 if self._stopping:
                     return
                 if not self._inbox and not self._ready():
-                    self._cv.wait(self.poll)
+                    # A waiting START is refused at its deadline, not up to `poll` later.
+                    self._cv.wait(self.poll if not self._waiting else
+                                  min(self.poll, max(0.0, self._waiting[0].deadline - self.clock())))
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - a bug must not leave every stream hanging
@@ -426,6 +656,27 @@ class Engine:
     def step(self) -> bool:
         """Take queued requests, tidy up, then one row for every sequence that has a request
         waiting for rows. Returns whether any row was made."""
+        made = self._rows()
+        # Here, not in _rows: the sequences _rows ran are still referenced by its locals there,
+        # and a trim while the last ones' states are alive would leave them resident for good.
+        # Idle after work: what the sequences held goes back to the OS at once, and again once the
+        # engine has been idle `poll` s, for what was freed after that first trim (the senders'
+        # last messages, objects only the cyclic garbage collector frees): glibc never trims by
+        # itself under the servers' malloc settings, so memory freed after a trim stays resident.
+        if self._sequences:
+            self._trims = 0
+        elif self._trims == 0 or (self._trims == 1 and self.clock() - self._idle_since >= self.poll):
+            if self._trims == 0:
+                self._idle_since = self.clock()
+            else:
+                gc.collect()
+            self._trims += 1
+            _safe(self._trim)
+        return made
+
+    def _rows(self) -> bool:
+        """step() but the memory: requests, housekeeping, one row per ready sequence."""
+        self._expire_waiting()
         self._drain_inbox()
         self._housekeeping()
         ready = self._ready()
@@ -445,11 +696,6 @@ class Engine:
             if chunk:
                 self._run(chunk)
         self._housekeeping()
-        if self._sequences:
-            self._trimmed = False
-        elif not self._trimmed:  # idle after work: what the sequences held goes back to the OS
-            self._trimmed = True
-            _safe(self._trim)
         return bool(ready)
 
     def _least_served(self, ready: list[_Sequence]) -> list[_Sequence]:
@@ -520,6 +766,8 @@ class Engine:
 
     def _housekeeping(self) -> None:
         now = self.clock()
+        for slot, key in self._outbox.retire_stuck():
+            self._sender_stuck(slot, key)
         if self._outbox.failed:  # forget failures of sinks no sequence waits on any more
             waiting = {id(r.sink) for seq in self._sequences.values() for r in seq.requests}
             for sink_id in list(self._outbox.failed):
@@ -587,15 +835,33 @@ class Engine:
             self._outbox.put(seq.key, request.sink.error, message)
         seq.requests.clear()
 
+    def _sender_stuck(self, slot: int, key: Hashable) -> None:
+        """A sender was stuck in a send to sequence `key`'s stream and is retired (Outbox.retire_stuck):
+        every live sequence of its slot ends with an UNHEALTHY error, sent by the fresh sender
+        after the rows it had not sent (so a client resumes from every row made), except to the
+        stuck stream, which nothing reaches any more."""
+        for seq in list(self._sequences.values()):
+            if self._outbox.slot(seq.key) == slot:
+                self._drop(seq, f"{UNHEALTHY} a response send of this sampler has not returned for {self.stuck_send_s:g} s (a stuck "
+                                f"stream, sequence {key}); sequence {seq.key}, on the same sender thread, is ended after the rows "
+                                f"it was sent: resume it on another replica (those rows as KNOWN, the same seed)", "stuck")
+
     def stats(self) -> dict[str, int]:
-        """Live sequences, live images (admitted, not yet freed), the live-images budget (0: none)
-        and counters since start: sequences started (= admitted) / completed / ended / cancelled /
-        disconnected / expired / failed / shutdown, requests refused (bad or conflicting) and
-        overloaded (STARTs over the budget), rows streamed, batched cell calls. Worker thread (or,
-        approximately, any thread: ints only)."""
-        keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "refused", "rows")
+        """Live sequences, live images (admitted, not yet freed), the live-images budget (0: none),
+        waiting (STARTs in the admission queue now), healthy (1; 0 while a response send is
+        stuck: module notes, "Stuck sends") and counters since start: STARTs admitted (at once or
+        after waiting) / queued (they waited for room) / overloaded (refused for the budget, at
+        once or when their wait ran out), sequences started (opened by the worker) / completed /
+        ended / cancelled / disconnected / expired / failed / shutdown / stuck (ended because
+        their sender was stuck), requests refused (bad or conflicting), rows streamed, batched
+        cell calls, stuck_sends (sender threads found stuck). Worker thread (or, approximately,
+        any thread: ints only)."""
+        keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "stuck", "refused",
+                "rows")
         return {"live": len(self._sequences), "live_images": self._images, "budget": self.max_images or 0,
-                **{k: self.counts[k] for k in keys}, "overloaded": self.overloaded, "calls": self.calls}
+                "waiting": len(self._waiting), "admitted": self.admitted, "queued": self.queued,
+                "healthy": int(self._outbox.healthy), **{k: self.counts[k] for k in keys}, "overloaded": self.overloaded,
+                "calls": self.calls, "stuck_sends": self._outbox.stuck_sends}
 
 
 def _safe(fn, *args, default=None):
