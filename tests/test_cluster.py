@@ -169,6 +169,48 @@ def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schema():
         validator.validate(broken, version, strict=True)
 
 
+@pytest.mark.parametrize("live, healthy, passes", [(200, "1", True), (200, "0", False), (503, "1", False)])
+def test_the_kubernetes_liveness_probe_fails_a_stuck_or_dead_replica(live, healthy, passes):
+    """The manifest's liveness command, run as written against a fake Triton (its ports moved to
+    free ones): it passes a live replica whose sampler is healthy, and fails one whose health
+    endpoint errs or whose sampler says pixelrnn_sampler_healthy 0 (a stuck send)."""
+    import http.server
+    import sys
+
+    yaml = require("yaml")
+    resources = [r for r in yaml.safe_load_all((REPO / "server" / "deploy" / "triton-replicas.yaml").read_text()) if r]
+    container = next(r for r in resources if r["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["python3", "-c"]
+    metrics = (f'# TYPE pixelrnn_sampler_healthy gauge\npixelrnn_sampler_healthy{{model="a_sample"}} 1\n'
+               f'pixelrnn_sampler_healthy{{model="b_sample"}} {healthy}\n')
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code, body = (live, b"") if self.path == "/v2/health/live" else (200, metrics.encode())
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        script = command[2].replace("127.0.0.1:8000", f"127.0.0.1:{servers[0].server_port}")
+        script = script.replace("127.0.0.1:8002", f"127.0.0.1:{servers[1].server_port}")
+        assert script != command[2]
+        probe = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert (probe.returncode == 0) == passes, probe.stderr
+    if healthy == "0":
+        assert 'stuck: pixelrnn_sampler_healthy{model="b_sample"} 0' in probe.stderr
+
+
 # ------------------------------------------------------------------------------ a cluster
 
 @pytest.fixture(scope="module")
