@@ -213,7 +213,15 @@ def overload(d):
             f"{sf['rss_mib']['after_settle']:.0f} MiB {sf['settle_window_s']:.0f} s after, "
             + (f"back within 20% of the baseline {sf['seconds_to_within_20pct']:.1f} s after the flood"
                if sf["seconds_to_within_20pct"] is not None else  # whichever the run measured, the README says
-               f"not back within 20% of the baseline in {sf['settle_window_s']:.0f} s")]
+               f"not back within 20% of the baseline in {sf['settle_window_s']:.0f} s")] + floods(d.get("server_floods"))
+
+
+def floods(fl) -> list[str]:
+    """bench.overload's repeated floods through the server: how many gave the memory back."""
+    if fl is None:
+        return []
+    mib = [f"{x:.0f}" for x in fl["after_settle_mib"]]
+    return [f"{fl['within_20pct']} of the {fl['runs']} floods were back within 20% ({', '.join(mib[:-1])} and {mib[-1]} MiB"]
 
 
 FIGURES = {
