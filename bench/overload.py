@@ -18,6 +18,7 @@ throughput cost of fairness is the ratio of image-rows per CPU second of the wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -215,12 +216,28 @@ def server_flood(manifest: dict, starts: int = 150, settle_s: float = 30.0) -> d
             server.stop()
 
 
+@contextlib.contextmanager
+def arena_setting(arenas: str | None):
+    """MALLOC_ARENA_MAX for the servers started inside (None: the launcher's default)."""
+    before = os.environ.pop("MALLOC_ARENA_MAX", None)
+    if arenas is not None:
+        os.environ["MALLOC_ARENA_MAX"] = arenas
+    try:
+        yield
+    finally:
+        os.environ.pop("MALLOC_ARENA_MAX", None)
+        if before is not None:
+            os.environ["MALLOC_ARENA_MAX"] = before
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--flood", type=int, default=16, help="64-image sequences in the flood (default 16: 1,024 images)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--server", action="store_true", help="also the flood through tritonserver (server_flood)")
+    parser.add_argument("--no-arena-compare", dest="arena_compare", action="store_false",
+                        help="leave out the floods with glibc's default malloc arenas (the launcher sets one)")
     parser.add_argument("--server-repeats", type=int, default=3,
                         help="floods through tritonserver, each on a fresh server (the median run by after-flood RSS is reported)")
     args = parser.parse_args(argv)
@@ -246,20 +263,33 @@ def main(argv=None) -> int:
         "trim_cost": trim_cost(runner, args.flood, max_batch, steps=args.flood, repeats=args.repeats),
     }
     if args.server:
-        floods = [server_flood(manifest) for _ in range(args.server_repeats)]
+        # The launcher's malloc setting (one arena, server/launcher.python_env) against glibc's
+        # default (8 per core), interleaved, each flood on a fresh server.
+        variants = {"server_floods": None}
+        if args.arena_compare:
+            variants["arena_default"] = str(8 * (os.cpu_count() or 1))
+        floods = {name: [] for name in variants}
+        for _ in range(args.server_repeats):
+            for name, arenas in variants.items():
+                with arena_setting(arenas):
+                    floods[name].append(server_flood(manifest))
         # What the server keeps after a flood varies from one flood to the next (fragmentation):
         # the run with the median after-flood RSS is the figure, every run's outcome beside it.
-        payload["server_flood"] = sorted(floods, key=lambda f: f["rss_mib"]["after_settle"])[len(floods) // 2]
-        payload["server_floods"] = {
-            "runs": len(floods),
-            "within_20pct": sum(f["seconds_to_within_20pct"] is not None for f in floods),
-            "after_settle_mib": [round(f["rss_mib"]["after_settle"], 1) for f in floods],
-            "baseline_mib": [round(f["rss_mib"]["baseline"], 1) for f in floods],
-            "victim_first_row_s": [f["victim"]["first_row_s"] for f in floods],
-            "victim_image_s": [f["victim"]["image_s"] for f in floods],
-        }
+        payload["server_flood"] = sorted(floods["server_floods"], key=lambda f: f["rss_mib"]["after_settle"])[len(floods["server_floods"]) // 2]
+        for name, runs in floods.items():
+            payload[name] = {
+                "malloc_arena_max": variants[name] or "1 (server/launcher.py)",
+                "runs": len(runs),
+                "within_20pct": sum(f["seconds_to_within_20pct"] is not None for f in runs),
+                "after_settle_mib": [round(f["rss_mib"]["after_settle"], 1) for f in runs],
+                "baseline_mib": [round(f["rss_mib"]["baseline"], 1) for f in runs],
+                "flood_s": [round(f["flood_s"], 2) for f in runs],
+                "flood_s_median": statistics.median(f["flood_s"] for f in runs),
+                "victim_first_row_s": [f["victim"]["first_row_s"] for f in runs],
+                "victim_image_s": [f["victim"]["image_s"] for f in runs],
+            }
     print(json.dumps({k: payload.get(k) for k in ("victim", "fairness_throughput_ratio", "admission", "memory", "trim_cost",
-                                                  "server_flood", "server_floods")},
+                                                  "server_flood", "server_floods", "arena_default")},
                      indent=1, default=str))
     if args.json:
         write_json(args.json, payload)

@@ -94,6 +94,10 @@ def python_env(venv: Path) -> dict[str, str]:
         raise ServerError(f"no Python environment for the models at {venv}: run `make setup`")
     env = dict(os.environ)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    # One malloc arena: with one per thread (glibc's default, up to 8 per core) the sampler's stub
+    # kept over 20% of a flood's memory resident after its trims in most floods, with one arena in
+    # none, at the same flood time (bench/results/overload.json: server_floods, arena_default).
+    env.setdefault("MALLOC_ARENA_MAX", "1")
     libdir = subprocess.run([str(python), "-c", "import sysconfig as s; print(s.get_config_var('LIBDIR') or '')"],
                             capture_output=True, text=True, check=False).stdout.strip()
     if libdir and list(Path(libdir).glob("libpython3*.so*")):

@@ -213,7 +213,8 @@ def overload(d):
             f"{sf['rss_mib']['after_settle']:.0f} MiB {sf['settle_window_s']:.0f} s after, "
             + (f"back within 20% of the baseline {sf['seconds_to_within_20pct']:.1f} s after the flood"
                if sf["seconds_to_within_20pct"] is not None else  # whichever the run measured, the README says
-               f"not back within 20% of the baseline in {sf['settle_window_s']:.0f} s")] + floods(d.get("server_floods"))
+               f"not back within 20% of the baseline in {sf['settle_window_s']:.0f} s")] + floods(d.get("server_floods")) + (
+        arena_default(d) if "arena_default" in d else [])
 
 
 def floods(fl) -> list[str]:
@@ -222,6 +223,14 @@ def floods(fl) -> list[str]:
         return []
     mib = [f"{x:.0f}" for x in fl["after_settle_mib"]]
     return [f"{fl['within_20pct']} of the {fl['runs']} floods were back within 20% ({', '.join(mib[:-1])} and {mib[-1]} MiB"]
+
+
+def arena_default(d) -> list[str]:
+    """bench.overload's floods with glibc's default malloc arenas, beside the launcher's one."""
+    a, one = d["arena_default"], d["server_floods"]
+    mib = [f"{x:.0f}" for x in a["after_settle_mib"]]
+    return [f"{a['within_20pct']} of the {a['runs']} floods was back within 20% ({', '.join(mib[:-1])} and {mib[-1]} MiB)",
+            f"(median {a['flood_s_median']:.1f} s, against {one['flood_s_median']:.1f} s with one arena"]
 
 
 FIGURES = {
