@@ -3,7 +3,8 @@ injected in the engine (runtime/engine.py) as a sink whose send_rows blocks on a
 sender is found stuck after stuck_send_s, the other sequences on its thread get every row made
 and then a clear UNHEALTHY error (or, when their images were already made, the rest of their
 rows and their final message), sequences on the other sender finish untouched, new sequences
-avoid the stuck thread, and the engine reports itself unhealthy until the send returns. The
+avoid the stuck thread, and the engine reports itself unhealthy until the send returns (then
+the given-up stream gets its final error). The
 bound is a repository setting (stuck_send_s). On Triton, behind nginx: tests/test_cluster.py.
 Bounded: stuck_send_s 0.5 s, every wait with its own bound (a few seconds in all)."""
 import threading
@@ -84,10 +85,13 @@ def test_sequences_behind_a_stuck_send_end_with_a_clear_error_after_every_row_ma
         np.testing.assert_array_equal(late.image(), solo(FakeRunner(h=HEIGHT), SampleSpec(seed=6)))
         assert engine.stats()["healthy"] == 0  # the stuck call has still not returned
 
-        # The stuck call returns at last: its thread ends without sending anything more.
+        # The stuck call returns at last: its thread ends, after telling that stream, which was
+        # given up, why it ends (else its client would wait for its own timeout).
         stuck.release.set()
         assert wait_for(lambda: engine.stats()["healthy"] == 1, BUSY_SLACK_S)
-        assert len(stuck.responses) == 1 and not stuck.finished.is_set()  # the one it was stuck in
+        assert stuck.finished.wait(BUSY_SLACK_S) and len(stuck.responses) == 1  # the one it was stuck in
+        (message,) = stuck.errors
+        assert message.startswith(p.UNHEALTHY) and f"did not return for {STUCK_S:g} s" in message
         assert all(engine._outbox.pending(k) == 0 for k in range(7))  # no row counted as queued for ever
     finally:
         stuck.release.set()

@@ -74,7 +74,8 @@ slot are then ended with an error starting with protocol.UNHEALTHY, sent after t
 made (their clients resume elsewhere from every row made), new sequences of the slot go to the
 fresh sender, and `stats()` says healthy 0 while the stuck call has not returned (the Triton
 glue publishes it as a metric; server/cluster.py restarts such a replica). The stuck thread is
-left in its call; should the call return, the thread ends without sending anything more.
+left in its call; should the call return, the thread sends that given-up stream a final
+UNHEALTHY error (so that its client need not wait for its own timeout) and ends.
 """
 from __future__ import annotations
 
@@ -305,14 +306,20 @@ class Outbox:
                     sender.current, sender.since = item, time.monotonic()
                 self._deliver(item)
                 with self._lock:
-                    if sender.retired:  # stuck in that call: a fresh sender has what was left
-                        return
-                    sender.current = sender.since = None
-                    if row_sink is not None:
-                        sender.sent[key] += len(item[2])
-                        last[key] = now
-                    else:
-                        last.pop(key, None)  # done/error: the request is over
+                    retired = sender.retired  # stuck in that call: a fresh sender has what was left
+                    if not retired:
+                        sender.current = sender.since = None
+                        if row_sink is not None:
+                            sender.sent[key] += len(item[2])
+                            last[key] = now
+                        else:
+                            last.pop(key, None)  # done/error: the request is over
+                if retired:
+                    if row_sink is not None:  # the call did return, but its stream was given up: say so, finally
+                        _safe(row_sink.error, f"{UNHEALTHY} a response send to this stream did not return for "
+                                              f"{self._stuck_send_s:g} s and the sampler gave the stream up: resume it on "
+                                              f"another replica (the rows received as KNOWN, the same seed)")
+                    return
             # Counted once the whole pile is sent, not per response: the keys of one sender then
             # drain together, and the engine advances them together (see Engine._ready).
             with self._lock:
@@ -343,8 +350,9 @@ class Outbox:
         (0: never): a fresh sender takes its slot and, in their order, the messages it had not
         sent (taken, held back or queued), except those to the sink it is stuck on, which is
         abandoned (nothing is sent to it any more: its stream is stuck). The stuck thread is left
-        to its call; if that ever returns, the thread ends. Returns (slot, key of the stuck
-        message) per sender retired now. The engine's worker calls it (Engine._housekeeping)."""
+        to its call; if that ever returns, the thread ends that stream with an error, then itself.
+        Returns (slot, key of the stuck message) per sender retired now. The engine's worker
+        calls it (Engine._housekeeping)."""
         if not self._stuck_send_s:
             return []
         retired, now = [], time.monotonic()
