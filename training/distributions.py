@@ -35,7 +35,8 @@ def log_prob(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {levels} levels")
     if levels == 2:
         return bernoulli_log_prob(logits[:, :, 0], x)
-    return torch.gather(F.log_softmax(logits, dim=2), 2, x.long().unsqueeze(2)).squeeze(2)
+    # [:, :, 0], not squeeze(2): an exported squeeze on a dynamic batch is an If on the shape.
+    return torch.gather(F.log_softmax(logits, dim=2), 2, x.long().unsqueeze(2))[:, :, 0]
 
 
 def nll_nats(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:

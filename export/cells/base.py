@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from training.distributions import bernoulli_log_prob
+from training.distributions import log_prob
 from training.models.base import ImageModel
 
 
@@ -131,13 +130,10 @@ class RowCell(nn.Module):
         logits = from_columns(row_logits).reshape(-1, C, K, W)  # (B, C, K, W)
         # The row's log-probability from its logits at once, not per sub-pixel: a dozen ops per
         # sub-pixel in the graph otherwise, for arithmetic that needs no sampled value but its own.
-        if self.levels == 2:  # one logit per sub-pixel (distributions.logits_per_channel)
-            lp = bernoulli_log_prob(logits[:, :, 0], row)  # (B, C, W)
-        else:
-            lp = torch.gather(F.log_softmax(logits, dim=2), 2, row[:, :, None])  # (B, C, 1, W)
+        lp = log_prob(logits[:, :, :, None], row[:, :, None], self.levels)  # (B, C, 1, W): the row as a 1-row image
         if fixed is not None:  # (W,): the copied grid columns are not the row's to score
             lp = torch.where(fixed, torch.zeros_like(lp), lp)
-        return row, lp.sum(dim=tuple(range(1, lp.dim()))), logits, self.end_row(ctx)
+        return row, lp.sum(dim=(1, 2, 3)), logits, self.end_row(ctx)
 
     def forward(self, *args):
         """ONNX-friendly flat signature: (*state, uniforms, temperature, forced, force[, labels])."""
