@@ -129,8 +129,16 @@ class Errors:
         return [{"message": m, "count": k} for m, k in self.counts.most_common(MAX_MESSAGES)]
 
 
-def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: list[float], errors: Errors, k: int,
-            timeout: float, per_response: int | None = None) -> dict:
+def wait(barrier: threading.Barrier) -> None:
+    """Wait at `barrier`; one broken by a client that failed to start is passed (that failure is counted)."""
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+
+
+def sampler(url: str, manifest: dict, seeds, opened: threading.Barrier, start: threading.Barrier, stop: list[float],
+            errors: Errors, k: int, timeout: float, per_response: int | None = None) -> dict:
     """One stream's loop: images until stop[0] (set at the release), the last one finished."""
     labels, model = labels_for(manifest, 1, k), manifest["name"]
     stream = timed_stream(url, timeout)
@@ -143,6 +151,7 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
             errors.add(f"warm-up: {e}")
             stream.close(cancel=True)
             stream = timed_stream(url, timeout)
+        wait(opened)
         start.wait()
         while time.perf_counter() < stop[0]:
             try:
@@ -166,9 +175,10 @@ def sampler(url: str, manifest: dict, seeds, start: threading.Barrier, stop: lis
             "rows": images * sum(stage_rows(manifest)), "responses": len(response_gaps) + images, "drawn": drawn}
 
 
-def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, start: threading.Barrier, stop: list[float],
-           errors: Errors, k: int, timeout: float) -> dict:
+def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, opened: threading.Barrier,
+           start: threading.Barrier, stop: list[float], errors: Errors, k: int, timeout: float) -> dict:
     """One scoring client's loop: requests of `batch` images (cycling through `images`) until stop[0]."""
+    wait(opened)  # every stream placed first (run_clients): even reading the model's config is a call
     client = PixelClient(url, manifest["name"], timeout=timeout)
     latencies, scored, offset, answers = [], 0, k * batch, []
 
@@ -306,6 +316,12 @@ def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, erro
     scorers', the timed seconds). bench/cluster.py --sustained runs them through its proxy."""
     seeds = itertools.count(args.seed)  # next() is atomic under the GIL: every image its own seed
     stop = [float("inf")]
+    # The streams open and warm up before any score call: a stream stays on the replica a
+    # least_conn proxy chose when it opened, and any unary call in flight at that moment (a
+    # score, or a scoring client reading the model's config) would tilt the choice (bench/cluster.py --sustained: 3 streams on one replica, 1 on the other,
+    # and every score call then went to the other). Placed while nothing else is in flight, the
+    # streams spread evenly, and so do the score calls.
+    opened = threading.Barrier(args.streams + args.score_clients)
     start = threading.Barrier(args.streams + args.score_clients + 1)
     timeout = max(60.0, 2 * args.seconds)
     results, threads = {}, []
@@ -315,14 +331,16 @@ def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, erro
             results[key] = fn(*a)
         except Exception as e:  # noqa: BLE001 - a client that could not even start
             errors.add(f"{key}: {e}")
-            start.abort()  # nobody waits for it at the barrier
+            opened.abort()  # nobody waits for it at the barriers
+            start.abort()
 
     for k in range(args.streams):
-        threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, url, manifest, seeds, start, stop,
+        threads.append(threading.Thread(target=run, args=(f"sampler {k}", sampler, url, manifest, seeds, opened, start, stop,
                                                           errors, k, timeout, per_response), daemon=True))
     for k in range(args.score_clients):
         threads.append(threading.Thread(target=run, args=(f"scorer {k}", scorer, url, manifest, images, labels,
-                                                          args.score_batch, start, stop, errors, k, timeout), daemon=True))
+                                                          args.score_batch, opened, start, stop, errors, k, timeout),
+                                     daemon=True))
     for t in threads:
         t.start()
     try:
