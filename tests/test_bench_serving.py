@@ -126,3 +126,20 @@ def test_targets_need_one_and_sixteen_streams_for_the_scaling_target():
     assert t["sampling_vs_in_process"]["met"] and not t["scoring_vs_in_process"]["met"] and not t["all_met"]
     t = serving.targets(result({"1": {"vs_one_stream": 1.0}, "4": {"vs_one_stream": 3.0}}))
     assert t["streams_scaling"]["met"] is None and t["streams_scaling"]["streams"] == 4
+
+
+def test_the_scaling_target_carries_its_batching_ceiling_when_the_sequence_has_16_images():
+    """16 single-image streams at best run one 16-image sequence's cell calls: that path's rate over
+    one stream's is the ceiling, recorded (and pinned too) beside the 16-stream ratio."""
+    def result(batch, pinned=None):
+        return {"sampling": {"batch": batch, "ratio_triton_vs_in_process": 1.0, "triton_stream": {"pixels_per_s": 5000.0}},
+                "scoring": {"ratio_triton_vs_in_process": 1.0, "ratio_triton_concurrent_vs_in_process": 1.0},
+                "streams": {"1": {"pixels_per_s": 1000.0, "vs_one_stream": 1.0},
+                            "16": {"pixels_per_s": 4000.0, "vs_one_stream": 4.0}}, "pinned": pinned}
+
+    s = serving.targets(result(16))["streams_scaling"]
+    assert s["value"] == 4.0 and s["ceiling"] == 5.0 and s["of_ceiling"] == pytest.approx(0.8) and "pinned" not in s
+    pinned = {"sampling": {"triton": {"pixels_per_s": 3000.0}, "ratio_triton_vs_in_process": 1.0},
+              "streams": {"1": {"streams": {"pixels_per_s": 500.0}}, "16": {"streams": {"vs_one_stream": 3.5}}}}
+    assert serving.targets(result(16, pinned))["streams_scaling"]["pinned"] == {"value": 3.5, "ceiling": 6.0}
+    assert "ceiling" not in serving.targets(result(8))["streams_scaling"]  # another batch bounds nothing
