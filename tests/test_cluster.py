@@ -11,6 +11,7 @@ Bounded: 8 s of load (12 sampling streams, 2 scoring clients), then a few second
 around the stuck replica; every wait has its own bound. The manifest for Kubernetes is checked against the Kubernetes schema here too."""
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,10 +53,7 @@ RETRIES = dict(retries=3, retry_wait_s=60.0)
 # holding its health lock.
 STALL_S, FREEZE_S = 0.3, 0.6
 STUCK_SEND_S = 3  # the replicas' stuck-send bound (export/repository.py stuck_send_s; 10 s by default)
-STUCK_SEED = 987654321  # the sampler's TEST ONLY hook gets this seed's sends stuck (export/triton_models/sample_model.py),
-# switched on by this environment variable (read from that file: it imports Triton's module, so it cannot be imported here)
-STUCK_ENV = re.search(r'^TEST_ONLY_STUCK_SEED = "(\w+)"', (REPO / "export" / "triton_models" / "sample_model.py").read_text(),
-                      re.M).group(1)
+STUCK_SEED = 987654321  # tests/triton_stuck_send_model.py (the replicas' sampler here) gets this seed's sends stuck
 
 
 def nginx_or_skip():
@@ -223,17 +221,28 @@ def deployed(tmp_path_factory):
     return root, exported[MODEL].model
 
 
+def with_stuck_send_hook(repository: Path, into: Path) -> Path:
+    """A copy of `repository` whose sampler is tests/triton_stuck_send_model.py around the shipped
+    model.py (renamed shipped_model.py): STUCK_SEED's sends get stuck, every other seed is served
+    as shipped. The shipped glue carries no test hook."""
+    shutil.copytree(repository, into)
+    version = into / p.sample_model(MODEL) / "1"
+    (version / "model.py").rename(version / "shipped_model.py")
+    shutil.copyfile(Path(__file__).with_name("triton_stuck_send_model.py"), version / "model.py")
+    (version / "stuck_seed").write_text(str(STUCK_SEED))
+    return into
+
+
 @pytest.fixture(scope="module")
 def cluster(deployed):
-    """The replicas run with the sampler's TEST ONLY stuck-send hook on for STUCK_SEED (every other
-    seed is served as usual): test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume."""
+    """The replicas' sampler gets STUCK_SEED's sends stuck (with_stuck_send_hook; every other seed is
+    served as usual): test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume."""
     root, _ = deployed
     events = []
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(STUCK_ENV, str(STUCK_SEED))
-        with Cluster(root / "repository", REPLICAS, run_dir=root / "run", fail_timeout_s=FAIL_TIMEOUT_S, log=events.append) as c:
-            c.events = events
-            yield c
+    repository = with_stuck_send_hook(root / "repository", root / "repository_stuck_hook")
+    with Cluster(repository, REPLICAS, run_dir=root / "run", fail_timeout_s=FAIL_TIMEOUT_S, log=events.append) as c:
+        c.events = events
+        yield c
 
 
 @pytest.mark.triton
@@ -479,7 +488,7 @@ def test_score_with_retries_waits_for_its_server_and_sends_again(cluster, deploy
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume(cluster, deployed):
-    """A response send that never returns (the sampler's TEST ONLY hook for STUCK_SEED: its
+    """A response send that never returns (tests/triton_stuck_send_model.py for STUCK_SEED: its
     second send hangs, as one caught in Triton 2.51's gRPC stream deadlock does), on whichever
     replica the proxy gives that stream, under 6 more sampling streams: after STUCK_SEND_S that
     sampler ends the other sequences on the stuck sender thread with an UNHEALTHY error and says

@@ -10,7 +10,6 @@ naming the budget and the load: the client may retry later (client/library.py do
 with the config's admission_queue / admission_wait_ms it waits for room first, and only then
 gets that error.
 """
-import os
 import secrets
 import sys
 import threading
@@ -40,11 +39,6 @@ END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.2  # is_cancelled() is a round trip to the server: not on every row
 METRICS_PERIOD_S = 0.5  # so is every metric update
-# TEST ONLY (tests/test_cluster.py): with this environment variable set to a seed, a START with
-# that SEED and no KNOWN rows gets a sink whose second response send never returns, as a send
-# stuck in Triton 2.51's gRPC stream handler does (runtime/engine.py, "Stuck sends"). A client
-# resuming that sequence sends KNOWN rows, so it is not caught again. Never set outside that test.
-TEST_ONLY_STUCK_SEED = "PIXELRNN_TEST_ONLY_STUCK_SEND_SEED"
 
 
 class ResponseSink:
@@ -88,28 +82,6 @@ class ResponseSink:
             self._checked = now
             self._cancelled = bool(self.sender.is_cancelled())
         return self._cancelled
-
-
-class TestOnlyStuckSink:
-    """TEST ONLY (TEST_ONLY_STUCK_SEED): a ResponseSink whose second send_rows never returns."""
-
-    def __init__(self, sink: ResponseSink):
-        self.sink, self.sends = sink, 0
-
-    def send_rows(self, events) -> None:
-        self.sends += 1
-        if self.sends > 1:
-            threading.Event().wait()  # for ever: the engine must find it stuck and go on without it
-        self.sink.send_rows(events)
-
-    def done(self) -> None:
-        self.sink.done()
-
-    def error(self, message: str, code=None) -> None:
-        self.sink.error(message, code)
-
-    def cancelled(self) -> bool:
-        return self.sink.cancelled()
 
 
 class SamplerMetrics:
@@ -213,9 +185,6 @@ class TritonPythonModel:
                              wait_s=wait_ms / 1e3)
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
-        self.test_only_stuck_seed = os.environ.get(TEST_ONLY_STUCK_SEED)  # None outside tests/test_cluster.py
-        if self.test_only_stuck_seed is not None:
-            pb_utils.Logger.log_warn(f"TEST ONLY: {TEST_ONLY_STUCK_SEED}={self.test_only_stuck_seed}: that seed's sends get stuck")
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
                                  f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
                                  f"coalescing window {linger_ms:g} ms, live-images budget {budget}, admission queue {queue_starts} "
@@ -244,8 +213,6 @@ class TritonPythonModel:
                         labels=array(request, p.LABELS),
                         known=known,
                     )
-                    if self.test_only_stuck_seed is not None and str(spec.seed) == self.test_only_stuck_seed and known is None:
-                        sink = TestOnlyStuckSink(sink)
                     self.engine.start(key, spec, sink, max_rows, end, per_response)
                 else:
                     extra = [n for n in p.START_ONLY if pb_utils.get_input_tensor_by_name(request, n) is not None]
