@@ -131,6 +131,12 @@ def serving_no_window(d):
             f"(`bench/results/serving_no_window.json`, `--coalesce-ms 0`, load average {d['machine']['load_average_1_5_15'][0]:g})"]
 
 
+def serving_gated_pixelcnn(d):
+    st, sc = d["streams"], d["targets"]["streams_scaling"]
+    return [f"{st['16']['vs_one_stream']:.2f}x one stream against a bound of {sc['ceiling']:.2f} "
+            f"({100 * sc['of_ceiling']:.0f}% of it"]
+
+
 def load_16_streams(d):
     before, lat = d["per_row"], d["latency_ms"]
     return [f"| first row p50, 16 streams + 2 scoring clients (`bench.load`) | {before['latency_ms']['first_row']['p50']:.1f} ms | "
@@ -236,6 +242,7 @@ def arena_default(d) -> list[str]:
 FIGURES = {
     "checkpoints.json": checkpoints, "sampling.json": sampling, "training.json": training, "long_runs.json": long_runs,
     "deployment.json": deployment, "serving.json": serving, "serving_no_window.json": serving_no_window,
+    "serving_gated_pixelcnn.json": serving_gated_pixelcnn,
     "load_16_streams.json": load_16_streams, "load.json": load_run, "perf_analyzer.json": perf_analyzer,
     "abandoned_streams.json": abandoned_streams, "cluster.json": cluster, "cell_graphs.json": cell_graphs,
     "overload.json": overload,
