@@ -137,6 +137,12 @@ def serving_gated_pixelcnn(d):
             f"({100 * sc['of_ceiling']:.0f}% of it"]
 
 
+def engine_batching(d):
+    r = d["results"]
+    return [f"bound {r['bound']:.2f}x, the engine {r['scaling']:.2f}x ({100 * r['share']:.0f}% of it; "
+            f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence"]
+
+
 def load_16_streams(d):
     before, lat = d["per_row"], d["latency_ms"]
     return [f"| first row p50, 16 streams + 2 scoring clients (`bench.load`) | {before['latency_ms']['first_row']['p50']:.1f} ms | "
@@ -242,7 +248,7 @@ def arena_default(d) -> list[str]:
 FIGURES = {
     "checkpoints.json": checkpoints, "sampling.json": sampling, "training.json": training, "long_runs.json": long_runs,
     "deployment.json": deployment, "serving.json": serving, "serving_no_window.json": serving_no_window,
-    "serving_gated_pixelcnn.json": serving_gated_pixelcnn,
+    "serving_gated_pixelcnn.json": serving_gated_pixelcnn, "engine_batching.json": engine_batching,
     "load_16_streams.json": load_16_streams, "load.json": load_run, "perf_analyzer.json": perf_analyzer,
     "abandoned_streams.json": abandoned_streams, "cluster.json": cluster, "cell_graphs.json": cell_graphs,
     "overload.json": overload,

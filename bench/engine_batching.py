@@ -1,0 +1,107 @@
+"""What the row engine loses by batching separate sequences instead of one big one, in process.
+
+    python -m bench.engine_batching --json bench/results/engine_batching.json [--model-dir DIR]
+                                    [--streams 16] [--repeats 9]
+
+The serving engine (runtime/engine.py, as the Triton sampler runs it, stepped on this thread by
+bench.serving.sample_engine) samples, interleaved --repeats times, medians:
+  one_image      one sequence of one image;
+  one_sequence   one sequence of --streams images (every row one cell call of --streams);
+  sequences      --streams sequences of one image each, batched by the engine into the same calls.
+`bound` = streams x one_image / one_sequence: no batching of separate single-image sequences can
+beat one sequence of them all, so this is the most --streams single-image streams can gain over
+one (bench/serving.py's 16-stream target; it measures the same bound through Triton).
+`scaling` = streams x one_image / sequences is what the engine gets, `share` = scaling / bound,
+and `per_sequence_row_us` the engine's extra time per row of each separate sequence: its
+states, random numbers and row bookkeeping, the part that batching does not share. Every
+batched image must equal the same seed sampled alone (`identical`; exit status 1 otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
+from bench.serving import labels_for, sample_engine
+from runtime.manifest import read_manifest
+from runtime.rowloop import SampleSpec
+from runtime.runner import OnnxRunner
+
+DEFAULT_MODEL_DIR = "model_repository/pixelcnn_binarized_mnist_sample/1"
+
+
+def run(args) -> dict:
+    folder = Path(args.model_dir)
+    manifest = read_manifest(folder)
+    runner = OnnxRunner.from_manifest(manifest, folder)
+    n, max_batch, shape = args.streams, int(manifest["max_batch"]), tuple(manifest["shape"])
+    if not 1 <= n <= max_batch:
+        raise SystemExit(f"--streams must be in [1, {max_batch}] (the model's max batch), got {n}")
+    singles = [SampleSpec(batch=1, seed=args.seed + k, labels=labels_for(manifest, 1, k)) for k in range(n)]
+    paths = {
+        "one_image": lambda: sample_engine(runner, max_batch, singles[:1], shape),
+        "one_sequence": lambda: sample_engine(runner, max_batch, [SampleSpec(batch=n, seed=args.seed,
+                                                                            labels=labels_for(manifest, n))], shape),
+        "sequences": lambda: sample_engine(runner, max_batch, singles, shape),
+    }
+    # Warm-up, and the check: every batched image is the one its seed gives alone.
+    batched = paths["sequences"]()
+    alone = [sample_engine(runner, max_batch, [spec], shape)[0] for spec in singles]
+    identical = all(np.array_equal(a, b) for a, b in zip(batched, alone))
+    for fn in paths.values():
+        fn()
+    runs: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(args.repeats):
+        print(f"round {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+        for k, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            runs[k].append(time.perf_counter() - start)
+    t = {k: spread(v) for k, v in runs.items()}
+    one, whole, seqs = (t[k]["seconds"] for k in ("one_image", "one_sequence", "sequences"))
+    c, h, w = manifest["shape"]
+    bound, scaling = n * one / whole, n * one / seqs
+    return {"paths": t, "bound": bound, "scaling": scaling, "share": scaling / bound,
+            "per_sequence_row_us": 1e6 * (seqs - whole) / (n * h), "identical": identical,
+            "model": {"dir": str(folder), "arch": manifest["arch"], "shape": [c, h, w]}}
+
+
+def report(payload: dict) -> str:
+    r, n = payload["results"], payload["config"]["streams"]
+    lines = [f"{'path':<44}{'median s':>10}{'min-max s':>16}"]
+    for k, label in (("one_image", "one sequence of one image"), ("one_sequence", f"one sequence of {n} images"),
+                     ("sequences", f"{n} sequences of one image")):
+        p = r["paths"][k]
+        lines.append(f"  {label:<42}{p['seconds']:>10.4f}{p['min_seconds']:>8.4f}-{p['max_seconds']:<7.4f}")
+    lines.append(f"bound {r['bound']:.2f}x one image, engine {r['scaling']:.2f}x ({100 * r['share']:.0f}% of the bound); "
+                 f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence; "
+                 f"identical images: {'yes' if r['identical'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.engine_batching", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="a sampler's version folder (manifest.json and cells)")
+    p.add_argument("--streams", type=int, default=16, help="images: one sequence of them, or that many sequences")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    payload = {"benchmark": "engine_batching", "config": {"streams": args.streams, "repeats": args.repeats, "seed": args.seed},
+               "machine": machine_info()}
+    payload["results"] = run(args)
+    print(report(payload))
+    if args.json:
+        write_json(args.json, payload)
+    return 0 if payload["results"]["identical"] else 1
+
+
+if __name__ == "__main__":
+    reexec_with_malloc_env("bench.engine_batching", sys.argv[1:])
+    sys.exit(main())
