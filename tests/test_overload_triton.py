@@ -175,7 +175,8 @@ MEMORY_BACK_S = 30.0  # the issue's bound: RSS within 20% of the baseline this s
 
 @pytest.mark.slow
 def test_a_flood_does_not_hold_a_small_client_back_and_its_memory_goes_back(tmp_path):
-    """4 plain tritonclient streams send 68 STARTs of 64 images (4 refused at once); once their
+    """4 plain tritonclient streams send 68 STARTs of 64 images (up to 4 refused: see the count
+    below); once their
     states have taken the server's RSS 30% up, a 1-image client gets its first row and its
     image within bounds, the in-process sampler's image; the flood's clients then cancel, and
     the live sequences and images go to 0 and the RSS to within 20% of its baseline."""
@@ -187,8 +188,10 @@ def test_a_flood_does_not_hold_a_small_client_back_and_its_memory_goes_back(tmp_
         rss = lambda: group_rss_mib(server.process.pid)[0]  # noqa: E731 - tritonserver and its backend stubs
         with SampleStream(server.grpc_url, timeout=WAIT_S) as warm:  # the stubs' first-call allocations, before the baseline
             assert warm.request(sampler, 1, sample_inputs(batch=1, seed=VICTIM_SEED), start=True, end=True).error is None
-        _, idle = wait_for(lambda: sampler_metrics(server, sampler), lambda m: m.get("live") == 0, WAIT_S)
+        # Idle, and the warm-up START counted (the sampler pushes its metrics every half second).
+        before, idle = wait_for(lambda: sampler_metrics(server, sampler), lambda m: m.get("live") == 0 and m.get("admitted") == 1, WAIT_S)
         assert idle
+        idle_counts = before["admitted"] + before["overloaded"]
         baseline = rss()
         streams = [SampleStream(server.grpc_url, timeout=WAIT_S, outputs=(p.ROW_INDEX, p.ROW_COUNT)) for _ in range(FLOOD_STREAMS)]
         try:
@@ -206,20 +209,28 @@ def test_a_flood_does_not_hold_a_small_client_back_and_its_memory_goes_back(tmp_
             np.testing.assert_array_equal(image([*first.rows, *rest.rows], WIDE["height"]), sample_cached(cell, 1, VICTIM_SEED))
             flood = sampler_metrics(server, sampler)
             peak = max(peak, rss())
-            # Every flood START answered, admitted or refused, before the streams close: on a busy
-            # machine the last ones can still wait in Triton after the victim's image is done.
+            # Every flood START answered, admitted or refused, before the streams close. How many
+            # are refused depends on timing: 4 when all 68 arrive before any flood sequence ends,
+            # fewer on a busy machine, where the last STARTs can wait in Triton until earlier
+            # flood sequences (8 rows each) have finished and made room. So the test counts:
+            # every START admitted or refused, every refusal received and naming the budget.
+            answered, all_in = wait_for(lambda: sampler_metrics(server, sampler),
+                                        lambda m: m["admitted"] + m["overloaded"] - idle_counts == FLOOD_STARTS + 1, WAIT_S)
+            assert all_in, (answered, idle_counts)
+            refused = answered["overloaded"] - before["overloaded"]
             got = []
 
             def refusals_so_far() -> list[str]:
                 got.extend(r for s in streams for r in s.received())
                 return [r.error for r in got if r.error and p.OVERLOADED in r.error]
 
-            wait_for(refusals_so_far, lambda errors: len(errors) >= FLOOD_STARTS - 64, WAIT_S)
+            wait_for(refusals_so_far, lambda errors: len(errors) >= refused, WAIT_S)
         finally:
             for stream in streams:  # the flood's clients give up: every sequence cancelled
                 stream.close(cancel=True)
         refusals = refusals_so_far()
-        assert len(refusals) == FLOOD_STARTS - 64 and all(f"its budget is {WIDE_BUDGET}" in e for e in refusals), refusals
+        assert len(refusals) == refused <= FLOOD_STARTS - 64, (refusals, refused)
+        assert all(f"its budget is {WIDE_BUDGET}" in e for e in refusals), refusals
         assert first_row_s < VICTIM_FIRST_ROW_S and image_s < VICTIM_IMAGE_S, (first_row_s, image_s, flood)
         after, freed = wait_for(lambda: sampler_metrics(server, sampler), lambda m: m["live"] == 0 and m["live_images"] == 0, WAIT_S)
         assert freed, after
