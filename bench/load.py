@@ -318,9 +318,10 @@ def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, erro
     stop = [float("inf")]
     # The streams open and warm up before any score call: a stream stays on the replica a
     # least_conn proxy chose when it opened, and any unary call in flight at that moment (a
-    # score, or a scoring client reading the model's config) would tilt the choice (bench/cluster.py --sustained: 3 streams on one replica, 1 on the other,
-    # and every score call then went to the other). Placed while nothing else is in flight, the
-    # streams spread evenly, and so do the score calls.
+    # score, or a scoring client reading the model's config) would tilt the choice
+    # (bench/cluster.py --sustained: 3 streams on one replica, 1 on the other, and every score
+    # call then went to the other). Placed while nothing else is in flight, the streams spread
+    # evenly, and so do the score calls.
     opened = threading.Barrier(args.streams + args.score_clients)
     start = threading.Barrier(args.streams + args.score_clients + 1)
     timeout = max(60.0, 2 * args.seconds)

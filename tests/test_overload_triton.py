@@ -176,10 +176,10 @@ MEMORY_BACK_S = 30.0  # the issue's bound: RSS within 20% of the baseline this s
 @pytest.mark.slow
 def test_a_flood_does_not_hold_a_small_client_back_and_its_memory_goes_back(tmp_path):
     """4 plain tritonclient streams send 68 STARTs of 64 images (up to 4 refused: see the count
-    below); once their
-    states have taken the server's RSS 30% up, a 1-image client gets its first row and its
-    image within bounds, the in-process sampler's image; the flood's clients then cancel, and
-    the live sequences and images go to 0 and the RSS to within 20% of its baseline."""
+    below); once their states have taken the server's RSS 30% up, a 1-image client gets its
+    first row and its image within bounds, the in-process sampler's image; the flood's clients
+    then cancel, and the live sequences and images go to 0 and the RSS to within 20% of its
+    baseline."""
     exported = export_models(tmp_path, [Tiny("wide", "pixelcnn", WIDE, max_batch=WIDE_BATCH, seed=5,
                                              writer=dict(max_live_images=WIDE_BUDGET))], tmp_path / "repository")
     cell = build_cell(exported["wide"].model)
