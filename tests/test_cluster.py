@@ -4,8 +4,8 @@ scoring spreads over all of them, and a replica killed with SIGKILL mid-load los
 One module-wide cluster of 3 replicas of a tiny 128-row model serves the stickiness and the
 failover tests (the replica to be killed runs its sampler slowed first, and is killed once a
 stream on it is mid-image: see Throttle and freeze_mid_image) and the stuck-replica test (a
-response send hung by the sampler's test-only hook: the supervisor kills and restarts that
-replica); a smaller one is started through `make serve REPLICAS=2` and stopped with Ctrl-C
+response send hung by the sampler's test-only hook, tests/triton_test_model.py: the supervisor
+kills and restarts that replica); a smaller one is started through `make serve REPLICAS=2` and stopped with Ctrl-C
 (SIGINT). Images are checked against the in-process sampler, scores against the model's NLL.
 Bounded: 8 s of load (12 sampling streams, 2 scoring clients), then a few seconds of 7 streams
 around the stuck replica; every wait has its own bound. The manifest for Kubernetes is checked against the Kubernetes schema here too."""
@@ -47,13 +47,12 @@ THROTTLE_S = 1.0  # the killed replica's sampler runs slowed for this long befor
 KILLED = 1  # the replica killed mid-load
 FAIL_TIMEOUT_S = 1  # how long nginx leaves out a replica that refused a connection
 RETRIES = dict(retries=3, retry_wait_s=60.0)
-# A stream with rows that gets none for STALL_S while the sampler to be killed is frozen is mid-image there
-# (freeze_mid_image). A freeze lasts at most FREEZE_S: Triton's Python backend calls a stub that has
-# not answered a message for 1 s unhealthy (and fails the requests sent to it) if it is stopped while
-# holding its health lock.
-STALL_S, FREEZE_S = 0.3, 0.6
+# A freeze of the sampler to be killed (freeze_mid_image) lasts FREEZE_S when it finds no stream
+# mid-image there: Triton's Python backend calls a stub that has not answered a message for 1 s
+# unhealthy (and fails the requests sent to it) if it is stopped while holding its health lock.
+FREEZE_S = 0.2
 STUCK_SEND_S = 3  # the replicas' stuck-send bound (export/repository.py stuck_send_s; 10 s by default)
-STUCK_SEED = 987654321  # tests/triton_stuck_send_model.py (the replicas' sampler here) gets this seed's sends stuck
+STUCK_SEED = 987654321  # tests/triton_test_model.py (the replicas' sampler here) gets this seed's sends stuck
 
 
 def nginx_or_skip():
@@ -221,27 +220,28 @@ def deployed(tmp_path_factory):
     return root, exported[MODEL].model
 
 
-def with_stuck_send_hook(repository: Path, into: Path) -> Path:
-    """A copy of `repository` whose sampler is tests/triton_stuck_send_model.py around the shipped
-    model.py (renamed shipped_model.py): STUCK_SEED's sends get stuck, every other seed is served
-    as shipped. The shipped glue carries no test hook."""
+def with_test_hooks(repository: Path, into: Path) -> Path:
+    """A copy of `repository` whose sampler is tests/triton_test_model.py around the shipped
+    model.py (renamed shipped_model.py): STUCK_SEED's sends get stuck, every START is recorded in
+    a ledger per replica (open_there), every seed is served as shipped. The shipped glue carries no
+    test hook."""
     shutil.copytree(repository, into)
     version = into / p.sample_model(MODEL) / "1"
     (version / "model.py").rename(version / "shipped_model.py")
-    shutil.copyfile(Path(__file__).with_name("triton_stuck_send_model.py"), version / "model.py")
+    shutil.copyfile(Path(__file__).with_name("triton_test_model.py"), version / "model.py")
     (version / "stuck_seed").write_text(str(STUCK_SEED))
     return into
 
 
 @pytest.fixture(scope="module")
 def cluster(deployed):
-    """The replicas' sampler gets STUCK_SEED's sends stuck (with_stuck_send_hook; every other seed is
-    served as usual): test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume."""
+    """The replicas' sampler gets STUCK_SEED's sends stuck and keeps a ledger of its sequences
+    (with_test_hooks; every seed is served as usual): the stuck-replica and the kill tests."""
     root, _ = deployed
     events = []
-    repository = with_stuck_send_hook(root / "repository", root / "repository_stuck_hook")
+    repository = with_test_hooks(root / "repository", root / "repository_test_hooks")
     with Cluster(repository, REPLICAS, run_dir=root / "run", fail_timeout_s=FAIL_TIMEOUT_S, log=events.append) as c:
-        c.events = events
+        c.events, c.repository = events, repository
         yield c
 
 
@@ -321,22 +321,30 @@ class Throttle:
         self.thread.start()
 
 
-def freeze_mid_image(throttle: Throttle, progress: dict, bound: float) -> list[int]:
-    """Freeze the throttled sampler with a stream of it mid-image, within `bound` s, and return
-    frozen (the caller kills it at once): a stream that has rows, is open, and gets no row for
-    STALL_S of the freeze is one of the frozen replica's (the others' rows go on coming); none
-    within FREEZE_S: thaw a while and try again. -> the samplers found stalled (progress: sampler
-    -> [rows of its current image, when the last came, whether it is open])."""
+def open_there(repository: Path, server) -> set[int]:
+    """The seeds whose START request is open on replica `server` by its sampler's ledger
+    (tests/triton_test_model.py): started there and not yet ended."""
+    ledger = repository / p.sample_model(MODEL) / "1" / f"ledger-{server.process.pid}"
+    started, ended = set(), set()
+    for line in ledger.read_text().splitlines() if ledger.exists() else []:
+        event, seed = line.split()
+        (started if event == "start" else ended).add(int(seed))
+    return started - ended
+
+
+def freeze_mid_image(throttle: Throttle, progress: dict, repository: Path, server, bound: float) -> list[int]:
+    """Freeze the throttled sampler of replica `server` with a stream of it mid-image, within
+    `bound` s, and return (the caller kills it at once): a sampler whose current image has rows at
+    the client and is open on that replica by its ledger (open_there), so a kill cuts it mid-image;
+    none: thaw a while and try again. -> the samplers found (progress: sampler -> [seed of its
+    current image, rows of it received, whether it is open]); [] when the bound ran out."""
     deadline = time.monotonic() + bound
     while True:
         throttle.freeze()
-        frozen_at = time.monotonic()
-
-        def stalled():
-            now = time.monotonic()
-            return [k for k, (rows, at, open_) in list(progress.items()) if open_ and rows and now - max(at, frozen_at) > STALL_S]
-
-        found, ok = wait_for(stalled, bool, FREEZE_S, interval=0.02)
+        # The ledger is still once the stub is stopped; the client may have a row or two more to read.
+        found, ok = wait_for(lambda: [k for k, (seed, rows, open_) in list(progress.items())
+                                      if open_ and rows and seed in open_there(repository, server)],
+                             bool, FREEZE_S, interval=0.02)
         if ok or time.monotonic() > deadline:
             return found
         throttle.thaw()
@@ -374,7 +382,7 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
         want_nll = model.nll(torch.from_numpy(score_images).long()).numpy()
     stop_at = [float("inf")]
     errors, notices, images, scores = [], [], {}, []
-    progress = {k: [0, 0.0, False] for k in range(STREAMS)}  # see freeze_mid_image
+    progress = {k: [None, 0, False] for k in range(STREAMS)}  # see freeze_mid_image
 
     def sampler(k):
         try:
@@ -382,10 +390,10 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
                 n = 0
                 while time.monotonic() < stop_at[0]:
                     seed, rows, track = 1000 * k + n, [], progress[k]
-                    track[:] = [0, time.monotonic(), True]
+                    track[:] = [seed, 0, True]
                     for row in client.sample(1, seed=seed, on_retry=lambda line: notices.append((seed, line)), **RETRIES):
                         rows.append(row)
-                        track[:2] = [len(rows), time.monotonic()]
+                        track[1] = len(rows)
                     track[2] = False
                     images[seed] = rows
                     n += 1
@@ -413,7 +421,7 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
     spread = [counter(r, "nv_inference_request_success", p.score_model(MODEL)) for r in cluster.replicas]
     started = [sampler_metrics(r, p.sample_model(MODEL)).get("started", 0) for r in cluster.replicas]
     # The kill must find a stream there mid-image (the test's point): it waits, bounded, for one.
-    cut = freeze_mid_image(throttle, progress, BUSY_SLACK_S)
+    cut = freeze_mid_image(throttle, progress, cluster.repository, cluster.replicas[KILLED], BUSY_SLACK_S)
     kill_hard(cluster.replicas[KILLED])
     throttle.stop()
     for t in threads:
@@ -422,6 +430,7 @@ def test_load_spreads_and_a_replica_killed_mid_load_loses_nothing(cluster, deplo
     print(f"score requests per replica before the kill {spread}, sequences started {started}, samplers mid-image there {cut}; "
           f"{len(images)} images, {len(scores)} score calls; notices: {notices[:6]}")
     assert not errors, errors[:5]
+    assert cut, f"no stream was mid-image on replica {KILLED} within {BUSY_SLACK_S:g} s of trying"
     assert all(s > 0 for s in spread), f"scoring did not reach every replica: {spread}"
     assert all(s > 0 for s in started), f"sampling did not reach every replica: {started}"
 
@@ -491,7 +500,7 @@ def test_score_with_retries_waits_for_its_server_and_sends_again(cluster, deploy
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_a_replica_with_a_stuck_send_is_restarted_and_its_streams_resume(cluster, deployed):
-    """A response send that never returns (tests/triton_stuck_send_model.py for STUCK_SEED: its
+    """A response send that never returns (tests/triton_test_model.py for STUCK_SEED: its
     second send hangs, as one caught in Triton 2.51's gRPC stream deadlock does), on whichever
     replica the proxy gives that stream, under 6 more sampling streams: after STUCK_SEND_S that
     sampler ends the other sequences on the stuck sender thread with an UNHEALTHY error and says
