@@ -17,7 +17,10 @@ with the same onnxruntime thread count. Measured in one run, on one machine:
             sequence (BATCH_SIZE 1), started together: the aggregate pixel rate, and the
             CALL_BATCH of the rows, the images per cell call (the engine's cross-sequence
             batching). PixelClient does not expose CALL_BATCH, so these streams are bare
-            gRPC streams (client/stream.py's SampleStream).
+            gRPC streams (client/stream.py's SampleStream). For each count, the sampler's own wall
+            time in its cell calls during the runs (its pixelrnn_sampler_cell_seconds_total metric,
+            read around every timed run): the 16-stream target's `cell_bound` is the ratio the
+            runs would reach if they took no longer than those calls.
   scoring   PixelClient.score over --score-images images (chunks of the model's max batch), and
             the same images as many small concurrent requests (--score-clients threads, each
             with its own PixelClient, --score-request images per request) that Triton's dynamic
@@ -76,6 +79,8 @@ DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 TARGETS = {"sampling_vs_in_process": 0.9, "pinned_sampling_vs_in_process": 0.95, "streams_16_vs_1": 6.0,
            "scoring_vs_in_process": 0.9}
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-3  # nats: the batch a score is computed in changes float32 rounding
+# The sampler pushes its metrics every 0.5 s (export/triton_models/sample_model.py METRICS_PERIOD_S).
+METRICS_PUSH_S = 0.6
 QUICK = dict(batch=2, streams=[1, 2], score_images=8, score_clients=2, score_request=1, repeats=1)
 
 
@@ -185,6 +190,16 @@ def triton_metrics(server: TritonServer, model: str) -> dict[str, float]:
         m = re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+(\S+)$', text, re.M)
         found[name] = float(m.group(1)) if m else float("nan")
     return found
+
+
+def sampler_cell_seconds(server: TritonServer, model: str) -> float:
+    """The sampler's pixelrnn_sampler_cell_seconds_total (its wall time in batched cell calls) as
+    of its last metrics push; waits one push period first, so that what the last path did is in."""
+    time.sleep(METRICS_PUSH_S)
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(rf'^pixelrnn_sampler_cell_seconds_total{{[^}}]*model="{re.escape(p.sample_model(model))}"[^}}]*}}\s+(\S+)$', text, re.M)
+    return float(m.group(1)) if m else float("nan")
 
 
 def triton_version(server: TritonServer) -> str | None:
@@ -309,10 +324,13 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
     cpu = {path: {"server": 0.0, "client": 0.0} for path in sequence_rows}  # CPU seconds over the timed runs
     affinities = set()  # the server processes' CPU sets seen during the pinned paths
     responses = {}  # streams paths: responses received over the timed runs (rows per response: coalescing)
+    cell_seconds = {k: [] for k in args.streams}  # streams/k: the sampler's seconds in cell calls, per timed run
 
     def once(path: str, fn, timed_run: bool):
         if path == "score/triton_concurrent":
             before = triton_metrics(server, p.score_model(name))
+        if timed_run and path.startswith("streams/"):
+            cells_before = sampler_cell_seconds(server, name)
         if path.startswith("pinned/"):
             pin(server_tree, {cpus[0]})
             pin([os.getpid()], {cpus[1]})
@@ -335,6 +353,7 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
                 k = int(path.split("/")[1])
                 call_batches[k] += [b for _, bs, _, _ in result for b in bs]
                 active[k] += [a for _, _, acts, _ in result for a in acts]
+                cell_seconds[k].append(sampler_cell_seconds(server, name) - cells_before)
             if timed_run:
                 responses[path] = responses.get(path, 0.0) + sum(r for _, _, _, r in result)
             result = [image for image, _, _, _ in result]
@@ -413,6 +432,10 @@ def run_benchmark(args, manifest: dict, folder: Path, server: TritonServer) -> d
         per_row = spread(runs[f"streams_per_row/{k}"])
         r["per_row"] = {**per_row, "pixels_per_s": k * per_stream / per_row["seconds"]}
         r["rows_per_response"] = args.repeats * k * rows / responses[f"streams/{k}"]
+        # The sampler's own time in its cell calls during these runs (its metric), and their share
+        # of the run: what is left is everything else the streams cost, on the same cores.
+        r["cell_seconds"] = float(np.median(cell_seconds[k]))
+        r["cell_share"] = r["cell_seconds"] / timing["seconds"]
     base = stream_results.get("1")
     for k, r in stream_results.items():
         r["vs_one_stream"] = r["pixels_per_s"] / base["pixels_per_s"] if base else None
@@ -475,6 +498,11 @@ def batching_ceiling(result: dict) -> dict:
     one = result["streams"]["1"]["pixels_per_s"]
     out = {"ceiling": result["sampling"]["triton_stream"]["pixels_per_s"] / one}
     out["of_ceiling"] = result["streams"]["16"]["vs_one_stream"] / out["ceiling"]
+    # cell_bound: the ratio if a 16-stream run took no longer than the sampler's cell calls in it
+    # (as measured there, on cores shared with the response path): no serving can beat it.
+    sixteen = result["streams"]["16"]
+    if "cell_seconds" in sixteen and sixteen["cell_seconds"] > 0:
+        out["cell_bound"] = 16 * result["streams"]["1"]["seconds"] / sixteen["cell_seconds"]
     pinned = result.get("pinned")
     if pinned and "1" in pinned["streams"] and "16" in pinned["streams"]:
         p1 = pinned["streams"]["1"]["streams"]["pixels_per_s"]
@@ -566,6 +594,8 @@ def report(payload: dict) -> str:
                      f"{r['triton_ms_per_row_response']:>8.2f}")
     lines.append("  CALL_BATCH: mean images per cell call; engine: the same sequences through the row engine in process;")
     lines.append("  ms/row: (Triton time - engine time) / streamed rows")
+    lines.append("  sampler's time in cell calls: " + ", ".join(f"{k} streams {1e3 * r['cell_seconds']:.1f} ms "
+                                                               f"({100 * r['cell_share']:.0f}% of the run)" for k, r in st.items()))
     lines.append("  rows per response (coalesced): " + ", ".join(f"{k} streams {r['rows_per_response']:.2f}" for k, r in st.items())
                  + f"; one stream of {payload['config']['batch']} images {s['triton_stream']['rows_per_response']:.2f}")
     lines.append("  one row per response: " + ", ".join(f"{k} streams {r['per_row']['pixels_per_s']:.0f} pixels/s" +
@@ -610,6 +640,8 @@ def report(payload: dict) -> str:
             lines.append(f"  at best {v['ceiling']:.2f} here (one 16-image sequence / one single-image stream): "
                          f"{100 * v['of_ceiling']:.0f}% of it reached"
                          + (f"; pinned {v['pinned']['value']:.2f} of at best {v['pinned']['ceiling']:.2f}" if "pinned" in v else ""))
+        if "cell_bound" in v:
+            lines.append(f"  the sampler's cell calls alone in a 16-stream run allow at most {v['cell_bound']:.2f}")
     lines.append(f"identical images: {'yes' if payload['identical']['all'] else 'NO'} "
                  f"(scores: max |difference| {sc['max_abs_nll_difference']:.1e} nats)")
     m, sv = payload["machine"], payload["server"]

@@ -161,7 +161,7 @@ def kill_hard(server: TritonServer) -> None:
 def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
     """One sampler model's own metrics, {"live": sequences held, "live_images": their images,
     "budget": the live-images budget, "healthy", "waiting": STARTs in the admission queue,
-    event: count}, as Triton's
+    "cell_seconds": seconds in cell calls (a float), event: count}, as Triton's
     metrics endpoint shows them (the model pushes them every 0.5 s; {} before its first push)."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
         text = r.read().decode()
@@ -172,6 +172,9 @@ def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
             gauge = {"pixelrnn_sampler_live_sequences": "live", "pixelrnn_sampler_live_images": "live_images",
                      "pixelrnn_sampler_images_budget": "budget", "pixelrnn_sampler_healthy": "healthy",
                      "pixelrnn_sampler_waiting_starts": "waiting"}.get(name)
+            if name == "pixelrnn_sampler_cell_seconds_total":
+                found["cell_seconds"] = float(value)
+                continue
             found[gauge or labels["event"]] = int(float(value))
     return found
 

@@ -75,6 +75,8 @@ def test_quick_run_through_triton_writes_the_json_and_triton_draws_the_in_proces
         assert sum(r["call_batch"]["histogram"].values()) > 0 and r["active_max"] <= int(k)
         assert r["engine_in_process"]["pixels_per_s"] > 0
         assert all(key in r["per_row"] for key in TIMED) and r["per_row"]["pixels_per_s"] > 0  # ROWS_PER_RESPONSE 1
+        # the sampler's own time in cell calls (its metric): some, and less than the whole run
+        assert 0 < r["cell_seconds"] < r["max_seconds"] and r["cell_share"] == pytest.approx(r["cell_seconds"] / r["seconds"])
     assert streams["1"]["call_batch"]["max"] == 1 and streams["1"]["vs_one_stream"] == 1.0 == streams["1"]["per_row"]["vs_one_stream"]
 
     # pinned: the server's processes on one CPU, this process on the other (2 CPUs here)
@@ -130,15 +132,17 @@ def test_targets_need_one_and_sixteen_streams_for_the_scaling_target():
 
 def test_the_scaling_target_carries_its_batching_ceiling_when_the_sequence_has_16_images():
     """16 single-image streams at best run one 16-image sequence's cell calls: that path's rate over
-    one stream's is the ceiling, recorded (and pinned too) beside the 16-stream ratio."""
+    one stream's is the ceiling, recorded (and pinned too) beside the 16-stream ratio; and with the
+    sampler's cell time in the 16-stream runs, the ratio those calls alone allow (cell_bound)."""
     def result(batch, pinned=None):
         return {"sampling": {"batch": batch, "ratio_triton_vs_in_process": 1.0, "triton_stream": {"pixels_per_s": 5000.0}},
                 "scoring": {"ratio_triton_vs_in_process": 1.0, "ratio_triton_concurrent_vs_in_process": 1.0},
-                "streams": {"1": {"pixels_per_s": 1000.0, "vs_one_stream": 1.0},
-                            "16": {"pixels_per_s": 4000.0, "vs_one_stream": 4.0}}, "pinned": pinned}
+                "streams": {"1": {"pixels_per_s": 1000.0, "vs_one_stream": 1.0, "seconds": 0.03},
+                            "16": {"pixels_per_s": 4000.0, "vs_one_stream": 4.0, "cell_seconds": 0.08}}, "pinned": pinned}
 
     s = serving.targets(result(16))["streams_scaling"]
     assert s["value"] == 4.0 and s["ceiling"] == 5.0 and s["of_ceiling"] == pytest.approx(0.8) and "pinned" not in s
+    assert s["cell_bound"] == pytest.approx(16 * 0.03 / 0.08)  # 16 streams in no more time than their cell calls took
     pinned = {"sampling": {"triton": {"pixels_per_s": 3000.0}, "ratio_triton_vs_in_process": 1.0},
               "streams": {"1": {"streams": {"pixels_per_s": 500.0}}, "16": {"streams": {"vs_one_stream": 3.5}}}}
     assert serving.targets(result(16, pinned))["streams_scaling"]["pinned"] == {"value": 3.5, "ceiling": 6.0}

@@ -102,6 +102,29 @@ def test_all_sequences_advance_in_one_batched_call_per_step():
     assert engine.active == 0
 
 
+def test_cell_seconds_count_the_time_in_cell_calls_only():
+    """stats()["cell_seconds"] (the sampler's pixelrnn_sampler_cell_seconds_total): the wall time
+    of the batched calls, not of what the engine does around them (a slow sink here)."""
+    class SlowRunner(FakeRunner):
+        def run_row(self, *args, **kw):
+            time.sleep(0.01)
+            return super().run_row(*args, **kw)
+
+    class SlowSink(Sink):
+        def send_rows(self, events):
+            time.sleep(0.1)
+            super().send_rows(events)
+
+    engine = Engine(SlowRunner(h=4), max_batch=16)
+    assert engine.stats()["cell_seconds"] == 0.0
+    engine.start(1, SampleSpec(seed=1), SlowSink())
+    engine.start(2, SampleSpec(seed=2), SlowSink())
+    drain(engine)
+    stats = engine.stats()
+    # 4 calls of >= 10 ms; the 8 row sends (inline, 0.1 s each) are not in it, even on a slow machine.
+    assert stats["calls"] == 4 and 4 * 0.01 <= stats["cell_seconds"] < 8 * 0.1 / 2, stats
+
+
 def test_calls_hold_at_most_max_batch_images_and_late_sequences_join():
     runner = FakeRunner()
     engine = Engine(runner, max_batch=4)

@@ -449,6 +449,7 @@ def test_tabs_sampling_at_once_share_the_samplers_cell_calls(deployed, gateway, 
     after, ok = wait_for(lambda: sampler_events(server, "long"), lambda m: m["rows"] - before["rows"] >= 2 * h, FREED_S)
     assert ok and after["rows"] - before["rows"] == 2 * h, (before, after)
     assert after["calls"] - before["calls"] < 2 * h, f"no row step served both tabs: {before} -> {after}"
+    assert after["cell_seconds"] > before["cell_seconds"], (before, after)  # pixelrnn_sampler_cell_seconds_total
 
 
 def test_bad_input_gets_a_message_on_the_page_and_a_4xx_from_the_gateway(deployed, gateway, browser, tmp_path):

@@ -91,7 +91,9 @@ class SamplerMetrics:
     pixelrnn_sampler_images_budget{model=...} (max live images; 0: none),
     pixelrnn_sampler_waiting_starts{model=...} (STARTs in the admission queue now),
     pixelrnn_sampler_healthy{model=...} (1; 0 while a response send is stuck: runtime/engine.py,
-    "Stuck sends"; server/cluster.py restarts a replica that says 0) and
+    "Stuck sends"; server/cluster.py restarts a replica that says 0),
+    pixelrnn_sampler_cell_seconds_total{model=...} (wall seconds in batched cell calls: over a
+    time span, the share of it the cells took; bench.serving reads it) and
     pixelrnn_sampler_events_total{model=..., event=started|completed|...|overloaded|rows|calls|stuck_sends}
     (admitted: STARTs admitted, at once or after waiting; queued: STARTs that waited for room;
     overloaded: STARTs refused for the budget, at once or when their wait ran out; started:
@@ -113,11 +115,16 @@ class SamplerMetrics:
                                         description="1, or 0 while a response send is stuck (restart the server)")
         waiting = pb_utils.MetricFamily(name="pixelrnn_sampler_waiting_starts", kind=pb_utils.MetricFamily.GAUGE,
                                         description="STARTs waiting in the admission queue for room in the budget")
-        self.families = (live, events, images, budget, healthy, waiting)  # a family must outlive its metrics
+        cells = pb_utils.MetricFamily(name="pixelrnn_sampler_cell_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
+                                      description="wall seconds the sampler spent in batched cell calls")
+        self.families = (live, events, images, budget, healthy, waiting, cells)  # a family must outlive its metrics
         self.gauges = {"live": live.Metric(labels={"model": model}), "live_images": images.Metric(labels={"model": model}),
                        "budget": budget.Metric(labels={"model": model}), "healthy": healthy.Metric(labels={"model": model}),
                        "waiting": waiting.Metric(labels={"model": model})}
-        self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats() if k not in self.gauges}
+        self.cells = cells.Metric(labels={"model": model})
+        self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats()
+                         if k not in self.gauges and k != "cell_seconds"}
+        self._cell_seconds = 0.0
         self._sent = {k: 0 for k in self.counters}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler-metrics", daemon=True)
@@ -138,6 +145,9 @@ class SamplerMetrics:
             if stats[k] > self._sent[k]:
                 metric.increment(stats[k] - self._sent[k])
                 self._sent[k] = stats[k]
+        if stats["cell_seconds"] > self._cell_seconds:
+            self.cells.increment(stats["cell_seconds"] - self._cell_seconds)
+            self._cell_seconds = stats["cell_seconds"]
 
     def stop(self) -> None:
         self._stop.set()

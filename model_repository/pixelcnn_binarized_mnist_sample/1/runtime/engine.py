@@ -435,6 +435,9 @@ class Engine:
                               stuck_send_s=stuck_send_s)
         self.stuck_send_s = stuck_send_s  # a send outstanding this long is stuck (module notes, "Stuck sends")
         self.calls = 0  # batched cell calls so far (tests, metrics)
+        # Wall seconds spent in them (call_row: the sequences' inputs, the run, the outputs split):
+        # with the rows made, what share of the engine's time the cells take (metrics, bench.serving).
+        self.cell_seconds = 0.0
         # Sequences by how they ended, and requests refused (see `stats`); worker thread only.
         self.counts: Counter = Counter()
 
@@ -803,7 +806,9 @@ class Engine:
         stage = seqs[0].job.stage
         try:
             self.calls += 1
+            began = time.perf_counter()
             results = call_row(self.runner, [s.job for s in seqs])
+            self.cell_seconds += time.perf_counter() - began
         except Exception as e:  # noqa: BLE001 - every sequence in the call gets the error
             for seq in seqs:
                 self._drop(seq, f"sampling failed: {type(e).__name__}: {e}", "failed")
@@ -854,7 +859,7 @@ class Engine:
                                 f"stream, sequence {key}); sequence {seq.key}, on the same sender thread, is ended after the rows "
                                 f"it was sent: resume it on another replica (those rows as KNOWN, the same seed)", "stuck")
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         """Live sequences, live images (admitted, not yet freed), the live-images budget (0: none),
         waiting (STARTs in the admission queue now), healthy (1; 0 while a response send is
         stuck: module notes, "Stuck sends") and counters since start: STARTs admitted (at once or
@@ -862,14 +867,14 @@ class Engine:
         once or when their wait ran out), sequences started (opened by the worker) / completed /
         ended / cancelled / disconnected / expired / failed / shutdown / stuck (ended because
         their sender was stuck), requests refused (bad or conflicting), rows streamed, batched
-        cell calls, stuck_sends (sender threads found stuck). Worker thread (or, approximately,
-        any thread: ints only)."""
+        cell calls, stuck_sends (sender threads found stuck), and cell_seconds (float: wall seconds
+        in the cell calls). Worker thread (or, approximately, any thread: plain numbers only)."""
         keys = ("started", "completed", "ended", "cancelled", "disconnected", "expired", "failed", "shutdown", "stuck", "refused",
                 "rows")
         return {"live": len(self._sequences), "live_images": self._images, "budget": self.max_images or 0,
                 "waiting": len(self._waiting), "admitted": self.admitted, "queued": self.queued,
                 "healthy": int(self._outbox.healthy), **{k: self.counts[k] for k in keys}, "overloaded": self.overloaded,
-                "calls": self.calls, "stuck_sends": self._outbox.stuck_sends}
+                "calls": self.calls, "stuck_sends": self._outbox.stuck_sends, "cell_seconds": self.cell_seconds}
 
 
 def _safe(fn, *args, default=None):
