@@ -7,13 +7,18 @@ The serving engine (runtime/engine.py, as the Triton sampler runs it, stepped on
 bench.serving.sample_engine) samples, interleaved --repeats times, medians:
   one_image      one sequence of one image;
   one_sequence   one sequence of --streams images (every row one cell call of --streams);
-  sequences      --streams sequences of one image each, batched by the engine into the same calls.
+  sequences      --streams sequences of one image each, batched by the engine into the same calls;
+  cell_one_image, cell_one_sequence
+                 the (first stage's) cell alone, one call per image row on fixed inputs, for
+                 one image and for --streams images: no row loop, no engine.
 `bound` = streams x one_image / one_sequence: no batching of separate single-image sequences can
 beat one sequence of them all, so this is the most --streams single-image streams can gain over
 one (bench/serving.py's 16-stream target; it measures the same bound through Triton).
 `scaling` = streams x one_image / sequences is what the engine gets, `share` = scaling / bound,
 and `per_sequence_row_us` the engine's extra time per row of each separate sequence: its
-states, random numbers and row bookkeeping, the part that batching does not share. Every
+states, random numbers and row bookkeeping, the part that batching does not share.
+`cell_bound` = streams x cell_one_image / cell_one_sequence: how much more a call of --streams
+images yields than a call of one, the cell's own batching, which bounds `bound` in turn. Every
 batched image must equal the same seed sampled alone (`identical`; exit status 1 otherwise).
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
 from bench.serving import labels_for, sample_engine
 from runtime.manifest import read_manifest
-from runtime.rowloop import SampleSpec
+from runtime.rowloop import RowSequence, SampleSpec
 from runtime.runner import OnnxRunner
 
 DEFAULT_MODEL_DIR = "model_repository/pixelcnn_binarized_mnist_sample/1"
@@ -42,17 +47,27 @@ def run(args) -> dict:
     if not 1 <= n <= max_batch:
         raise SystemExit(f"--streams must be in [1, {max_batch}] (the model's max batch), got {n}")
     singles = [SampleSpec(batch=1, seed=args.seed + k, labels=labels_for(manifest, 1, k)) for k in range(n)]
+
+    def cell_calls(spec: SampleSpec):
+        """One image's worth of rows (H calls) of the first cell, on one row's fixed inputs."""
+        seq = RowSequence.open(runner, spec)
+        inputs, state = seq.inputs(), seq.state
+        return lambda: [runner.run_row(0, state, **inputs) for _ in range(runner.stages[0].height)]
+
     paths = {
         "one_image": lambda: sample_engine(runner, max_batch, singles[:1], shape),
         "one_sequence": lambda: sample_engine(runner, max_batch, [SampleSpec(batch=n, seed=args.seed,
                                                                             labels=labels_for(manifest, n))], shape),
         "sequences": lambda: sample_engine(runner, max_batch, singles, shape),
+        "cell_one_image": cell_calls(singles[0]),
+        "cell_one_sequence": cell_calls(SampleSpec(batch=n, seed=args.seed, labels=labels_for(manifest, n))),
     }
     # Warm-up of every path, and the check: every batched image is the one its seed gives alone.
     batched = paths["sequences"]()
     alone = [sample_engine(runner, max_batch, [spec], shape)[0] for spec in singles]
     identical = all(np.array_equal(a, b) for a, b in zip(batched, alone))
-    paths["one_sequence"]()  # one_image was warmed up by `alone`
+    for k in ("one_sequence", "cell_one_image", "cell_one_sequence"):  # one_image was warmed up by `alone`
+        paths[k]()
     runs: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(args.repeats):
         print(f"round {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
@@ -65,6 +80,7 @@ def run(args) -> dict:
     c, h, w = shape
     bound, scaling = n * one / whole, n * one / seqs
     return {"paths": t, "bound": bound, "scaling": scaling, "share": scaling / bound,
+            "cell_bound": n * t["cell_one_image"]["seconds"] / t["cell_one_sequence"]["seconds"],
             "per_sequence_row_us": 1e6 * (seqs - whole) / (n * h), "identical": identical,
             "model": {"dir": str(folder), "arch": manifest["arch"], "shape": [c, h, w]}}
 
@@ -73,12 +89,14 @@ def report(payload: dict) -> str:
     r, n = payload["results"], payload["config"]["streams"]
     lines = [f"{'path':<44}{'median s':>10}{'min-max s':>16}"]
     for k, label in (("one_image", "one sequence of one image"), ("one_sequence", f"one sequence of {n} images"),
-                     ("sequences", f"{n} sequences of one image")):
+                     ("sequences", f"{n} sequences of one image"), ("cell_one_image", "the cell alone, one image"),
+                     ("cell_one_sequence", f"the cell alone, {n} images")):
         p = r["paths"][k]
         lines.append(f"  {label:<42}{p['seconds']:>10.4f}{p['min_seconds']:>8.4f}-{p['max_seconds']:<7.4f}")
     lines.append(f"bound {r['bound']:.2f}x one image, engine {r['scaling']:.2f}x ({100 * r['share']:.0f}% of the bound); "
                  f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence; "
                  f"identical images: {'yes' if r['identical'] else 'NO'}")
+    lines.append(f"the cell alone: {n} images per call yield {r['cell_bound']:.2f}x one image per call (the cell's own batching)")
     return "\n".join(lines)
 
 

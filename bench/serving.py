@@ -503,6 +503,10 @@ def batching_ceiling(result: dict) -> dict:
     sixteen = result["streams"]["16"]
     if "cell_seconds" in sixteen and sixteen["cell_seconds"] > 0:
         out["cell_bound"] = 16 * result["streams"]["1"]["seconds"] / sixteen["cell_seconds"]
+    # engine_bound: the ratio if a 16-stream run took no longer than the same 16 sequences through
+    # the row engine in this process, with no server at all; the sampler runs that engine and more.
+    if "engine_in_process" in sixteen:
+        out["engine_bound"] = 16 * result["streams"]["1"]["seconds"] / sixteen["engine_in_process"]["seconds"]
     pinned = result.get("pinned")
     if pinned and "1" in pinned["streams"] and "16" in pinned["streams"]:
         p1 = pinned["streams"]["1"]["streams"]["pixels_per_s"]
@@ -642,6 +646,8 @@ def report(payload: dict) -> str:
                          + (f"; pinned {v['pinned']['value']:.2f} of at best {v['pinned']['ceiling']:.2f}" if "pinned" in v else ""))
         if "cell_bound" in v:
             lines.append(f"  the sampler's cell calls alone in a 16-stream run allow at most {v['cell_bound']:.2f}")
+        if "engine_bound" in v:
+            lines.append(f"  the 16 sequences through the row engine in process, no server, allow at most {v['engine_bound']:.2f}")
     lines.append(f"identical images: {'yes' if payload['identical']['all'] else 'NO'} "
                  f"(scores: max |difference| {sc['max_abs_nll_difference']:.1e} nats)")
     m, sv = payload["machine"], payload["server"]

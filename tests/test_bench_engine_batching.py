@@ -32,11 +32,12 @@ def test_a_short_run_writes_consistent_figures_and_identical_images(model_dir, t
     d = json.loads(out.read_text())
     r = d["results"]
     assert d["benchmark"] == "engine_batching" and d["config"]["streams"] == 4 and r["identical"] is True
-    t = {k: r["paths"][k]["seconds"] for k in ("one_image", "one_sequence", "sequences")}
+    t = {k: r["paths"][k]["seconds"] for k in ("one_image", "one_sequence", "sequences", "cell_one_image", "cell_one_sequence")}
     assert all(len(r["paths"][k]["runs"]) == 2 for k in t)
     assert r["bound"] == pytest.approx(4 * t["one_image"] / t["one_sequence"])
     assert r["scaling"] == pytest.approx(4 * t["one_image"] / t["sequences"])
     assert r["share"] == pytest.approx(r["scaling"] / r["bound"])
+    assert r["cell_bound"] == pytest.approx(4 * t["cell_one_image"] / t["cell_one_sequence"])
     assert r["per_sequence_row_us"] == pytest.approx(1e6 * (t["sequences"] - t["one_sequence"]) / (4 * CONFIG["height"]))
     assert "identical images: yes" in capsys.readouterr().out
 

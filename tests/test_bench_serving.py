@@ -138,11 +138,13 @@ def test_the_scaling_target_carries_its_batching_ceiling_when_the_sequence_has_1
         return {"sampling": {"batch": batch, "ratio_triton_vs_in_process": 1.0, "triton_stream": {"pixels_per_s": 5000.0}},
                 "scoring": {"ratio_triton_vs_in_process": 1.0, "ratio_triton_concurrent_vs_in_process": 1.0},
                 "streams": {"1": {"pixels_per_s": 1000.0, "vs_one_stream": 1.0, "seconds": 0.03},
-                            "16": {"pixels_per_s": 4000.0, "vs_one_stream": 4.0, "cell_seconds": 0.08}}, "pinned": pinned}
+                            "16": {"pixels_per_s": 4000.0, "vs_one_stream": 4.0, "cell_seconds": 0.08,
+                                   "engine_in_process": {"seconds": 0.1}}}, "pinned": pinned}
 
     s = serving.targets(result(16))["streams_scaling"]
     assert s["value"] == 4.0 and s["ceiling"] == 5.0 and s["of_ceiling"] == pytest.approx(0.8) and "pinned" not in s
     assert s["cell_bound"] == pytest.approx(16 * 0.03 / 0.08)  # 16 streams in no more time than their cell calls took
+    assert s["engine_bound"] == pytest.approx(16 * 0.03 / 0.1)  # ... than the engine in process took for them
     pinned = {"sampling": {"triton": {"pixels_per_s": 3000.0}, "ratio_triton_vs_in_process": 1.0},
               "streams": {"1": {"streams": {"pixels_per_s": 500.0}}, "16": {"streams": {"vs_one_stream": 3.5}}}}
     assert serving.targets(result(16, pinned))["streams_scaling"]["pinned"] == {"value": 3.5, "ceiling": 6.0}
