@@ -122,6 +122,10 @@ def serving(d):
         f"Triton against the engine in process is {s['ratio_triton_vs_engine']:.2f} for one stream of 16 images and "
         f"{st['16']['pixels_per_s'] / st['16']['engine_in_process']['pixels_per_s']:.2f} for 16 streams",
         f"{st['16']['pixels_per_s'] / st['16']['per_row']['pixels_per_s'] - 1:+.0%} for 16 streams",
+        f"`ceiling` {t['streams_scaling']['ceiling']:.2f}", f"`engine_bound` {t['streams_scaling']['engine_bound']:.2f}",
+        f"`cell_bound` {t['streams_scaling']['cell_bound']:.2f}",
+        f"{1e3 * st['16']['cell_seconds']:.0f} ms of the {1e3 * st['16']['seconds']:.0f} ms run ({100 * st['16']['cell_share']:.0f}%), "
+        f"against {1e3 * st['1']['cell_seconds']:.0f} ms of a one-stream run's {1e3 * st['1']['seconds']:.0f} ms",
     ]
 
 
@@ -140,7 +144,9 @@ def serving_gated_pixelcnn(d):
 def engine_batching(d):
     r = d["results"]
     return [f"bound {r['bound']:.2f}x, the engine {r['scaling']:.2f}x ({100 * r['share']:.0f}% of it; "
-            f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence"]
+            f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence",
+            f"a call of {d['config']['streams']} images yields {r['cell_bound']:.2f}x a call of one, the cell alone",
+            f"{1e3 * r['paths']['cell_one_sequence']['seconds']:.0f} ms for {d['results']['model']['shape'][1]} batch-{d['config']['streams']} calls"]
 
 
 def load_16_streams(d):
