@@ -90,6 +90,10 @@ def serving(d):
         return f"server {cpu[path]['server']:.2f} s, client {cpu[path]['client']:.2f} s"
 
     engine_x = st['16']['engine_in_process']['pixels_per_s'] / st['1']['engine_in_process']['pixels_per_s']
+    # Cores busy over a 16-stream run: server and client CPU over its rows (16 images of H rows).
+    rows_16 = 16 * d["model"]["shape"][1]
+    cpu_16 = cpu["streams/16"]["server"] + cpu["streams/16"]["client"]
+    busy_cores = cpu_16 * rows_16 / 1000 / st["16"]["seconds"]
 
     return [
         f"| sampling, one stream of 16 images | {k(s['triton_per_row']['pixels_per_s'])} pixels/s "
@@ -126,6 +130,8 @@ def serving(d):
         f"`cell_bound` {t['streams_scaling']['cell_bound']:.2f}",
         f"{1e3 * st['16']['cell_seconds']:.0f} ms of the {1e3 * st['16']['seconds']:.0f} ms run ({100 * st['16']['cell_share']:.0f}%), "
         f"against {1e3 * st['1']['cell_seconds']:.0f} ms of a one-stream run's {1e3 * st['1']['seconds']:.0f} ms",
+        f"keep {busy_cores:.2f} of the 2 cores busy over a\n16-stream run ({cpu_16:.2f} s per 1000 rows, {rows_16} rows in "
+        f"{1e3 * st['16']['seconds']:.0f} ms)",
     ]
 
 
