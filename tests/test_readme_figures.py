@@ -94,6 +94,7 @@ def serving(d):
     rows_16 = 16 * d["model"]["shape"][1]
     cpu_16 = cpu["streams/16"]["server"] + cpu["streams/16"]["client"]
     busy_cores = cpu_16 * rows_16 / 1000 / st["16"]["seconds"]
+    at_6x = st["16"]["seconds"] * st["16"]["vs_one_stream"] / 6  # the run's length if it made 6x one stream
 
     return [
         f"| sampling, one stream of 16 images | {k(s['triton_per_row']['pixels_per_s'])} pixels/s "
@@ -130,8 +131,9 @@ def serving(d):
         f"`cell_bound` {t['streams_scaling']['cell_bound']:.2f}",
         f"{1e3 * st['16']['cell_seconds']:.0f} ms of the {1e3 * st['16']['seconds']:.0f} ms run ({100 * st['16']['cell_share']:.0f}%), "
         f"against {1e3 * st['1']['cell_seconds']:.0f} ms of a one-stream run's {1e3 * st['1']['seconds']:.0f} ms",
-        f"keep {busy_cores:.2f} of the 2 cores busy over a\n16-stream run ({cpu_16:.2f} s per 1000 rows, {rows_16} rows in "
-        f"{1e3 * st['16']['seconds']:.0f} ms)",
+        f"keep {busy_cores:.2f} of the 2 cores busy ({cpu_16:.2f} s per 1000 rows, {rows_16} rows in "
+        f"{1e3 * st['16']['seconds']:.0f} ms); at 6x the same run would have to end in {1e3 * at_6x:.0f} ms, which at the same "
+        f"CPU per row needs {cpu_16 * rows_16 / 1000 / at_6x:.2f} cores",
     ]
 
 
