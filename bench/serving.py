@@ -180,26 +180,30 @@ def together(jobs: list) -> tuple[float, list]:
     return seconds, results
 
 
-def triton_metrics(server: TritonServer, model: str) -> dict[str, float]:
-    """Triton's counters of one model: nv_inference_count (images), nv_inference_exec_count
-    (batched executions), nv_inference_request_success (requests)."""
+def model_metrics(server: TritonServer, model: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The values of these metrics labelled with this model, from the server's metrics endpoint
+    (NaN for one it does not show)."""
     with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
         text = r.read().decode()
     found = {}
-    for name in ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"):
+    for name in names:
         m = re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+(\S+)$', text, re.M)
         found[name] = float(m.group(1)) if m else float("nan")
     return found
+
+
+def triton_metrics(server: TritonServer, model: str) -> dict[str, float]:
+    """Triton's counters of one model: nv_inference_count (images), nv_inference_exec_count
+    (batched executions), nv_inference_request_success (requests)."""
+    return model_metrics(server, model, ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"))
 
 
 def sampler_cell_seconds(server: TritonServer, model: str) -> float:
     """The sampler's pixelrnn_sampler_cell_seconds_total (its wall time in batched cell calls) as
     of its last metrics push; waits one push period first, so that what the last path did is in."""
     time.sleep(METRICS_PUSH_S)
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        text = r.read().decode()
-    m = re.search(rf'^pixelrnn_sampler_cell_seconds_total{{[^}}]*model="{re.escape(p.sample_model(model))}"[^}}]*}}\s+(\S+)$', text, re.M)
-    return float(m.group(1)) if m else float("nan")
+    name = "pixelrnn_sampler_cell_seconds_total"
+    return model_metrics(server, p.sample_model(model), (name,))[name]
 
 
 def triton_version(server: TritonServer) -> str | None:

@@ -93,7 +93,8 @@ def serving(d):
     # Cores busy over a 16-stream run: server and client CPU over its rows (16 images of H rows).
     rows_16 = 16 * d["model"]["shape"][1]
     cpu_16 = cpu["streams/16"]["server"] + cpu["streams/16"]["client"]
-    busy_cores = cpu_16 * rows_16 / 1000 / st["16"]["seconds"]
+    cpu_run = cpu_16 * rows_16 / 1000  # CPU seconds of one 16-stream run
+    busy_cores = cpu_run / st["16"]["seconds"]
     at_6x = st["16"]["seconds"] * st["16"]["vs_one_stream"] / 6  # the run's length if it made 6x one stream
 
     return [
@@ -133,7 +134,7 @@ def serving(d):
         f"against {1e3 * st['1']['cell_seconds']:.0f} ms of a one-stream run's {1e3 * st['1']['seconds']:.0f} ms",
         f"keep {busy_cores:.2f} of the 2 cores busy ({cpu_16:.2f} s per 1000 rows, {rows_16} rows in "
         f"{1e3 * st['16']['seconds']:.0f} ms); at 6x the same run would have to end in {1e3 * at_6x:.0f} ms, which at the same "
-        f"CPU per row needs {cpu_16 * rows_16 / 1000 / at_6x:.2f} cores",
+        f"CPU per row needs {cpu_run / at_6x:.2f} cores",
     ]
 
 

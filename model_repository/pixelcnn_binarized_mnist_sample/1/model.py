@@ -121,10 +121,11 @@ class SamplerMetrics:
         self.gauges = {"live": live.Metric(labels={"model": model}), "live_images": images.Metric(labels={"model": model}),
                        "budget": budget.Metric(labels={"model": model}), "healthy": healthy.Metric(labels={"model": model}),
                        "waiting": waiting.Metric(labels={"model": model})}
-        self.cells = cells.Metric(labels={"model": model})
+        # Every counter is pushed the same way (increments since the last push); cell_seconds has a
+        # family of its own (seconds, not events).
         self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats()
                          if k not in self.gauges and k != "cell_seconds"}
-        self._cell_seconds = 0.0
+        self.counters["cell_seconds"] = cells.Metric(labels={"model": model})
         self._sent = {k: 0 for k in self.counters}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler-metrics", daemon=True)
@@ -145,9 +146,6 @@ class SamplerMetrics:
             if stats[k] > self._sent[k]:
                 metric.increment(stats[k] - self._sent[k])
                 self._sent[k] = stats[k]
-        if stats["cell_seconds"] > self._cell_seconds:
-            self.cells.increment(stats["cell_seconds"] - self._cell_seconds)
-            self._cell_seconds = stats["cell_seconds"]
 
     def stop(self) -> None:
         self._stop.set()
