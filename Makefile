@@ -24,7 +24,7 @@ clean:
 # Serve on loopback until Ctrl-C: `make serve CHECKPOINT=checkpoints/X.pt` first exports the
 # checkpoint into REPOSITORY (models NAME_score and NAME_sample, NAME = the architecture unless
 # given); `make serve` alone serves REPOSITORY as it is. `make serve REPLICAS=N`: N tritonserver
-# replicas (free ports) behind nginx, the gRPC load balancer, on GRPC_PORT (python -m server.cluster).
+# replicas (free ports) behind nginx, the gRPC load balancer, on GRPC_PORT (python -m pixelrnn.server.cluster).
 REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -34,9 +34,9 @@ ifdef CHECKPOINT
 	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
 endif
 ifdef REPLICAS
-	$(PY) -m server.cluster --replicas $(REPLICAS) --repository $(REPOSITORY) --port $(GRPC_PORT)
+	$(PY) -m pixelrnn.server.cluster --replicas $(REPLICAS) --repository $(REPOSITORY) --port $(GRPC_PORT)
 else
-	$(PY) -m server --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m pixelrnn.server --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 endif
 
 # The live web page (web/): `make web` serves REPOSITORY (CHECKPOINT: exported into it first, as

@@ -24,10 +24,10 @@ import onnxruntime as ort
 import torch
 
 from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
-from export import onnx_export as ox
-from export.cells import build_cell
-from runtime.onnx_graphs import OnnxCell, make_session
-from training.models import build_model
+from pixelrnn.export import onnx_export as ox
+from pixelrnn.export.cells import build_cell
+from pixelrnn.runtime.onnx_graphs import OnnxCell, make_session
+from pixelrnn.training.models import build_model
 
 ARCHS = ("pixelcnn", "gated_pixelcnn", "row_lstm", "diagonal_bilstm")
 SIZE, BATCH = 28, 16

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from bench.common import machine_info, write_json
-from runtime.manifest import file_sha256
-from training import evaluate
-from training.checkpoint import load_checkpoint
+from pixelrnn.runtime.manifest import file_sha256
+from pixelrnn.training import evaluate
+from pixelrnn.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

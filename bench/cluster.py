@@ -54,10 +54,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
-from client.library import ClientError, PixelClient
-from runtime import protocol as p
-from runtime.manifest import read_manifest
-from server.cluster import Cluster, Proxy
+from pixelrnn.client.library import ClientError, PixelClient
+from pixelrnn.runtime import protocol as p
+from pixelrnn.runtime.manifest import read_manifest
+from pixelrnn.server.cluster import Cluster, Proxy
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(replicas="1,2,3", streams=16, score_clients=2, score_batch=16, seconds=5.0, repeats=5)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     elif not counts_wanted or counts_wanted[0] != 1:
         parser.error(f"--replicas: replica counts from 1 (the baseline of the ratios), e.g. 1,2,3; got {args.replicas!r}")
 
-    from export import build_engine
+    from pixelrnn.export import build_engine
 
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
-from client import PixelClient
-from server.launcher import PROJECT_ROOT, TritonServer
-from server.runtime_env import make_runtime_env
+from pixelrnn.client import PixelClient
+from pixelrnn.server.launcher import PROJECT_ROOT, TritonServer
+from pixelrnn.server.runtime_env import make_runtime_env
 
 NAME = "pixelcnn_binarized_mnist"
 BEFORE = "d60f370"

@@ -3,7 +3,7 @@
     python -m bench.engine_batching --json bench/results/engine_batching.json [--model-dir DIR]
                                     [--streams 16] [--repeats 9]
 
-The serving engine (runtime/engine.py, as the Triton sampler runs it, stepped on this thread by
+The serving engine (server/engine/scheduler.py, as the Triton sampler runs it, stepped on this thread by
 bench.serving.sample_engine) samples, interleaved --repeats times, medians:
   one_image      one sequence of one image;
   one_sequence   one sequence of --streams images (every row one cell call of --streams);
@@ -32,11 +32,11 @@ import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
 from bench.serving import labels_for, sample_engine
-from runtime.manifest import read_manifest
-from runtime.rowloop import RowSequence, SampleSpec
-from runtime.runner import OnnxRunner
+from pixelrnn.runtime.manifest import read_manifest
+from pixelrnn.runtime.rowloop import RowSequence, SampleSpec
+from pixelrnn.runtime.runner import OnnxRunner
 
-DEFAULT_MODEL_DIR = "model_repository/pixelcnn_binarized_mnist_sample/1"
+DEFAULT_MODEL_DIR = "model_repository/gated_pixelcnn_binarized_mnist_sample/1"
 
 
 def run(args) -> dict:

@@ -49,11 +49,11 @@ import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
 from bench.serving import export, labels_for, triton_version
-from client.library import ROW_OUTPUTS, PixelClient, Row, assemble
-from client.stream import SampleStream, sample_inputs
-from runtime import protocol as p
-from server.launcher import TritonServer
-from export.repository import COALESCE_MS, stage_rows
+from pixelrnn.client.library import ROW_OUTPUTS, PixelClient, Row, assemble
+from pixelrnn.client.stream import SampleStream, sample_inputs
+from pixelrnn.runtime import protocol as p
+from pixelrnn.server.launcher import TritonServer
+from pixelrnn.server.repository import COALESCE_MS, stage_rows
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(streams=32, seconds=60.0, score_clients=2, score_batch=16)
@@ -218,9 +218,9 @@ def verify_content(samplers: list[dict], scorers: list[dict], manifest: dict, fo
     runtime.rowloop draws them), every score the in-process scorer's NLL of its image (float32
     rounding depends on the batch: rtol 1e-5, atol 1e-3 nats). Mismatches are errors."""
     from bench.serving import SCORE_ATOL, SCORE_RTOL, sample_engine, score_in_process
-    from runtime.onnx_graphs import OnnxScorer
-    from runtime.rowloop import SampleSpec
-    from runtime.runner import OnnxRunner
+    from pixelrnn.runtime.onnx_graphs import OnnxScorer
+    from pixelrnn.runtime.rowloop import SampleSpec
+    from pixelrnn.runtime.runner import OnnxRunner
 
     max_batch = int(manifest["max_batch"])
     drawn = [d for r in samplers for d in r["drawn"]]
@@ -251,8 +251,8 @@ def verify_content(samplers: list[dict], scorers: list[dict], manifest: dict, fo
 def score_images(checkpoint: str, manifest: dict, count: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Images to score: the checkpoint's validation split where it is there and fits the model,
     else random levels (the content does not change a scoring pass's cost)."""
-    from training.checkpoint import load_checkpoint
-    from training.data import DataError, load
+    from pixelrnn.training.checkpoint import load_checkpoint
+    from pixelrnn.training.data import DataError, load
 
     shape, levels = tuple(manifest["shape"]), manifest["levels"]
     why = "no data spec in the checkpoint"

@@ -1,8 +1,8 @@
 """Overload of the row engine, in process, with the shipped PixelCNN's ONNX cell (the committed
 model_repository/): what a flood of 64-image sequences does to a 1-image sequence, with fair
-scheduling (runtime/engine.py, the default) and without (every sequence one row per step, as
+scheduling (server/engine/scheduler.py, the default) and without (every sequence one row per step, as
 before), what the live-images budget admits of the issue's flood, and the memory a flood leaves
-resident with and without giving it back (runtime/admission.py). With --server, also the issue's
+resident with and without giving it back (server/engine/admission.py). With --server, also the issue's
 flood through a real tritonserver serving the committed model_repository/: 150 STARTs of 64
 images on one stream, a 1-image client during it, and the server's RSS (all its processes)
 before, at the peak and in the 30 s after the flood; --server-repeats floods (3), each on a fresh
@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
-from runtime import admission
-from runtime.engine import Engine, Overloaded
-from runtime.rowloop import SampleSpec
-from runtime.runner import OnnxRunner
+from pixelrnn.server.engine import admission
+from pixelrnn.server.engine import Engine, Overloaded
+from pixelrnn.runtime.rowloop import SampleSpec
+from pixelrnn.runtime.runner import OnnxRunner
 
 REPO = Path(__file__).resolve().parent.parent
-FOLDER = REPO / "model_repository" / "pixelcnn_binarized_mnist_sample" / "1"
+FOLDER = REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "1"
 
 
 class Sink:
@@ -163,9 +163,9 @@ def server_flood(manifest: dict, starts: int = 150, settle_s: float = 30.0) -> d
     import threading
 
     from bench.deployment import group_rss_mib
-    from client.stream import SampleStream, sample_inputs
-    from runtime import protocol as p
-    from server.launcher import TritonServer
+    from pixelrnn.client.stream import SampleStream, sample_inputs
+    from pixelrnn.runtime import protocol as p
+    from pixelrnn.server.launcher import TritonServer
 
     sampler = p.sample_model(manifest["name"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ links libb64.so.0d (Debian's libb64-0d) and libcudart.so.12 (PyPI's nvidia-cuda-
 whose lib/ folder this wrapper puts on LD_LIBRARY_PATH); `make setup` installs both.
 
 Request data: the repository's NAME_score/perf_analyzer_input.json and
-NAME_sample/perf_analyzer_input.json (written by export/repository.py; random data would be
+NAME_sample/perf_analyzer_input.json (written by server/repository.py; random data would be
 refused: values must lie within the model's levels). What perf_analyzer 2.51 needs for the
 sampler, a decoupled (streaming) stateful model:
   -i grpc --streaming --async   decoupled models only run over a gRPC stream
@@ -59,10 +59,10 @@ import time
 from pathlib import Path
 
 from bench.common import cpu_model, write_json
-from runtime import protocol as p
+from pixelrnn.runtime import protocol as p
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PERF_INPUT = "perf_analyzer_input.json"  # export/repository.py writes it into both model folders
+PERF_INPUT = "perf_analyzer_input.json"  # server/repository.py writes it into both model folders
 STABILITY_PERCENTAGE = 1000
 
 
@@ -190,7 +190,7 @@ def stream_figures(export: dict, rows: int) -> dict:
 
 def measure(binary: Path, env: dict, url: str, model: str, input_data: Path, args, sampler: bool, rows: int) -> dict:
     if not input_data.is_file():
-        raise PerfError(f"no perf_analyzer input data at {input_data} (export/repository.py writes it; "
+        raise PerfError(f"no perf_analyzer input data at {input_data} (server/repository.py writes it; "
                         "rewrite the repository with this version)")
     with tempfile.TemporaryDirectory(prefix="perf_analyzer-") as tmp:
         report, profile = Path(tmp) / "report.csv", Path(tmp) / "profile.json"

@@ -38,16 +38,16 @@ import numpy as np
 import torch
 
 from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
-from export import onnx_export as ox
-from export.cells import CELLS, build_cell, sample_cached
-from runtime import rowloop
-from runtime.onnx_graphs import OnnxCell, OnnxCondition
-from runtime.randomness import draw_row_uniforms, sampling_rng
-from runtime.rowloop import SampleSpec
-from runtime.runner import OnnxRunner
-from training.models import ARCHITECTURES, build_model, config_class
-from training.models.multiscale import MultiScale
-from training.sample import autoregress, sample_reference
+from pixelrnn.export import onnx_export as ox
+from pixelrnn.export.cells import CELLS, build_cell, sample_cached
+from pixelrnn.runtime import rowloop
+from pixelrnn.runtime.onnx_graphs import OnnxCell, OnnxCondition
+from pixelrnn.runtime.randomness import draw_row_uniforms, sampling_rng
+from pixelrnn.runtime.rowloop import SampleSpec
+from pixelrnn.runtime.runner import OnnxRunner
+from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
+from pixelrnn.training.models.multiscale import MultiScale
+from pixelrnn.training.sample import autoregress, sample_reference
 
 LSTM_ARCHS = {"row_lstm", "diagonal_bilstm"}
 SPEEDUP_TARGET = {"pixelcnn_type": 100.0, "lstm": 30.0}  # over naive, best cached path
@@ -278,7 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def models(args):
     if args.checkpoint:
-        from training.checkpoint import load_model
+        from pixelrnn.training.checkpoint import load_model
 
         model, _ = load_model(args.checkpoint)
         yield ox.arch_name(model), model

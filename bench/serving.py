@@ -4,7 +4,7 @@
                             [--streams 1,4,16] [--coalesce-ms MS] [--no-pinned] [--quick]
 
 The checkpoint is exported once (export/build_engine.py, parity-checked) into a temporary Triton
-repository (export/repository.py; its settings are recorded), served by a real tritonserver on
+repository (server/repository.py; its settings are recorded), served by a real tritonserver on
 free loopback ports (server/launcher.py), and the same exported files are loaded in this process
 with the same onnxruntime thread count. Measured in one run, on one machine:
 
@@ -63,23 +63,23 @@ import numpy as np
 
 from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
 from bench.cpu import cpu_seconds, pin, process_tree
-from client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
-from client.stream import SampleStream, sample_inputs
-from runtime.onnx_graphs import OnnxScorer
-from runtime import protocol as p
-from runtime import rowloop
-from runtime.engine import Engine
-from runtime.rowloop import SampleSpec
-from server.launcher import TritonServer
-from export.repository import COALESCE_MS, write_repository
-from runtime.manifest import read_manifest
-from runtime.runner import OnnxRunner
+from pixelrnn.client.library import ROW_OUTPUTS, PixelClient, Row, assemble, correlation_id
+from pixelrnn.client.stream import SampleStream, sample_inputs
+from pixelrnn.runtime.onnx_graphs import OnnxScorer
+from pixelrnn.runtime import protocol as p
+from pixelrnn.runtime import rowloop
+from pixelrnn.server.engine import Engine
+from pixelrnn.runtime.rowloop import SampleSpec
+from pixelrnn.server.launcher import TritonServer
+from pixelrnn.server.repository import COALESCE_MS, write_repository
+from pixelrnn.runtime.manifest import read_manifest
+from pixelrnn.runtime.runner import OnnxRunner
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 TARGETS = {"sampling_vs_in_process": 0.9, "pinned_sampling_vs_in_process": 0.95, "streams_16_vs_1": 6.0,
            "scoring_vs_in_process": 0.9}
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-3  # nats: the batch a score is computed in changes float32 rounding
-# The sampler pushes its metrics every 0.5 s (export/triton_models/sample_model.py METRICS_PERIOD_S).
+# The sampler pushes its metrics every 0.5 s (server/triton_models/sample_model.py METRICS_PERIOD_S).
 METRICS_PUSH_S = 0.6
 QUICK = dict(batch=2, streams=[1, 2], score_images=8, score_clients=2, score_request=1, repeats=1)
 
@@ -218,7 +218,7 @@ def triton_version(server: TritonServer) -> str | None:
 
 def export(checkpoint: str, workdir: Path, args) -> tuple[dict, Path, Path, float]:
     """-> (manifest, export folder, repository, export seconds). build_engine's progress goes to stderr."""
-    from export import build_engine
+    from pixelrnn.export import build_engine
 
     out, repository = workdir / "export", workdir / "repository"
     with contextlib.redirect_stdout(sys.stderr):

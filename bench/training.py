@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine_info, reexec_with_malloc_env, write_json
-from training.models import build_model
-from training.models.diagonal_bilstm import DiagonalBiLSTMLayer, DiagonalLSTM, shift_down, skew, unskew
-from training.models.pixelcnn import PixelCNN
-from training.models.row_lstm import RowLSTMLayer
-from training.train import NLLObjective, batch_indices, train_step
+from pixelrnn.training.models import build_model
+from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTMLayer, DiagonalLSTM, shift_down, skew, unskew
+from pixelrnn.training.models.pixelcnn import PixelCNN
+from pixelrnn.training.models.row_lstm import RowLSTMLayer
+from pixelrnn.training.train import NLLObjective, batch_indices, train_step
 
 BATCH = 64
 TARGETS = {"pixelcnn": 1.5, "gated_pixelcnn": 1.5, "diagonal_bilstm": 2.0}  # images/s ratio, fastest after / before

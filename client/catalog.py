@@ -12,8 +12,8 @@ from __future__ import annotations
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.library import ClientError, ModelInfo, ServerGone, _is_unavailable, _message, model_info
-from runtime import protocol as p
+from pixelrnn.client.library import ClientError, ModelInfo, ServerGone, _is_unavailable, _message, model_info
+from pixelrnn.runtime import protocol as p
 
 
 def served_models(url: str, timeout: float = 10.0) -> list[ModelInfo]:

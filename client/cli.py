@@ -1,10 +1,10 @@
-"""Sample, complete and score images with a model served by Triton (`python -m server`).
+"""Sample, complete and score images with a model served by Triton (`python -m pixelrnn.server`).
 
-    python -m client sample   --url localhost:8001 --model NAME --n 16 --out grid.png [--seed S]
+    python -m pixelrnn.client sample   --url localhost:8001 --model NAME --n 16 --out grid.png [--seed S]
                               [--temperature T] [--label L] [--npy samples.npy] [--retries N]
-    python -m client complete --url ... --model NAME (--input FILE... | --data NAME [--split valid])
+    python -m pixelrnn.client complete --url ... --model NAME (--input FILE... | --data NAME [--split valid])
                               [--n 4] [--known-rows R] [--k 3] --out grid.png [--npy completions.npy]
-    python -m client score    --url ... --model NAME FILE... [--label L] [--json]
+    python -m pixelrnn.client score    --url ... --model NAME FILE... [--label L] [--json]
 
 Images go in and out as .npy arrays of levels (N x C x H x W, N x H x W for grey models, C x H x W
 or H x W for one image) or as PNG files (0..255, mapped to the model's levels). Any failure
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.library import DEFAULT_URL, ClientError, ModelInfo, PixelClient, assemble
+from pixelrnn.client.library import DEFAULT_URL, ClientError, ModelInfo, PixelClient, assemble
 
 
 def display_levels(info: ModelInfo, images: np.ndarray) -> int:
@@ -38,7 +38,7 @@ def display_levels(info: ModelInfo, images: np.ndarray) -> int:
 
 def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """Images uint8 (N, C, H, W) from .npy / PNG files, and (file, index in the file) per image."""
-    from training.images import load_images
+    from pixelrnn.training.images import load_images
 
     c, h, w = client.info.shape
     images, where = [], []
@@ -70,8 +70,8 @@ def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list
 
 def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | None]:
     """The first --n images of --data's --split, and their labels (conditional models)."""
-    from training.data import load
-    from training.data_flags import data_spec_from_args
+    from pixelrnn.training.data import load
+    from pixelrnn.training.data_flags import data_spec_from_args
 
     try:
         data = load(data_spec_from_args(args), args.split)
@@ -112,7 +112,7 @@ def cmd_sample(args, client: PixelClient) -> dict:
 
 
 def cmd_complete(args, client: PixelClient) -> dict:
-    from training.images import completion_grid
+    from pixelrnn.training.images import completion_grid
 
     if (args.input is None) == (args.data is None):
         raise ClientError("give either --input FILE... or --data NAME")
@@ -135,7 +135,7 @@ def cmd_complete(args, client: PixelClient) -> dict:
 
 
 def write_outputs(args, samples: np.ndarray, grid) -> dict:
-    from training.images import save_grid
+    from pixelrnn.training.images import save_grid
 
     images, levels, nrow = grid()
     try:
@@ -165,7 +165,7 @@ def cmd_score(args, client: PixelClient) -> dict | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pixelrnn.client", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:

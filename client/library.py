@@ -21,7 +21,7 @@ With retries > 0, sampling survives the server going away (a crash, a restart): 
 waits for the server to be ready again and reopens the sequences with the same seeds and the
 rows it already has as KNOWN rows. Known rows consume the random numbers their sampling would
 have, so the images end exactly as an uninterrupted stream's, and no row is yielded twice.
-Behind a load balancer (python -m server.cluster) the reopened stream lands on a live replica;
+Behind a load balancer (python -m pixelrnn.server.cluster) the reopened stream lands on a live replica;
 a stream that a replica ends because one of its response sends got stuck (an error starting
 with runtime/protocol.py UNHEALTHY) is resumed the same way, as from a lost server.
 score(..., retries=N) sends a chunk again the same way. A sampler at its live-images budget
@@ -47,8 +47,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.stream import close_stream, decode, sample_inputs, split_rows
-from runtime import protocol as p
+from pixelrnn.client.stream import close_stream, decode, sample_inputs, split_rows
+from pixelrnn.runtime import protocol as p
 
 DEFAULT_URL = "localhost:8001"
 ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)
@@ -109,7 +109,7 @@ def _is_unavailable(e: Exception) -> bool:
 
 
 def _proxy_reset(e: InferenceServerException) -> bool:
-    """A gRPC proxy (nginx, python -m server.cluster) whose replica died mid-stream resets the
+    """A gRPC proxy (nginx, python -m pixelrnn.server.cluster) whose replica died mid-stream resets the
     client's stream: INTERNAL, "Received RST_STREAM with error code 2". The server is gone as
     surely as when the connection drops (UNAVAILABLE), and another replica can take the stream
     up; the model's own errors come on the stream without a status, never as this."""
@@ -394,7 +394,7 @@ class PixelClient:
                 if error is not None:
                     if _message(error).startswith(p.OVERLOADED):  # nothing was sampled: the stream may start over
                         raise ServerBusy(f"{p.sample_model(self.model)} is busy: {_message(error)}")
-                    if _message(error).startswith(p.UNHEALTHY):  # its sender got stuck (runtime/engine.py): resume elsewhere
+                    if _message(error).startswith(p.UNHEALTHY):  # its sender got stuck (server/engine/scheduler.py): resume elsewhere
                         raise ServerGone(f"{p.sample_model(self.model)} at {self.url} ended the stream after {yielded} rows: "
                                          f"{_message(error)}")
                     if yielded and _is_unavailable(error):  # the server died or restarted mid-stream
@@ -449,7 +449,7 @@ class PixelClient:
         """-log p of each image (N, C, H, W), in chunks of at most the model's max batch.
         `retries`: times a chunk is sent again after losing the server, waiting up to
         `retry_wait_s` each time for it to be ready (scoring is stateless: behind a proxy such
-        as python -m server.cluster, any live replica answers)."""
+        as python -m pixelrnn.server.cluster, any live replica answers)."""
         _check_retries(retries, retry_wait_s)
         images = self.check_images(images)
         if self.info.conditional and labels is None:  # no cycling through classes here: a score needs the true class

@@ -32,7 +32,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
-from runtime import protocol as p
+from pixelrnn.runtime import protocol as p
 
 # The inputs of NAME_sample and their Triton dtypes (runtime/protocol.py).
 SAMPLE_DTYPES = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8",

@@ -12,7 +12,7 @@ cells' state names and shapes, the tensor names, the files). Then, optionally:
   TensorRT  engines for the graphs TensorRT can build (not the cells: float64 sampling, see
             export/tensorrt_engine.py). `auto` builds them when TensorRT and a CUDA GPU are
             present and otherwise says why it skipped; `on` fails (exit 2) without them.
-  --repository DIR  a self-contained Triton model repository (export/repository.py).
+  --repository DIR  a self-contained Triton model repository (server/repository.py).
 
 Exit codes: 0 done, 1 an export failed its parity check, 2 bad checkpoint or arguments, or
 --tensorrt on without TensorRT.
@@ -33,13 +33,13 @@ if str(REPO) not in sys.path:  # run as a script: `python export/build_engine.py
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
-from runtime import tensor_names  # noqa: E402
-from runtime.manifest import FORMAT, MANIFEST, file_sha256  # noqa: E402
-from export.onnx_export import OPSET, TOLERANCE, Artifact, ParityError, artifacts  # noqa: E402
-from export.repository import write_repository  # noqa: E402
-from runtime.admission import DEFAULT_MEMORY_MB  # noqa: E402
-from export.tensorrt_engine import MAX_BATCH, EngineError, float64_tensors, tensorrt_available  # noqa: E402
-from training.checkpoint import CheckpointError, load_model  # noqa: E402
+from pixelrnn.runtime import tensor_names  # noqa: E402
+from pixelrnn.runtime.manifest import FORMAT, MANIFEST, file_sha256  # noqa: E402
+from pixelrnn.export.onnx_export import OPSET, TOLERANCE, Artifact, ParityError, artifacts  # noqa: E402
+from pixelrnn.server.repository import write_repository  # noqa: E402
+from pixelrnn.server.engine.admission import DEFAULT_MEMORY_MB  # noqa: E402
+from pixelrnn.export.tensorrt_engine import MAX_BATCH, EngineError, float64_tensors, tensorrt_available  # noqa: E402
+from pixelrnn.training.checkpoint import CheckpointError, load_model  # noqa: E402
 
 
 
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="largest batch of the TensorRT profile and the server")
     p.add_argument("--sampler-memory-mb", type=float, default=DEFAULT_MEMORY_MB,
                    help="with --repository: the sampler's memory for live sequences, which sets its live-images budget "
-                        f"(runtime/admission.py; default {DEFAULT_MEMORY_MB})")
+                        f"(server/engine/admission.py; default {DEFAULT_MEMORY_MB})")
     args = p.parse_args(argv)
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
@@ -123,7 +123,7 @@ def tensorrt_step(args, out: Path, manifest: dict) -> int:
             return fail(f"--tensorrt on, but TensorRT cannot run here: {why}")
         print(f"TensorRT skipped: {why}")
         return 0
-    from export.tensorrt_engine import build_engine, check_engine
+    from pixelrnn.export.tensorrt_engine import build_engine, check_engine
 
     engines, skipped = {}, {}
     for name, desc in manifest["artifacts"].items():

@@ -35,14 +35,14 @@ import onnx
 import torch
 import torch.nn as nn
 
-from runtime import tensor_names as tn
-from runtime.onnx_graphs import OnnxGraph
-from export.cells import build_cell
-from export.cells.base import RowCell
-from export.cells.multiscale import ConditionedCell, MultiScaleSampler
-from training.models import ARCHITECTURES
-from training.models.base import ImageModel
-from training.models.multiscale import MultiScale
+from pixelrnn.runtime import tensor_names as tn
+from pixelrnn.runtime.onnx_graphs import OnnxGraph
+from pixelrnn.export.cells import build_cell
+from pixelrnn.export.cells.base import RowCell
+from pixelrnn.export.cells.multiscale import ConditionedCell, MultiScaleSampler
+from pixelrnn.training.models import ARCHITECTURES
+from pixelrnn.training.models.base import ImageModel
+from pixelrnn.training.models.multiscale import MultiScale
 
 OPSET = 17  # supported by onnxruntime 1.22, TensorRT 8.6+ and Triton 2.51's backends
 FORMAT = "pixelrnn-onnx/1"

@@ -2,8 +2,8 @@
 architecture has them, else the reference sampler (training/sample.py, one full pass per
 sub-pixel). Both draw the same image from the same seed.
 
-    python -m export.sample --checkpoint runs/pixelcnn/best.pt --n 16 --out samples.png
-    python -m export.sample --checkpoint ... --complete --split test --known-rows 14 --n 4 --k 3 --out completions.png
+    python -m pixelrnn.export.sample --checkpoint runs/pixelcnn/best.pt --n 16 --out samples.png
+    python -m pixelrnn.export.sample --checkpoint ... --complete --split test --known-rows 14 --n 4 --k 3 --out completions.png
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from training.images import completion_grid, save_grid
-from training.sample import known_canvas, labels_tensor, sample_reference
+from pixelrnn.training.images import completion_grid, save_grid
+from pixelrnn.training.sample import known_canvas, labels_tensor, sample_reference
 
 
 def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=None, known=None,
@@ -27,7 +27,7 @@ def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=Non
         raise ValueError(f"sampler must be auto, cached or reference, got {sampler!r}")
     model.to(device)
     if sampler != "reference":
-        from export.cells import build_cell, sample_cached  # torch cells: built only when used
+        from pixelrnn.export.cells import build_cell, sample_cached  # torch cells: built only when used
 
         try:
             cell = build_cell(model)
@@ -46,9 +46,9 @@ def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=Non
 # ---------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from training.data_flags import add_data_arguments
+    from pixelrnn.training.data_flags import add_data_arguments
 
-    p = argparse.ArgumentParser(prog="python -m export.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelrnn.export.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--n", type=int, default=16, help="samples (with --complete: examples)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
@@ -70,15 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from training.checkpoint import load_model
+    from pixelrnn.training.checkpoint import load_model
 
     model, ckpt = load_model(args.checkpoint)
     cfg = model.config
     started = time.monotonic()
     if args.complete:
-        from training.data import load
-        from training.data_flags import data_spec_from_args
-        from training.train import check_data_fits
+        from pixelrnn.training.data import load
+        from pixelrnn.training.data_flags import data_spec_from_args
+        from pixelrnn.training.train import check_data_fits
 
         data = load(data_spec_from_args(args, base=ckpt["data"]), args.split)
         data_labels = check_data_fits(model, data)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime import tensor_names as tn
-from export.onnx_export import compare
-from runtime.onnx_graphs import OnnxGraph
+from pixelrnn.runtime import tensor_names as tn
+from pixelrnn.export.onnx_export import compare
+from pixelrnn.runtime.onnx_graphs import OnnxGraph
 
 OPT_BATCH = 16
 MAX_BATCH = 64

@@ -10,6 +10,6 @@ executes, and what the server, the client, the benches and the tests share.
     runner        the row loop's runner on the exported graphs
     engine        cross-sequence scheduling of many sampling jobs into shared cell calls
 
-It imports nothing of the project outside this folder, so export/repository.py copies it
+It imports nothing of the project outside this folder, so server/repository.py copies it
 whole into every model of a repository, beside model.py.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime import tensor_names as tn
+from pixelrnn.runtime import tensor_names as tn
 
 
 def make_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -26,7 +26,7 @@ def make_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # No CPU memory arena: the arena keeps every buffer it ever grew to, so a sampler that held a
     # flood of sequences would keep that memory for good; without it the allocator gives it back
-    # once the engine trims after going idle (runtime/admission.py). Its cost in sampling time:
+    # once the engine trims after going idle (server/engine/admission.py). Its cost in sampling time:
     # bench/results/cell_graphs.json, variant cpu_memory_arena.
     so.enable_cpu_mem_arena = False
     so.log_severity_level = 3  # errors only

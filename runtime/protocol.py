@@ -45,28 +45,28 @@ unless said otherwise:
   A sequence is freed when its image is complete, at sequence_end, on an error, when the
   client cancels, or after the idle timeout without a request; errors arrive per request.
   Overload: the sampler holds at most its live-images budget (the config's max_live_images
-  parameter, or what sampler_memory_mb holds; runtime/admission.py; shown on the metrics
+  parameter, or what sampler_memory_mb holds; server/engine/admission.py; shown on the metrics
   endpoint as pixelrnn_sampler_images_budget and in the server log). A START
   whose BATCH_SIZE images do not fit gets at once an error (UNAVAILABLE) whose message starts
   with OVERLOADED and names the budget and the current load: retry later. With the config's
-  admission_queue N > 0 (export/repository.py --admission-queue N --admission-wait-ms MS) it
+  admission_queue N > 0 (server/repository.py --admission-queue N --admission-wait-ms MS) it
   waits instead, first come first served, while fewer than N wait: it starts as soon as it
   fits, else gets that OVERLOADED error after admission_wait_ms (a full queue refuses at once);
   later requests of a waiting sequence wait with it. Metrics: pixelrnn_sampler_waiting_starts
   and pixelrnn_sampler_events_total{event=admitted|queued|overloaded}.
   The live sequences go on; when more images want rows than one cell call takes, each call
   goes to the least served sequences counted in image-rows, so a small sequence is not held
-  back by big ones (runtime/engine.py).
+  back by big ones (server/engine/scheduler.py).
   Stuck sends: a response send that has not returned for the config's stuck_send_s seconds
   (default 10; 0: off) marks the sampler unhealthy (metrics endpoint:
   pixelrnn_sampler_healthy 0, pixelrnn_sampler_events_total{event="stuck_sends"}); the other
   sequences on that sender thread get the rows already made, then an error starting with
   UNHEALTHY: resume them elsewhere from the received rows (KNOWN, same seed); new sequences go
-  to a fresh sender thread. python -m server.cluster restarts a replica that reports it.
+  to a fresh sender thread. python -m pixelrnn.server.cluster restarts a replica that reports it.
 """
 from __future__ import annotations
 
-from runtime import tensor_names as tn
+from pixelrnn.runtime import tensor_names as tn
 
 SCORE_SUFFIX = "_score"
 SAMPLE_SUFFIX = "_sample"

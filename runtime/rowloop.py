@@ -1,6 +1,6 @@
 """The one row-sampling loop: how a sampling job turns cell calls into images.
 
-Every sampler built on row cells goes through here: the server's engine (runtime/engine.py,
+Every sampler built on row cells goes through here: the server's engine (server/engine/scheduler.py,
 many sequences per cell call), `export.cells.sample_cached` (the torch cells), the benches and
 the tests' oracle. What makes images identical on every path is decided in this file only:
 - one `draw_row_uniforms` per row of every stage, known rows included, from the job's own
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.randomness import draw_row_uniforms, sampling_rng
+from pixelrnn.runtime.randomness import draw_row_uniforms, sampling_rng
 
 
 @dataclass(frozen=True)

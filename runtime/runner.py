@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import artifact_path
-from runtime.onnx_graphs import OnnxCell, OnnxCondition, OnnxScorer
-from runtime.rowloop import Stage
+from pixelrnn.runtime.manifest import artifact_path
+from pixelrnn.runtime.onnx_graphs import OnnxCell, OnnxCondition, OnnxScorer
+from pixelrnn.runtime.rowloop import Stage
 
 
 class OnnxRunner:

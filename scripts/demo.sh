@@ -13,13 +13,13 @@ else EVAL_N=1000 SAMPLE_N=16 COMPLETE_N=4 COMPLETE_K=3; fi
 
 if [ ! -f "$CKPT" ]; then
   echo "== no shipped checkpoint at $CKPT: training a small PixelCNN for 2 minutes instead"
-  $PY -m training.train --arch pixelcnn --data binarized-mnist --out "$OUT/train" \
+  $PY -m pixelrnn.training.train --arch pixelcnn --data binarized-mnist --out "$OUT/train" \
       --hidden 32 --layers 4 --max-minutes 2 --valid-every 200 --valid-images 500 --overwrite
   CKPT=$OUT/train/best.pt
 fi
 
 echo "== 1. validation NLL of $CKPT on $EVAL_N binarized-MNIST validation images (in process)"
-$PY -m training.evaluate --checkpoint "$CKPT" --split valid --limit $EVAL_N
+$PY -m pixelrnn.training.evaluate --checkpoint "$CKPT" --split valid --limit $EVAL_N
 
 echo "== 2. export: ONNX row cell + scorer (checked against torch) and a Triton repository -> $OUT/repository"
 $PY export/build_engine.py --checkpoint "$CKPT" --out "$OUT/export" --repository "$OUT/repository" --name demo
@@ -34,15 +34,15 @@ start_server "$OUT/repository" "$GRPC" "$HTTP" "$METRICS" "$OUT"
 URL=127.0.0.1:$GRPC
 
 echo "== 4. streaming $SAMPLE_N samples row by row over gRPC -> $OUT/samples.png"
-$PY -m client sample --url "$URL" --model demo --n $SAMPLE_N --seed 0 --out "$OUT/samples.png" --npy "$OUT/samples.npy"
+$PY -m pixelrnn.client sample --url "$URL" --model demo --n $SAMPLE_N --seed 0 --out "$OUT/samples.png" --npy "$OUT/samples.npy"
 
 echo "== 5. completing $COMPLETE_N validation images from their top half -> $OUT/completions.png"
-$PY -m client complete --url "$URL" --model demo --data binarized-mnist --split valid --n $COMPLETE_N --k $COMPLETE_K --seed 0 \
+$PY -m pixelrnn.client complete --url "$URL" --model demo --data binarized-mnist --split valid --n $COMPLETE_N --k $COMPLETE_K --seed 0 \
     --out "$OUT/completions.png"
 
 echo "== 6. scoring the streamed samples and 1 validation image through the scorer"
 $PY -c 'import numpy as np; from training.data import load; np.save("'"$OUT"'/valid1.npy", load("binarized-mnist", "valid").images[:1])'
-$PY -m client score --url "$URL" --model demo "$OUT/valid1.npy" "$OUT/samples.npy" | tail -4
+$PY -m pixelrnn.client score --url "$URL" --model demo "$OUT/valid1.npy" "$OUT/samples.npy" | tail -4
 
 echo "== 7. stopping the server"
 kill -INT $SERVER; wait $SERVER || true; trap - EXIT

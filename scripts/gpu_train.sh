@@ -21,4 +21,4 @@ export PYTHONUNBUFFERED=1
 # A last bound beneath the helper's own timeouts: end 10 s before the tool's limit, so that what
 # is under $OUT (rewritten after every phase) still comes back if something hangs.
 limit=${GPU_CALL_LIMIT_S:-600}
-exec timeout -k 5 "$(( ${limit%.*} - 10 ))" "$PY" -m training.gpu_session "$@"
+exec timeout -k 5 "$(( ${limit%.*} - 10 ))" "$PY" -m pixelrnn.training.gpu_session "$@"

@@ -2,7 +2,7 @@
 # Idempotent set-up for a fresh 2-core CPU machine (registries only, no GPU):
 #   .venv with the project, the real tritonserver binary under .triton/, Debian's
 #   Fashion-MNIST under /usr/share/datasets/fashion-mnist/, Debian's libb64 for perf_analyzer,
-#   and Debian's nginx (the gRPC load balancer of python -m server.cluster).
+#   and Debian's nginx (the gRPC load balancer of python -m pixelrnn.server.cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -45,7 +45,7 @@ fi
 apt_missing=()
 [ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
 dpkg-query -W -f='${Status}' libb64-0d 2>/dev/null | grep -q 'ok installed' || apt_missing+=(libb64-0d)
-# nginx: the L7 gRPC proxy in front of tritonserver replicas (python -m server.cluster); only the
+# nginx: the L7 gRPC proxy in front of tritonserver replicas (python -m pixelrnn.server.cluster); only the
 # binary is used, run in the foreground with its own run directory, never as the system service.
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx)
 # chromium + its driver: the web page's tests drive a real headless browser (tests/test_web.py).

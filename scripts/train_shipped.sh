@@ -12,6 +12,6 @@ S=${STEPS_SCALE:-1}
 R=${RESUME:+--resume}; R=${R:---overwrite}
 common="--max-minutes $M --threads 1 --valid-every 500 --valid-images 2000 --checkpoint-every 250 --batch-size 64"
 train_pixelcnn() {
-  $PY -m training.train --arch pixelcnn --data binarized-mnist --hidden 48 --layers 8 --steps $((2200 * S)) --out runs/pixelcnn_binarized_mnist $common $R
+  $PY -m pixelrnn.training.train --arch pixelcnn --data binarized-mnist --hidden 48 --layers 8 --steps $((2200 * S)) --out runs/pixelcnn_binarized_mnist $common $R
 }
 train_pixelcnn > runs/pixelcnn_binarized_mnist.log 2>&1

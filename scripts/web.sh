@@ -14,4 +14,4 @@ $PY -c "import sys; from web.__main__ import check_port; p = check_port('127.0.0
 source scripts/serve_background.sh
 start_server "$REPOSITORY" "$GRPC_PORT" "$HTTP_PORT" "$METRICS_PORT" "$LOG"
 # In the foreground: Ctrl-C stops the gateway, then the trap stops tritonserver.
-$PY -m web --triton "127.0.0.1:$GRPC_PORT" --port "$WEB_PORT"
+$PY -m pixelrnn.web --triton "127.0.0.1:$GRPC_PORT" --port "$WEB_PORT"

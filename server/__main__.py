@@ -1,6 +1,6 @@
-"""`python -m server --repository DIR [--grpc-port P --http-port P --metrics-port P]`: see server/launcher.py."""
+"""`python -m pixelrnn.server --repository DIR [--grpc-port P --http-port P --metrics-port P]`: see server/launcher.py."""
 import sys
 
-from server.launcher import main
+from pixelrnn.server.launcher import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """N tritonserver replicas of one repository behind nginx as the L7 gRPC load balancer, on loopback:
 
-    python -m server.cluster --replicas 3 --repository model_repository [--port 8001]
+    python -m pixelrnn.server.cluster --replicas 3 --repository model_repository [--port 8001]
 
     with Cluster("model_repository", replicas=3) as cluster:   # free ports unless given
         cluster.url                  # "127.0.0.1:PORT": the proxy, all a client needs to know
@@ -14,7 +14,7 @@ stream, which nginx keeps on one replica, so a sequence stays where its state is
 (passive failure detection, see the template). A supervisor thread restarts a replica that dies
 on its own ports, so the proxy, which tries it again after fail_timeout, takes it back. A stuck
 replica is a dead one: a replica whose sampler reports a response send that does not return
-(pixelrnn_sampler_healthy 0 on its metrics page; runtime/engine.py, "Stuck sends") is killed
+(pixelrnn_sampler_healthy 0 on its metrics page; server/engine/scheduler.py, "Stuck sends") is killed
 with SIGKILL and restarted the same way, which cuts its streams so their clients resume elsewhere.
 SIGINT/SIGTERM stop nginx, then every replica. Proxy is nginx alone, over any replicas' gRPC
 ports (bench/cluster.py puts one over the first 1, 2, 3 replicas of one cluster).
@@ -36,12 +36,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.launcher import HOST, START_ATTEMPTS, ServerError, TritonServer, check_port, free_port
+from pixelrnn.server.launcher import HOST, START_ATTEMPTS, ServerError, TritonServer, check_port, free_port
 
 TEMPLATE = Path(__file__).resolve().parent / "deploy" / "nginx.conf.template"
 SUPERVISE_S = 0.5  # how often the supervisor looks at the replicas
 HEALTH_S = 1.0  # how often it reads their metrics for a stuck sampler (an HTTP call per replica)
-HEALTH_METRIC = "pixelrnn_sampler_healthy"  # export/triton_models/sample_model.py SamplerMetrics
+HEALTH_METRIC = "pixelrnn_sampler_healthy"  # server/triton_models/sample_model.py SamplerMetrics
 SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_\S+")
 
 
@@ -334,7 +334,7 @@ def describe(cluster: Cluster) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m server.cluster",
+    parser = argparse.ArgumentParser(prog="python -m pixelrnn.server.cluster",
                                      description="Serve a model repository on N tritonserver replicas behind nginx (gRPC), on loopback.")
     parser.add_argument("--replicas", type=int, required=True, help="number of tritonserver replicas")
     parser.add_argument("--repository", required=True, help="model repository (export/build_engine.py --repository)")

@@ -1,5 +1,5 @@
 """Start and stop the real tritonserver (Triton 2.51 from the nvidia-pytriton wheel that `make
-setup` installs under .triton/) on loopback, for `python -m server` and for tests:
+setup` installs under .triton/) on loopback, for `python -m pixelrnn.server` and for tests:
 
     with TritonServer("model_repository") as server:   # free ports unless given
         server.grpc_url                                  # "127.0.0.1:PORT"
@@ -299,7 +299,7 @@ def describe(server: TritonServer) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a Triton model repository on loopback.")
+    parser = argparse.ArgumentParser(prog="python -m pixelrnn.server", description="Serve a Triton model repository on loopback.")
     parser.add_argument("--repository", required=True, help="model repository (export/build_engine.py --repository)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)

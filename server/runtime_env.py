@@ -2,7 +2,7 @@
 else (no torch, no project). Triton's Python backend stub runs its models in it (put its bin/
 first on PATH, or pass it to server.launcher.TritonServer(venv=...)).
 
-    python -m server.runtime_env DIR      # a virtual environment with the pinned versions
+    python -m pixelrnn.server.runtime_env DIR      # a virtual environment with the pinned versions
 
 The versions are the project's own pins (the running interpreter's numpy and onnxruntime), so
 the served graphs run on exactly what the exporter checked them against.
@@ -37,7 +37,7 @@ def make_runtime_env(folder: str | Path, timeout: float = 600) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.runtime_env", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelrnn.server.runtime_env", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="where to create the virtual environment")
     args = p.parse_args(argv)
     try:

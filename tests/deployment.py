@@ -28,13 +28,13 @@ from typing import Callable, NoReturn, TypeVar
 import pytest
 import torch
 
-from export import build_engine
-from export.repository import write_repository
-from runtime.engine import Engine
-from runtime.manifest import read_manifest
-from server.launcher import ServerError, TritonServer, find_tritonserver
-from training.checkpoint import load_model, save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.server.repository import write_repository
+from pixelrnn.server.engine import Engine
+from pixelrnn.runtime.manifest import read_manifest
+from pixelrnn.server.launcher import ServerError, TritonServer, find_tritonserver
+from pixelrnn.training.checkpoint import load_model, save_checkpoint
+from pixelrnn.training.models import build_model
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -182,9 +182,9 @@ def sampler_metrics(server: TritonServer, model: str) -> dict[str, int]:
 def sampler_periods() -> dict[str, float]:
     """How often the sampler looks at things, for bounds derived from them: CANCEL_CHECK_S (a
     request's is_cancelled polling) and METRICS_PERIOD_S (metrics pushes), read from the Triton
-    glue export/triton_models/sample_model.py (it imports Triton's own module, so it cannot be
+    glue server/triton_models/sample_model.py (it imports Triton's own module, so it cannot be
     imported here), and ENGINE_POLL_S, the engine's default housekeeping period (idle expiry)."""
-    text = (REPO / "export" / "triton_models" / "sample_model.py").read_text()
+    text = (REPO / "server" / "triton_models" / "sample_model.py").read_text()
     found = {k: float(re.search(rf"^{k} = ([0-9.]+)", text, re.M).group(1)) for k in ("CANCEL_CHECK_S", "METRICS_PERIOD_S")}
     found["ENGINE_POLL_S"] = float(inspect.signature(Engine).parameters["poll"].default)
     return found

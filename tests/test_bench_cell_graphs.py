@@ -30,9 +30,9 @@ def test_pixelcnn_cell_reads_per_row_maps_without_a_gather_per_pixel(tmp_path):
     per pixel when it indexed them column by column) and a bounded number of nodes per pixel."""
     import torch
 
-    from export import onnx_export as ox
-    from export.cells import build_cell
-    from training.models import build_model
+    from pixelrnn.export import onnx_export as ox
+    from pixelrnn.export.cells import build_cell
+    from pixelrnn.training.models import build_model
 
     counts = {}
     for width in (4, 6):
@@ -57,9 +57,9 @@ def test_row_cells_have_no_shape_branches_or_shape_arithmetic_per_pixel(tmp_path
     neither is left in any architecture: a wider image adds no Shape op."""
     import torch
 
-    from export import onnx_export as ox
-    from export.cells import build_cell
-    from training.models import build_model
+    from pixelrnn.export import onnx_export as ox
+    from pixelrnn.export.cells import build_cell
+    from pixelrnn.training.models import build_model
 
     for arch in ("pixelcnn", "gated_pixelcnn", "row_lstm", "diagonal_bilstm"):
         shapes = {}

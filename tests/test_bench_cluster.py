@@ -13,8 +13,8 @@ require("tritonclient.grpc")
 
 from bench import cluster  # noqa: E402
 from tests.test_cluster import nginx_or_skip  # noqa: E402
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from pixelrnn.training.checkpoint import save_checkpoint  # noqa: E402
+from pixelrnn.training.models import build_model  # noqa: E402
 
 CONFIG = dict(in_channels=1, height=8, width=4, levels=2, hidden=6, layers=1, kernel=3)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bench import engine_batching
-from export import build_engine
-from training.checkpoint import save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.training.checkpoint import save_checkpoint
+from pixelrnn.training.models import build_model
 
 CONFIG = dict(in_channels=1, height=6, width=5, levels=4, hidden=6, layers=1, kernel=3, num_classes=3)
 

@@ -15,9 +15,9 @@ require("tritonclient.grpc")
 
 from bench import common  # noqa: E402
 from bench import load  # noqa: E402
-from client.library import Row  # noqa: E402
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from pixelrnn.client.library import Row  # noqa: E402
+from pixelrnn.training.checkpoint import save_checkpoint  # noqa: E402
+from pixelrnn.training.models import build_model  # noqa: E402
 
 CONFIG = dict(in_channels=1, height=8, width=4, levels=3, num_classes=2, base_arch="gated_pixelcnn", hidden=6, layers=1,
               small_config=dict(kernel=3), big_config=dict(kernel=3))
@@ -114,8 +114,8 @@ def test_check_image_accepts_a_whole_image_and_names_what_is_wrong():
 
 
 def test_content_check_catches_a_wrong_image_and_a_wrong_score(tmp_path):
-    from runtime import rowloop
-    from runtime.runner import OnnxRunner
+    from pixelrnn.runtime import rowloop
+    from pixelrnn.runtime.runner import OnnxRunner
     from tests.deployment import Tiny, export_models
 
     m = export_models(tmp_path, [Tiny("px", "pixelcnn", dict(in_channels=1, height=4, width=3, levels=2, hidden=4, layers=1), max_batch=4)])["px"]

@@ -13,8 +13,8 @@ require("tritonclient.grpc")
 
 from bench import common  # noqa: E402
 from bench import serving  # noqa: E402
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.models import build_model  # noqa: E402
+from pixelrnn.training.checkpoint import save_checkpoint  # noqa: E402
+from pixelrnn.training.models import build_model  # noqa: E402
 
 MODELS = {
     "gated": ("gated_pixelcnn", dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)),

@@ -1,8 +1,8 @@
 """The PixelCNN blind spot and its fix by the Gated PixelCNN's two stacks (7x7 grey image)."""
 import torch
 
-from training.causality import check_model
-from training.models import build_model
+from pixelrnn.training.causality import check_model
+from pixelrnn.training.models import build_model
 
 SPEC = dict(in_channels=1, height=7, width=7, levels=2)
 OUT = (0, 3, 3)

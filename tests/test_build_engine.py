@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from export import build_engine
-from runtime import tensor_names as tn
-from export.cells import build_cell
-from export.onnx_export import export_scorer
-from runtime.onnx_graphs import OnnxCell, OnnxScorer
-from export.tensorrt_engine import float64_tensors, tensorrt_available
-from training.checkpoint import load_model, save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.server.repository import TEMPLATES, served_modules
+from pixelrnn.runtime import tensor_names as tn
+from pixelrnn.export.cells import build_cell
+from pixelrnn.export.onnx_export import export_scorer
+from pixelrnn.runtime.onnx_graphs import OnnxCell, OnnxScorer
+from pixelrnn.export.tensorrt_engine import float64_tensors, tensorrt_available
+from pixelrnn.training.checkpoint import load_model, save_checkpoint
+from pixelrnn.training.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 PIXELCNN = dict(in_channels=1, height=6, width=6, levels=2, hidden=6, layers=1, input_kernel=3)
@@ -119,18 +120,19 @@ def test_bad_checkpoint_exit_code_as_a_script(tmp_path):
 
 
 def test_repository_is_self_contained(pixelcnn_ckpt, tmp_path):
-    """--repository writes both models with model.py, a copy of runtime/, the graphs and the
+    """--repository writes both models with model.py, the pixelrnn modules it imports, the graphs and the
     manifest; no generated text file holds an absolute path (or this machine's folders)."""
     out, repo = tmp_path / "out", tmp_path / "repo"
     assert build_engine.main(["--checkpoint", str(pixelcnn_ckpt), "--out", str(out), "--repository", str(repo), "--tensorrt", "off"]) == 0
-    runtime_modules = sorted(p.name for p in (REPO / "runtime").glob("*.py"))
-    for model, graphs in (("pixelcnn_score", ["scorer.onnx"]), ("pixelcnn_sample", ["cell.onnx"])):
+    carried = []
+    for model, graphs, glue in (("pixelcnn_score", ["scorer.onnx"], "score_model.py"), ("pixelcnn_sample", ["cell.onnx"], "sample_model.py")):
         version = repo / model / "1"
         assert (repo / model / "config.pbtxt").is_file() and (version / "model.py").is_file()
-        assert sorted(p.name for p in (version / "runtime").glob("*.py")) == runtime_modules
+        carried = sorted((version / "pixelrnn").rglob("*.py"))
+        assert len(carried) == len(served_modules(TEMPLATES / glue)) and (version / "pixelrnn" / "runtime" / "rowloop.py").is_file()
         assert all((version / g).is_file() for g in graphs) and (version / "manifest.json").is_file()
     texts = [p for p in repo.rglob("*") if p.suffix in (".pbtxt", ".json", ".py")]
-    assert len(texts) > 2 * len(runtime_modules)
+    assert len(texts) > len(carried)
     for path in texts:
         text = path.read_text()
         for folder in (str(tmp_path), str(REPO), str(Path.home())):
@@ -153,7 +155,7 @@ def test_cells_are_flagged_float64_and_the_scorer_is_not(pixelcnn_ckpt, tmp_path
 def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     if not TRT_OK:
         pytest.skip(f"needs TensorRT and a CUDA GPU: {TRT_WHY}")
-    from export.tensorrt_engine import build_engine as build_trt, check_engine
+    from pixelrnn.export.tensorrt_engine import build_engine as build_trt, check_engine
 
     torch.manual_seed(0)
     model = build_model("pixelcnn", dict(PIXELCNN)).eval()

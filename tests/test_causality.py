@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from training.causality import allowed_dependencies, check_model, measure_dependencies
-from training.masks import MaskedConv2d
-from training.models import build_model
+from pixelrnn.training.causality import allowed_dependencies, check_model, measure_dependencies
+from pixelrnn.training.masks import MaskedConv2d
+from pixelrnn.training.models import build_model
 
 
 class Stack(nn.Module):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.cells import build_cell, sample_cached, teacher_forced_logits
-from training.models import build_model
+from pixelrnn.export.cells import build_cell, sample_cached, teacher_forced_logits
+from pixelrnn.training.models import build_model
 
 CASES = [
     ("pixelcnn", dict(hidden=12, layers=3), 1, 2),
@@ -54,7 +54,7 @@ def test_cached_sampler_is_deterministic_and_keeps_known_rows():
 
 @pytest.mark.parametrize("arch, fields, channels, levels", CASES)
 def test_cached_and_reference_samplers_draw_the_same_image(arch, fields, channels, levels):
-    from training.sample import sample_reference
+    from pixelrnn.training.sample import sample_reference
 
     model = make(arch, fields, channels, levels)
     known = np.random.default_rng(2).integers(0, levels, (2, channels, 6, 5)).astype(np.uint8)

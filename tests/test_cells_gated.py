@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.cells import build_cell, sample_cached, teacher_forced_logits
-from export.cells.multiscale import MultiScaleSampler
-from training.models import build_model
+from pixelrnn.export.cells import build_cell, sample_cached, teacher_forced_logits
+from pixelrnn.export.cells.multiscale import MultiScaleSampler
+from pixelrnn.training.models import build_model
 
 H, W = 6, 5
 GATED = [  # fields, channels, levels
@@ -140,7 +140,7 @@ def test_big_part_flat_forward_matches_run_row():
 
 @pytest.mark.parametrize("arch", ["gated_pixelcnn", "multiscale"])
 def test_cached_sampler_draws_the_reference_samplers_image(arch):
-    from training import sample as reference
+    from pixelrnn.training import sample as reference
     if arch == "multiscale":
         model, known_rows = multiscale("gated_pixelcnn", 1, 4, 0), 3
         known = np.random.default_rng(1).integers(0, 4, (2, 1, 8, 8)).astype(np.uint8)

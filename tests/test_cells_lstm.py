@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.cells import build_cell, sample_cached, teacher_forced_logits
-from export.cells.diagonal_bilstm import DiagonalBiLSTMCell
-from export.cells.row_lstm import RowLSTMCell
-from training.models import build_model
+from pixelrnn.export.cells import build_cell, sample_cached, teacher_forced_logits
+from pixelrnn.export.cells.diagonal_bilstm import DiagonalBiLSTMCell
+from pixelrnn.export.cells.row_lstm import RowLSTMCell
+from pixelrnn.training.models import build_model
 
 H, W = 5, 4
 CASES = [  # arch, fields, channels, levels
@@ -64,7 +64,7 @@ def test_greedy_sample_is_the_argmax_of_its_logits(arch, fields, channels, level
 
 @pytest.mark.parametrize("arch, fields, channels, levels", [CASES[2], CASES[5]])
 def test_cached_and_reference_samplers_draw_the_same_image(arch, fields, channels, levels):
-    from training.sample import sample_reference
+    from pixelrnn.training.sample import sample_reference
 
     model = make(arch, fields, channels, levels)
     cell = build_cell(model)

@@ -5,9 +5,9 @@ import io
 import pytest
 import torch
 
-from training import checkpoint
-from training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from training.models import build_model
+from pixelrnn.training import checkpoint
+from pixelrnn.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from pixelrnn.training.models import build_model
 
 CONFIG = dict(in_channels=1, height=6, width=6, levels=2, hidden=6, layers=1, input_kernel=3)
 

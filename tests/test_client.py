@@ -1,6 +1,6 @@
 """The gRPC client (client/) against a real tritonserver (loopback, free ports), one server for
 the module: a class-conditional RGB Gated PixelCNN whose config publishes levels / classes /
-stage rows as parameters, as export/repository.py writes it (max batch 4, to exercise
+stage rows as parameters, as server/repository.py writes it (max batch 4, to exercise
 chunking), and a grey multi-scale model whose parameters are taken out again, as a repository
 written by other means may lack them (the client then leaves value checks to the server)."""
 import json
@@ -16,11 +16,11 @@ from tests.deployment import Tiny, export_models, require, serve, set_metadata
 
 require("tritonclient.grpc")
 
-from client import ClientError, PixelClient, Row, assemble  # noqa: E402
-from client.cli import main as cli_main  # noqa: E402
-from client.library import model_info  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
-from server.launcher import free_port  # noqa: E402
+from pixelrnn.client import ClientError, PixelClient, Row, assemble  # noqa: E402
+from pixelrnn.client.cli import main as cli_main  # noqa: E402
+from pixelrnn.client.library import model_info  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.server.launcher import free_port  # noqa: E402
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 GATED = dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
@@ -90,8 +90,8 @@ def test_a_response_of_several_rows_decodes_into_rows_in_order():
     ROW_INDEX on, ROW_LOGPROB B x R, CALL_BATCH per row; an output not asked for reads None."""
     from tritonclient.grpc import service_pb2
 
-    from client.stream import decode, split_rows
-    from runtime import protocol as p
+    from pixelrnn.client.stream import decode, split_rows
+    from pixelrnn.runtime import protocol as p
 
     values = {p.STAGE: np.array([1], np.int32), p.ROW_INDEX: np.array([4], np.int32),
               p.ROW: np.arange(2 * 3 * 3 * 4, dtype=np.uint8).reshape(2, 3, 3, 4),
@@ -232,7 +232,7 @@ def test_an_unknown_model_is_one_clear_error(deployed):
 # ---------------------------------------------------------------------------- CLI
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "pixelrnn.client", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 @pytest.mark.triton

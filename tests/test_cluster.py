@@ -24,18 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-from server.cluster import HEALTH_S, Cluster, Proxy, find_nginx, render_config, stuck_models
-from server.launcher import ServerError, check_port, free_port
+from pixelrnn.server.cluster import HEALTH_S, Cluster, Proxy, find_nginx, render_config, stuck_models
+from pixelrnn.server.launcher import ServerError, check_port, free_port
 from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, kill_hard, missing, require, require_tritonserver,
                               sampler_metrics, sampler_periods, stop_group, wait_for)
 from tests.test_make_serve import setup_is_current
 
 require("tritonclient.grpc")
 
-from client.library import PixelClient, ServerGone, assemble  # noqa: E402
-from client.stream import SampleStream, sample_inputs  # noqa: E402
-from runtime import protocol as p  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
+from pixelrnn.client.library import PixelClient, ServerGone, assemble  # noqa: E402
+from pixelrnn.client.stream import SampleStream, sample_inputs  # noqa: E402
+from pixelrnn.runtime import protocol as p  # noqa: E402
+from pixelrnn.runtime.manifest import read_manifest  # noqa: E402
 
 MODEL = "tall"
 HEIGHT = 128
@@ -51,7 +51,7 @@ RETRIES = dict(retries=3, retry_wait_s=60.0)
 # mid-image there: Triton's Python backend calls a stub that has not answered a message for 1 s
 # unhealthy (and fails the requests sent to it) if it is stopped while holding its health lock.
 FREEZE_S = 0.2
-STUCK_SEND_S = 3  # the replicas' stuck-send bound (export/repository.py stuck_send_s; 10 s by default)
+STUCK_SEND_S = 3  # the replicas' stuck-send bound (server/repository.py stuck_send_s; 10 s by default)
 STUCK_SEED = 987654321  # tests/triton_test_model.py (the replicas' sampler here) gets this seed's sends stuck
 
 
@@ -93,7 +93,7 @@ def test_a_bad_replica_count_is_refused_in_one_line(tmp_path, replicas):
 
 
 def test_the_command_refuses_bad_arguments_in_one_line_before_starting_anything(tmp_path, capsys):
-    from server.cluster import main
+    from pixelrnn.server.cluster import main
 
     assert main(["--replicas", "0", "--repository", str(tmp_path), "--port", str(free_port())]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -353,11 +353,11 @@ def freeze_mid_image(throttle: Throttle, progress: dict, repository: Path, serve
 
 def in_process_images(deployed, seeds) -> dict[int, np.ndarray]:
     """The in-process sampler's image for each seed: the exported ONNX cells through the engine
-    (runtime/engine.py), max_batch sequences per cell call, as bench.load checks its images (the
+    (server/engine/scheduler.py), max_batch sequences per cell call, as bench.load checks its images (the
     same seed gives export.cells.sample_cached's image: tests/test_server_triton.py)."""
     from bench.serving import sample_engine
-    from runtime.rowloop import SampleSpec
-    from runtime.runner import OnnxRunner
+    from pixelrnn.runtime.rowloop import SampleSpec
+    from pixelrnn.runtime.runner import OnnxRunner
 
     root, _ = deployed
     manifest, folder = read_manifest(root / f"{MODEL}_export"), root / f"{MODEL}_export"

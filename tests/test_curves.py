@@ -6,8 +6,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from training import curves, train
-from training.checkpoint import build_checkpoint_model, load_checkpoint, save_checkpoint
+from pixelrnn.training import curves, train
+from pixelrnn.training.checkpoint import build_checkpoint_model, load_checkpoint, save_checkpoint
 
 # 64 tiny 8x8 synthetic images, 16 per batch; validation every 2 steps.
 TINY = ["--data", "synthetic", "--data-arg", "size=8", "--data-arg", "count=64", "--hidden", "6", "--layers", "1",

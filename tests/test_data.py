@@ -3,8 +3,8 @@ import gzip
 import numpy as np
 import pytest
 
-from training import data
-from training.data import DataError, DataSpec
+from pixelrnn.training import data
+from pixelrnn.training.data import DataError, DataSpec
 
 
 def write_idx(path, array, compress=False):

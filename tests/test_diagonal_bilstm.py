@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.causality import check_model, measure_dependencies
-from training.models import ARCHITECTURES, build_model
-from training.models import diagonal_bilstm
-from training.models.diagonal_bilstm import (
+from pixelrnn.training.causality import check_model, measure_dependencies
+from pixelrnn.training.models import ARCHITECTURES, build_model
+from pixelrnn.training.models import diagonal_bilstm
+from pixelrnn.training.models.diagonal_bilstm import (
     DiagonalBiLSTM,
     DiagonalBiLSTMConfig,
     DiagonalBiLSTMLayer,

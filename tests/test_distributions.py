@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import randomness as R
-from training import distributions as D
+from pixelrnn.runtime import randomness as R
+from pixelrnn.training import distributions as D
 
 
 def test_softmax_nll_equals_direct_sum_of_minus_log_p():

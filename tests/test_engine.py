@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from export import build_engine
-from export.cells import build_cell, sample_cached
-from runtime import rowloop
-from runtime.engine import Engine
-from runtime.rowloop import SampleSpec, Stage
-from runtime.manifest import read_manifest
-from runtime.runner import OnnxRunner
-from training.checkpoint import save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.export.cells import build_cell, sample_cached
+from pixelrnn.runtime import rowloop
+from pixelrnn.server.engine import Engine
+from pixelrnn.runtime.rowloop import SampleSpec, Stage
+from pixelrnn.runtime.manifest import read_manifest
+from pixelrnn.runtime.runner import OnnxRunner
+from pixelrnn.training.checkpoint import save_checkpoint
+from pixelrnn.training.models import build_model
 
 
 class FakeRunner:
@@ -532,7 +532,7 @@ def test_a_sender_that_keeps_up_sends_every_row_on_its_own():
 
 
 def test_coalescing_keeps_each_key_in_order_and_never_joins_across_a_final_message():
-    from runtime.engine import Outbox, RowEvent
+    from pixelrnn.server.engine.scheduler import Outbox, RowEvent
 
     def ev(key, index, stage=0):
         return RowEvent(key, stage, index, np.zeros((1, 1, 2), np.uint8), np.zeros(1, np.float32), 1, 1)

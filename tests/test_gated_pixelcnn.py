@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from training.causality import check_model
-from training.models import build_model
-from training.models.gated_pixelcnn import shift_down
+from pixelrnn.training.causality import check_model
+from pixelrnn.training.models import build_model
+from pixelrnn.training.models.gated_pixelcnn import shift_down
 
 
 def gated(**kw):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from training import gpu_session as gs
-from training import train
-from training.checkpoint import load_checkpoint, save_checkpoint
+from pixelrnn.training import gpu_session as gs
+from pixelrnn.training import train
+from pixelrnn.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_train.sh"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from server.launcher import free_port
+from pixelrnn.server.launcher import free_port
 from tests.deployment import REPO, stop_group
 
 CHECKPOINT = REPO / "checkpoints" / "pixelcnn_binarized_mnist.pt"

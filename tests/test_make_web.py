@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from server.launcher import free_port
+from pixelrnn.server.launcher import free_port
 from tests.deployment import REPO, require, require_tritonserver, stop_group, wait_for
 from tests.test_make_serve import setup_is_current
 
@@ -18,7 +18,7 @@ require("fastapi")
 require("uvicorn")
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
-MODEL = "pixelcnn_binarized_mnist"  # what model_repository/ holds
+MODEL = "gated_pixelcnn_binarized_mnist"  # what model_repository/ holds
 START_S = 150  # tritonserver loads two models and the gateway starts: seconds on a busy machine
 STOP_S = 60
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.masks import MaskedConv1dRow, MaskedConv2d, causal_mask, channel_groups
+from pixelrnn.training.masks import MaskedConv1dRow, MaskedConv2d, causal_mask, channel_groups
 
 
 def test_grey_masks_match_the_paper_pictures():

@@ -1,4 +1,4 @@
-"""The checked-in model_repository/ (the shipped PixelCNN) is exactly what the exporter and the
+"""The checked-in model_repository/ (the shipped Gated PixelCNN) is exactly what the exporter and the
 repository writer produce now, and serves from any clone."""
 from pathlib import Path
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from export import build_engine
-from export.cells import build_cell, sample_cached
+from pixelrnn.export import build_engine
+from pixelrnn.export.cells import build_cell, sample_cached
 from tests.deployment import require, serve
-from training.checkpoint import load_model
-from training.data import load
+from pixelrnn.training.checkpoint import load_model
+from pixelrnn.training.data import load
 
 REPO = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO / "model_repository"
-NAME = "pixelcnn_binarized_mnist"
+NAME = "gated_pixelcnn_binarized_mnist"
 CHECKPOINT = REPO / "checkpoints" / f"{NAME}.pt"
 
 
@@ -39,7 +39,7 @@ def test_checked_in_repository_is_what_the_writer_produces_now(tmp_path):
 @pytest.mark.triton
 def test_checked_in_repository_serves_the_shipped_checkpoint(tmp_path):
     require("tritonclient.grpc")
-    from client import PixelClient
+    from pixelrnn.client import PixelClient
 
     model, _ = load_model(CHECKPOINT)
     images = load("binarized-mnist", "valid").images[:4]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.causality import check_model, measure_dependencies
-from training.distributions import log_prob, nll_nats
-from training.models import build_model
+from pixelrnn.training.causality import check_model, measure_dependencies
+from pixelrnn.training.distributions import log_prob, nll_nats
+from pixelrnn.training.models import build_model
 
 
 def multiscale(**kw):

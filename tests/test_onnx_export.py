@@ -8,15 +8,15 @@ import onnx
 import pytest
 import torch
 
-from export import onnx_export as ox
-from runtime import tensor_names as tn
-from runtime.onnx_graphs import OnnxCell, OnnxCondition, OnnxScorer
-from export.cells import CELLS, build_cell, sample_cached, teacher_forced_logits
-from export.cells.multiscale import MultiScaleSampler
-from runtime import rowloop
-from runtime.rowloop import SampleSpec
-from runtime.runner import OnnxRunner
-from training.models import ARCHITECTURES, build_model, config_class
+from pixelrnn.export import onnx_export as ox
+from pixelrnn.runtime import tensor_names as tn
+from pixelrnn.runtime.onnx_graphs import OnnxCell, OnnxCondition, OnnxScorer
+from pixelrnn.export.cells import CELLS, build_cell, sample_cached, teacher_forced_logits
+from pixelrnn.export.cells.multiscale import MultiScaleSampler
+from pixelrnn.runtime import rowloop
+from pixelrnn.runtime.rowloop import SampleSpec
+from pixelrnn.runtime.runner import OnnxRunner
+from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
 
 H = W = 6
 # Tiny cases; every registered architecture gets at least one (see the update below).
@@ -239,8 +239,8 @@ def test_parity_check_catches_a_different_model(exported, tmp_path):
 def test_confident_bernoulli_model_keeps_finite_log_probs_in_onnx(tmp_path):
     # A trained binary model puts logits far from 0; an exported BCE once turned those into
     # log(0) * 0 = NaN. Scale the last layer up so the logits reach hundreds.
-    from export.cells import build_cell
-    from export.onnx_export import export_cell, export_scorer, verify_cell, verify_scorer
+    from pixelrnn.export.cells import build_cell
+    from pixelrnn.export.onnx_export import export_cell, export_scorer, verify_cell, verify_scorer
 
     torch.manual_seed(0)
     model = build_model("pixelcnn", dict(in_channels=1, height=5, width=5, levels=2, hidden=6, layers=1)).eval()

@@ -1,4 +1,4 @@
-"""Overload without Triton (runtime/engine.py, runtime/admission.py): the live-images budget
+"""Overload without Triton (server/engine/scheduler.py, server/engine/admission.py): the live-images budget
 refuses what does not fit and frees what ends, a flood of big sequences does not hold a 1-image
 sequence back, and memory is given back once the engine goes idle."""
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import admission
-from runtime.engine import Engine, Overloaded
-from runtime.rowloop import SampleSpec
+from pixelrnn.server.engine import admission
+from pixelrnn.server.engine import Engine, Overloaded
+from pixelrnn.runtime.rowloop import SampleSpec
 from tests.deployment import BUSY_SLACK_S
 from tests.test_engine import FakeRunner, Sink, drain, solo
 
@@ -253,9 +253,10 @@ def test_give_back_memory_runs_on_this_libc():
 
 
 def test_the_budget_comes_from_the_manifests_state_shapes():
-    manifest = json.loads((REPO / "model_repository" / "pixelcnn_binarized_mnist_sample" / "1" / "manifest.json").read_text())
-    # PixelCNN: the input rows (1 x 3 x 28) and 8 layers of 48 x 1 x 28, float32; canvas 28 x 28 int64
-    state = (1 * 3 * 28 + 8 * 48 * 28) * 4
+    manifest = json.loads((REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "1" / "manifest.json").read_text())
+    # Gated PixelCNN h32 x 8: the vertical stack's rows (the input's 1 x 2 x 28, then 7 layers of
+    # 32 x 2 x 28) and 8 layers' pre-activations 64 x 28, float32; canvas 28 x 28 int64
+    state = (1 * 2 * 28 + 7 * 32 * 2 * 28 + 8 * 64 * 28) * 4
     assert admission.image_bytes(manifest) == 3 * state + 28 * 28 * 8
     assert admission.live_images_budget(manifest, 512) == 512 * 2**20 // (3 * state + 28 * 28 * 8)
     assert admission.live_images_budget(manifest, 0.001) == manifest["max_batch"]  # never below one full sequence
@@ -282,14 +283,14 @@ def test_the_overload_bench_runs_and_reports_what_the_readme_quotes(tmp_path):
 
 
 def test_the_repository_writer_takes_an_admission_queue_only_with_a_wait_below_the_idle_timeout(tmp_path):
-    from export.repository import write_repository
+    from pixelrnn.server.repository import write_repository
 
-    folder = REPO / "model_repository" / "pixelcnn_binarized_mnist_sample" / "1"
+    folder = REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "1"
     manifest = json.loads((folder / "manifest.json").read_text())
     for queue, wait_ms in ((2, 0), (2, 60_000), (-1, 100)):  # no wait; a wait Triton outlives (idle 60 s); a negative queue
         with pytest.raises(ValueError, match="admission_queue must be >= 0, and with a queue admission_wait_ms must be > 0 and "
                                              r"below the sequence idle timeout \(60000 ms\)"):
             write_repository(manifest, folder, tmp_path, sequence_idle_s=60, admission_queue=queue, admission_wait_ms=wait_ms)
     assert not list(tmp_path.iterdir())  # refused before anything was written
-    config = (REPO / "model_repository" / "pixelcnn_binarized_mnist_sample" / "config.pbtxt").read_text()
+    config = (REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "config.pbtxt").read_text()
     assert '{ key: "admission_queue" value: { string_value: "0" } }' in config  # the shipped sampler refuses at once

@@ -16,10 +16,10 @@ from tests.deployment import BUSY_SLACK_S, Tiny, export_models, require, sampler
 
 require("tritonclient.grpc")
 
-from client.library import PixelClient, ServerBusy  # noqa: E402
-from client.stream import SampleStream, sample_inputs  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
-from runtime import protocol as p  # noqa: E402
+from pixelrnn.client.library import PixelClient, ServerBusy  # noqa: E402
+from pixelrnn.client.stream import SampleStream, sample_inputs  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.runtime import protocol as p  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
 

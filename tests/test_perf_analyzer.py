@@ -9,8 +9,8 @@ import time
 import pytest
 
 from bench import perf_analyzer as pa
-from export.repository import PERF_INPUT, perf_analyzer_inputs
-from runtime import protocol as p
+from pixelrnn.server.repository import PERF_INPUT, perf_analyzer_inputs
+from pixelrnn.runtime import protocol as p
 from tests.deployment import REPO, Tiny, export_models, missing, require, serve
 
 # Class-conditional and RGB: the sampler's data carries LABELS, whose variable dimension needs its shape.
@@ -35,9 +35,9 @@ def test_input_data_fits_the_models(num_classes):
 
 
 def test_the_shipped_repository_has_its_input_data():
-    for model in ("pixelcnn_binarized_mnist_score", "pixelcnn_binarized_mnist_sample"):
+    for model in ("gated_pixelcnn_binarized_mnist_score", "gated_pixelcnn_binarized_mnist_sample"):
         doc = json.loads((REPO / "model_repository" / model / PERF_INPUT).read_text())
-        assert doc == perf_analyzer_inputs({"name": "pixelcnn_binarized_mnist", "shape": [1, 28, 28], "num_classes": 0})[model]
+        assert doc == perf_analyzer_inputs({"name": "gated_pixelcnn_binarized_mnist", "shape": [1, 28, 28], "num_classes": 0})[model]
 
 
 def test_a_missing_binary_is_one_line(tmp_path, capsys):

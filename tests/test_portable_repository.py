@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import PixelClient
-from export.cells import build_cell, sample_cached
-from server.runtime_env import make_runtime_env
+from pixelrnn.client import PixelClient
+from pixelrnn.export.cells import build_cell, sample_cached
+from pixelrnn.server.runtime_env import make_runtime_env
 from tests.deployment import Tiny, export_models, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,8 +69,8 @@ def test_a_copied_repository_serves_from_a_torch_free_environment(deployed, tmp_
             np.testing.assert_allclose(scores.nll_nats, want, rtol=1e-5, atol=1e-3)
     log = (tmp_path / "triton.log").read_text()
     assert "Traceback" not in log
-    for name in models:  # the glue ran the runtime copied beside it, not a project's
-        assert f"runtime from {repository.resolve() / f'{name}_sample' / '1' / 'runtime'}" in log
+    for name in models:  # the glue ran the modules copied beside it, not a checkout's or an install's
+        assert f"pixelrnn from {repository.resolve() / f'{name}_sample' / '1' / 'pixelrnn'}" in log
 
 
 @pytest.mark.triton
@@ -91,7 +91,7 @@ def test_the_client_install_samples_and_scores_without_torch(deployed, tmp_path)
     assert subprocess.run([python, "-c", "import torch"], capture_output=True, cwd=tmp_path).returncode != 0
     plain = models["plain"].model
     with serve(repository, tmp_path / "triton.log") as server:
-        cli = [python, "-m", "client"]
+        cli = [str(venv / "bin" / "pixelrnn"), "client"]
         sample = subprocess.run(cli + ["sample", "--url", server.grpc_url, "--model", "plain", "--n", "2", "--seed", "3",
                                        "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")],
                                 capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -114,10 +114,11 @@ TORCH_FREE = textwrap.dedent("""
     pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 1, 2
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     sys.modules["triton_python_backend_utils"] = pb
-    import client, client.cli, client.library
-    from runtime import engine, protocol, rowloop
-    from runtime.manifest import read_manifest
-    from runtime.runner import OnnxRunner
+    import pixelrnn.client, pixelrnn.client.cli, pixelrnn.client.library
+    from pixelrnn.runtime import protocol, rowloop
+    from pixelrnn.server import engine
+    from pixelrnn.runtime.manifest import read_manifest
+    from pixelrnn.runtime.runner import OnnxRunner
     args = json.loads(sys.argv[1])
     for path in args["glue"]:
         spec = importlib.util.spec_from_file_location("model_" + str(len(sys.modules)), path)

@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
-from client.stream import SampleStream, tensor  # noqa: E402
-from runtime import protocol as p  # noqa: E402
-from runtime import rowloop  # noqa: E402
-from runtime.runner import OnnxRunner  # noqa: E402
+from pixelrnn.client.stream import SampleStream, tensor  # noqa: E402
+from pixelrnn.runtime import protocol as p  # noqa: E402
+from pixelrnn.runtime import rowloop  # noqa: E402
+from pixelrnn.runtime.runner import OnnxRunner  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
 

@@ -11,13 +11,13 @@ import onnx
 import pytest
 import torch
 
-from export import build_engine
-from runtime.onnx_graphs import OnnxCell
-from server.launcher import ServerError, TritonServer, find_tritonserver, free_port, load_failures
-from runtime.manifest import ModelFilesError, artifact_path, read_manifest
-from runtime.runner import OnnxRunner, scorer
-from training.checkpoint import save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.runtime.onnx_graphs import OnnxCell
+from pixelrnn.server.launcher import ServerError, TritonServer, find_tritonserver, free_port, load_failures
+from pixelrnn.runtime.manifest import ModelFilesError, artifact_path, read_manifest
+from pixelrnn.runtime.runner import OnnxRunner, scorer
+from pixelrnn.training.checkpoint import save_checkpoint
+from pixelrnn.training.models import build_model
 
 pytestmark = pytest.mark.reliability
 
@@ -236,7 +236,7 @@ def test_server_cli_refuses_a_corrupted_model_in_one_line(exported, tmp_path):
     while len(ports) < 3:
         ports.add(free_port())
     grpc, http, metrics = map(str, ports)
-    result = subprocess.run([sys.executable, "-m", "server", "--repository", str(repository), "--grpc-port", grpc,
+    result = subprocess.run([sys.executable, "-m", "pixelrnn.server", "--repository", str(repository), "--grpc-port", grpc,
                              "--http-port", http, "--metrics-port", metrics, "--log", str(tmp_path / "log")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -25,10 +25,10 @@ from tests.deployment import Tiny, export_models, kill_hard, launch, require
 
 require("tritonclient.grpc")
 
-from client import cli  # noqa: E402
-from client.library import ClientError, PixelClient, assemble  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
-from server.launcher import TritonServer  # noqa: E402
+from pixelrnn.client import cli  # noqa: E402
+from pixelrnn.client.library import ClientError, PixelClient, assemble  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.server.launcher import TritonServer  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
 

@@ -31,8 +31,8 @@ from tests import deployment
 
 require("tritonclient.grpc")
 
-from client.stream import OWN_CONNECTION, SampleStream, sample_inputs  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.client.stream import OWN_CONNECTION, SampleStream, sample_inputs  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
 
@@ -164,7 +164,7 @@ def abandon(url, style, k):
 # A client process that opens some streams, reports once each has a few rows, then waits to be killed.
 CHILD = r"""
 import os, sys
-from client.stream import OWN_CONNECTION, SampleStream, sample_inputs
+from pixelrnn.client.stream import OWN_CONNECTION, SampleStream, sample_inputs
 url, model, first, n, k = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 try:
     streams = [SampleStream(url, channel_args=OWN_CONNECTION, timeout=60.0) for _ in range(n)]  # connected first, so that the images start together

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import build_engine
-from training import checkpoint, evaluate, train
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.models import build_model
+from pixelrnn.export import build_engine
+from pixelrnn.training import checkpoint, evaluate, train
+from pixelrnn.training.checkpoint import load_checkpoint, save_checkpoint
+from pixelrnn.training.models import build_model
 
 pytestmark = pytest.mark.reliability
 
@@ -34,7 +34,7 @@ PROBLEM = {"truncated": "truncated", "flipped": "checksum mismatch", "garbage": 
 
 
 def train_cli(out, *extra):
-    return [sys.executable, "-m", "training.train", *extra, "--out", str(out)]
+    return [sys.executable, "-m", "pixelrnn.training.train", *extra, "--out", str(out)]
 
 
 def popen(cmd):
@@ -124,7 +124,7 @@ def test_sigkill_mid_epoch_then_bare_resume_equals_uninterrupted(tmp_path):
 
 KILL_DURING_SECOND_SAVE = """
 import os, signal, sys
-from training import checkpoint, train
+from pixelrnn.training import checkpoint, train
 real, saves = checkpoint._write_all, []
 
 def write_half_then_die(f, header, data):
@@ -259,7 +259,7 @@ def test_real_entry_points_refuse_a_damaged_checkpoint(short_run, tmp_path):
     repository = tmp_path / "repository"
     commands = {
         "train": train_cli(bad.parent, "--resume"),
-        "evaluate": [sys.executable, "-m", "training.evaluate", "--checkpoint", str(bad)],
+        "evaluate": [sys.executable, "-m", "pixelrnn.training.evaluate", "--checkpoint", str(bad)],
         "build_engine": [sys.executable, "export/build_engine.py", "--checkpoint", str(bad), "--out", str(tmp_path / "x")],
         # -o setup: the venv is there already; setup must not reinstall under a test
         "make serve": ["make", "-s", "-o", "setup", "serve", f"CHECKPOINT={bad}", f"REPOSITORY={repository}",

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.causality import check_model, measure_dependencies
-from training.models import ARCHITECTURES, build_model
-from training.models.row_lstm import RowLSTM, RowLSTMConfig, RowLSTMLayer
+from pixelrnn.training.causality import check_model, measure_dependencies
+from pixelrnn.training.models import ARCHITECTURES, build_model
+from pixelrnn.training.models.row_lstm import RowLSTM, RowLSTMConfig, RowLSTMLayer
 
 
 def make(c=1, size=6, levels=2, hidden=6, layers=2, seed=0) -> RowLSTM:

@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from export import sample
-from runtime.randomness import sampling_rng
-from training import distributions, images
-from training import sample as reference
-from training.checkpoint import save_checkpoint
-from training.images import grid_array, load_images, save_grid, to_display
-from training.models import ARCHITECTURES, build_model
-from training.sample import sample_reference
+from pixelrnn.export import sample
+from pixelrnn.runtime.randomness import sampling_rng
+from pixelrnn.training import distributions, images
+from pixelrnn.training import sample as reference
+from pixelrnn.training.checkpoint import save_checkpoint
+from pixelrnn.training.images import grid_array, load_images, save_grid, to_display
+from pixelrnn.training.models import ARCHITECTURES, build_model
+from pixelrnn.training.sample import sample_reference
 
 
 def tiny(channels=1, levels=2, size=5, **fields):
@@ -192,7 +192,7 @@ def test_cli_completion_grid(checkpoint_file, tmp_path, capsys):
     with Image.open(out) as img:
         arr = np.asarray(img)
     assert arr.shape == (3 * 8 + 2, 4 * 8 + 2)  # rows: original | occluded | 2 completions (--scale 1)
-    from training.data import DataSpec, load
+    from pixelrnn.training.data import DataSpec, load
 
     originals = load(DataSpec("synthetic", size=6, bits=1, count=8), "test").images[:3]
     done = np.load(npy)
@@ -219,8 +219,8 @@ def test_grid_array_pads_between_cells():
 
 
 def test_cached_and_reference_cli_paths_draw_the_same_images(tmp_path):
-    from training.checkpoint import save_checkpoint
-    from training.models import build_model
+    from pixelrnn.training.checkpoint import save_checkpoint
+    from pixelrnn.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model("pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, hidden=6, layers=1))

@@ -1,4 +1,4 @@
-"""server/launcher.py and `python -m server`: clear failures (no binary, port taken, a model that
+"""server/launcher.py and `python -m pixelrnn.server`: clear failures (no binary, port taken, a model that
 does not load) and, on a real tritonserver with a trivial model, start-up, endpoints and a clean
 stop on SIGINT / SIGTERM."""
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launcher import ServerError, TritonServer, find_tritonserver, load_failures
+from pixelrnn.server.launcher import ServerError, TritonServer, find_tritonserver, load_failures
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def test_cli_serves_until_a_signal_and_stops_cleanly(tmp_path, signum):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    cli = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(tmp_path), "--grpc-port", str(ports[0]),
+    cli = subprocess.Popen([sys.executable, "-m", "pixelrnn.server", "--repository", str(tmp_path), "--grpc-port", str(ports[0]),
                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(tmp_path / "log")],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -133,6 +133,6 @@ def test_cli_serves_until_a_signal_and_stops_cleanly(tmp_path, signum):
 
 
 def test_cli_fails_with_a_message(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "server", "--repository", str(tmp_path / "absent")],
+    result = subprocess.run([sys.executable, "-m", "pixelrnn.server", "--repository", str(tmp_path / "absent")],
                             cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "TRITONSERVER": "/nowhere/ts"})
     assert result.returncode == 1 and "error: tritonserver not found at /nowhere/ts" in result.stderr

@@ -1,12 +1,13 @@
-"""export/repository.py: the folders and configs it writes (parsed with Triton's own
+"""server/repository.py: the folders and configs it writes (parsed with Triton's own
 ModelConfig protobuf), without starting a server."""
 import json
+from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 
-from runtime import protocol as p
-from export.repository import runtime_files, write_repository
+from pixelrnn.runtime import protocol as p
+from pixelrnn.server.repository import TEMPLATES, module_file, served_modules, write_repository
 
 from tests.deployment import require  # noqa: E402
 
@@ -41,10 +42,15 @@ def test_score_and_sample_models_are_written(tmp_path):
     written = write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo", sequence_idle_s=7.5, max_sequences=99)
     assert [d.name for d in written] == ["tiny_score", "tiny_sample"]
     score, sample = tmp_path / "repo" / "tiny_score", tmp_path / "repo" / "tiny_sample"
-    assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "runtime", "scorer.onnx"]
-    assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py", "runtime"]
-    for model in (score, sample):  # the runtime package, byte for byte
-        assert {f.name: f.read_bytes() for f in (model / "1" / "runtime").iterdir()} == {f.name: f.read_bytes() for f in runtime_files()}
+    assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "pixelrnn", "scorer.onnx"]
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py", "pixelrnn"]
+    for model, glue in ((score, "score_model.py"), (sample, "sample_model.py")):  # the modules the glue imports, byte for byte
+        carried = {str(f.relative_to(model / "1")): f.read_bytes() for f in (model / "1" / "pixelrnn").rglob("*.py")}
+        want = {str(Path(*name.split(".")) / "__init__.py") if module_file(name).name == "__init__.py"
+                else str(Path(*name.split("."))) + ".py": module_file(name).read_bytes() for name in served_modules(TEMPLATES / glue)}
+        assert carried == want
+    assert "pixelrnn/runtime/protocol.py" in carried and "pixelrnn/server/engine/scheduler.py" in carried
+    assert not any(name.startswith(("pixelrnn/training", "pixelrnn/export", "pixelrnn/client")) for name in carried)
     assert json.loads((sample / "1" / "manifest.json").read_text()) == m
     assert "TritonPythonModel" in (sample / "1" / "model.py").read_text()
 
@@ -74,7 +80,7 @@ def test_unconditional_and_multiscale_models(tmp_path):
     m = manifest(name="ms", shape=(1, 8, 8), multiscale=True)
     write_repository(m, onnx_folder(tmp_path, m), tmp_path / "repo")
     sample = tmp_path / "repo" / "ms_sample"
-    assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "runtime", "small_cell.onnx"]
+    assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "pixelrnn", "small_cell.onnx"]
     assert p.LABELS not in {i.name for i in config(sample / "config.pbtxt").input}
     score_inputs = config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input
     assert [i.name for i in score_inputs] == [p.IMAGES, p.IMAGES_HW]  # grey: N x C x H x W or N x H x W
@@ -104,7 +110,7 @@ def test_missing_files_and_bad_names_are_refused(tmp_path):
 
 
 def test_command_line_rewrites_with_other_settings(tmp_path, capsys):
-    from export.repository import main
+    from pixelrnn.server.repository import main
 
     m = manifest()
     folder = onnx_folder(tmp_path, m)

@@ -17,12 +17,12 @@ from tests.deployment import Tiny, export_models, require, sampler_metrics, serv
 tritonclient = require("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from client.stream import SampleStream, sample_inputs, tensor  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
-from runtime import protocol as p  # noqa: E402
-from server import launcher  # noqa: E402
-from server.launcher import ServerError, TritonServer  # noqa: E402
-from training.evaluate import evaluate_images  # noqa: E402
+from pixelrnn.client.stream import SampleStream, sample_inputs, tensor  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.runtime import protocol as p  # noqa: E402
+from pixelrnn.server import launcher  # noqa: E402
+from pixelrnn.server.launcher import ServerError, TritonServer  # noqa: E402
+from pixelrnn.training.evaluate import evaluate_images  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -1,5 +1,5 @@
 """A response send that never returns (Triton 2.51's gRPC stream deadlock, README "Reliability"),
-injected in the engine (runtime/engine.py) as a sink whose send_rows blocks on an Event: the
+injected in the engine (server/engine/scheduler.py) as a sink whose send_rows blocks on an Event: the
 sender is found stuck after stuck_send_s, the other sequences on its thread get every row made
 and then a clear UNHEALTHY error (or, when their images were already made, the rest of their
 rows and their final message), sequences on the other sender finish untouched, new sequences
@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from runtime import protocol as p
-from runtime.engine import Engine
-from runtime.rowloop import SampleSpec
+from pixelrnn.runtime import protocol as p
+from pixelrnn.server.engine import Engine
+from pixelrnn.runtime.rowloop import SampleSpec
 from tests.deployment import BUSY_SLACK_S, REPO
 from tests.test_engine import FakeRunner, Sink, solo, wait_for
 
@@ -136,12 +136,12 @@ def test_without_a_bound_a_slow_send_is_only_slow():
 
 
 def test_the_bound_is_a_repository_setting_and_a_bad_one_is_refused(tmp_path, capsys):
-    """python -m export.repository --stuck-send-s S writes the sampler's stuck_send_s parameter
+    """python -m pixelrnn.server.repository --stuck-send-s S writes the sampler's stuck_send_s parameter
     (10 s by default, as the Triton glue reads it); a bound out of range is refused naming it."""
     import json
 
-    from export.repository import main, write_repository
-    from runtime.engine import STUCK_SEND_S
+    from pixelrnn.server.repository import main, write_repository
+    from pixelrnn.server.engine import STUCK_SEND_S
     from tests.test_server_repository import config, manifest, onnx_folder
 
     m = manifest()
@@ -157,5 +157,5 @@ def test_the_bound_is_a_repository_setting_and_a_bad_one_is_refused(tmp_path, ca
             write_repository(m, folder, repo, stuck_send_s=bad)
     assert main(["--export", str(folder), "--repository", str(repo), "--stuck-send-s", "-3"]) == 2
     assert "stuck_send_s must be in [0, 3600]" in capsys.readouterr().err
-    glue = (REPO / "export" / "triton_models" / "sample_model.py").read_text()
+    glue = (REPO / "server" / "triton_models" / "sample_model.py").read_text()
     assert 'params.get("stuck_send_s", str(STUCK_SEND_S))' in glue  # the same default when a config lacks it

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training import distributions, evaluate, train
-from training.checkpoint import load_checkpoint, load_model
-from training.data import DataSpec, ImageSet, load
+from pixelrnn.training import distributions, evaluate, train
+from pixelrnn.training.checkpoint import load_checkpoint, load_model
+from pixelrnn.training.data import DataSpec, ImageSet, load
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -170,7 +170,7 @@ def test_conditional_flag_on_unlabelled_data():
 
 def test_cli_subprocess_rgb(tmp_path):
     """The real entry point, on 3-channel 4-level data (softmax head)."""
-    cmd = [sys.executable, "-m", "training.train", "--arch", "pixelcnn", "--data", "synthetic", "--data-arg", "size=6",
+    cmd = [sys.executable, "-m", "pixelrnn.training.train", "--arch", "pixelcnn", "--data", "synthetic", "--data-arg", "size=6",
            "--data-arg", "channels=3", "--data-arg", "count=32", "--bits", "2", "--hidden", "6", "--layers", "1",
            "--batch-size", "8", "--steps", "3", "--valid-images", "8", "--threads", "1", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -187,7 +187,7 @@ def test_torchrun_two_processes(tmp_path):
     args = TINY + ["--steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training.train", *args, "--out", str(tmp_path / "ddp")]
+           "-m", "pixelrnn.training.train", *args, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
@@ -230,7 +230,7 @@ def test_evaluate_other_data_and_errors(full_run, tmp_path, capsys):
 # ---------------------------------------------------------------------------- every architecture
 
 def arch_flags(arch):
-    from training.models import config_class
+    from pixelrnn.training.models import config_class
 
     fields = {f.name for f in dataclasses.fields(config_class(arch))}
     flags = ["--hidden", "6"] if "hidden" in fields else []
@@ -240,7 +240,7 @@ def arch_flags(arch):
 @pytest.mark.parametrize("arch", sorted(train.ARCHITECTURES))
 def test_every_architecture_trains_resumes_evaluates_and_samples(arch, tmp_path, capsys):
     """The trainer, evaluator and sampler only use the registry API, so any architecture works."""
-    from training.sample import sample_reference
+    from pixelrnn.training.sample import sample_reference
 
     base = ["--arch", arch, "--data", "synthetic", "--data-arg", "size=4", "--data-arg", "count=16", "--bits", "1",
             "--batch-size", "8", "--valid-images", "8", "--threads", "1", *arch_flags(arch)]

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bench import training as bench
-from training import train
-from training.checkpoint import load_checkpoint
-from training.models import build_model
-from training.models.diagonal_bilstm import DiagonalLSTM, diagonal_order
+from pixelrnn.training import train
+from pixelrnn.training.checkpoint import load_checkpoint
+from pixelrnn.training.models import build_model
+from pixelrnn.training.models.diagonal_bilstm import DiagonalLSTM, diagonal_order
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

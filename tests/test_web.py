@@ -1,5 +1,5 @@
 """The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
-by selenium with the driver's path given) against the gateway (`python -m web`, a subprocess) and
+by selenium with the driver's path given) against the gateway (`python -m pixelrnn.web`, a subprocess) and
 a real tritonserver serving tiny models (tests/deployment.py). One server, one gateway and one
 browser for the module; every wait is bounded.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.launcher import free_port
+from pixelrnn.server.launcher import free_port
 from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, missing, require, sampler_metrics,
                               sampler_periods, serve, stop_group, wait_for)
 
@@ -39,11 +39,11 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from client import PixelClient  # noqa: E402
-from export.cells import build_cell, sample_cached  # noqa: E402
-from runtime import rowloop  # noqa: E402
-from runtime.runner import OnnxRunner  # noqa: E402
-from web.uploads import to_levels  # noqa: E402
+from pixelrnn.client import PixelClient  # noqa: E402
+from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
+from pixelrnn.runtime import rowloop  # noqa: E402
+from pixelrnn.runtime.runner import OnnxRunner  # noqa: E402
+from pixelrnn.web.uploads import to_levels  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -95,12 +95,12 @@ def get(url: str, data: bytes | None = None, content_type: str = "application/js
 
 @pytest.fixture(scope="module")
 def gateway(deployed, tmp_path_factory):
-    """`python -m web` for the module's server: its URL."""
+    """`python -m pixelrnn.web` for the module's server: its URL."""
     server, _ = deployed
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "web", "--triton", server.grpc_url, "--port", str(port)], cwd=REPO,
+        process = subprocess.Popen([sys.executable, "-m", "pixelrnn.web", "--triton", server.grpc_url, "--port", str(port)], cwd=REPO,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 

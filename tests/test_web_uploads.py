@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from web.uploads import MAX_BYTES, UploadError, to_levels
+from pixelrnn.web.uploads import MAX_BYTES, UploadError, to_levels
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -139,7 +139,7 @@ def _read_payload(path: Path) -> bytes:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read and verify a checkpoint; tensors are loaded onto the CPU."""
-    from training.models import ARCHITECTURES
+    from pixelrnn.training.models import ARCHITECTURES
 
     path = Path(path)
     data = _read_payload(path)
@@ -183,8 +183,8 @@ def _config_problem(arch: str, config: dict) -> str | None:
     """A config the model constructor would misread: a missing image field or a mistyped value."""
     import dataclasses
 
-    from training.models import config_class
-    from training.models.base import IMAGE_FIELDS
+    from pixelrnn.training.models import config_class
+    from pixelrnn.training.models.base import IMAGE_FIELDS
 
     missing = [k for k in IMAGE_FIELDS if k not in config]
     if missing:
@@ -199,7 +199,7 @@ def _config_problem(arch: str, config: dict) -> str | None:
 
 def build_checkpoint_model(path: str | Path, ckpt: dict):
     """The (untrained) model a checkpoint's arch and config describe; CheckpointError if they do not build one."""
-    from training.models import build_model
+    from pixelrnn.training.models import build_model
 
     problem = _config_problem(ckpt["arch"], ckpt["config"])
     if problem:

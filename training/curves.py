@@ -1,7 +1,7 @@
 """Validation NLL against hours of training, one line per run, from the runs' checkpoints.
 
-    python -m training.curves --out curves.png --json runs.json              # every runs/long/*/last.pt
-    python -m training.curves --out curves.png runs/long/row_lstm_binarized_mnist other/last.pt
+    python -m pixelrnn.training.curves --out curves.png --json runs.json              # every runs/long/*/last.pt
+    python -m pixelrnn.training.curves --out curves.png runs/long/row_lstm_binarized_mnist other/last.pt
 
 Hours come from the checkpoint's `timeline` ({"step", "hours", "device"} per validation, written
 by training.train), matched to the `history` validation entries by step, so a run resumed on
@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.checkpoint import CheckpointError, build_checkpoint_model, load_checkpoint
+from pixelrnn.training.checkpoint import CheckpointError, build_checkpoint_model, load_checkpoint
 
 DEFAULT_GLOB = "runs/long/*/last.pt"
 # van den Oord et al. 2016 (Pixel Recurrent Neural Networks), binarized-MNIST table: test NLL in
@@ -201,7 +201,7 @@ def plot(runs: list[Run], out: Path, paper: bool) -> None:
 # ---------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.curves", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelrnn.training.curves", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", help=f"run directories or checkpoint files (default: {DEFAULT_GLOB})")
     p.add_argument("--out", help="PNG to write")
     p.add_argument("--json", help="write the per-run table here")

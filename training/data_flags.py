@@ -7,7 +7,7 @@ import argparse
 import ast
 import dataclasses
 
-from training.data import DataSpec
+from pixelrnn.training.data import DataSpec
 
 
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict:

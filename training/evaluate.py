@@ -1,6 +1,6 @@
 """Score a checkpoint on a data split: one JSON line with the NLL in nats and bits per dimension.
 
-    python -m training.evaluate --checkpoint runs/pixelcnn/best.pt --split test
+    python -m pixelrnn.training.evaluate --checkpoint runs/pixelcnn/best.pt --split test
     {"nll_nats": 81.2, "bits_per_dim": 0.149, "n_images": 10000, "checkpoint": "...", "data": {...}, "split": "test"}
 
 The data defaults to the checkpoint's own spec; --data / --data-dir / --bits / --data-arg
@@ -15,11 +15,11 @@ import sys
 
 import torch
 
-from training import distributions
-from training.checkpoint import load_model
-from training.data import load
-from training.data_flags import add_data_arguments, data_spec_from_args
-from training.train import check_data_fits
+from pixelrnn.training import distributions
+from pixelrnn.training.checkpoint import load_model
+from pixelrnn.training.data import load
+from pixelrnn.training.data_flags import add_data_arguments, data_spec_from_args
+from pixelrnn.training.train import check_data_fits
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def evaluate_images(model, images, labels=None, batch_size: int = 256) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelrnn.training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     add_data_arguments(p)
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))

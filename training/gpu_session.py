@@ -206,10 +206,10 @@ def evaluate(paths: list[str], device: str) -> dict:
     """Score each checkpoint on its data's full validation split: {path: {...} or {"error": ...}}."""
     import torch
 
-    from training.checkpoint import load_model
-    from training.data import load
-    from training.distributions import nats_to_bits_per_dim
-    from training.train import Dist, check_data_fits, mean_nll
+    from pixelrnn.training.checkpoint import load_model
+    from pixelrnn.training.data import load
+    from pixelrnn.training.distributions import nats_to_bits_per_dim
+    from pixelrnn.training.train import Dist, check_data_fits, mean_nll
 
     dev = torch.device(device)
     dist = Dist(rank=0, world=1, local_world=1, device=dev)
@@ -236,7 +236,7 @@ def evaluate_in_child(paths: list[str], device: str, timeout: float, workdir: Pa
         return {"results": {}}
     if timeout < 5:
         return {"error": "no time left to evaluate"}
-    res = run_bounded([sys.executable, "-m", "training.gpu_session", "--evaluate", "--device", device, *paths],
+    res = run_bounded([sys.executable, "-m", "pixelrnn.training.gpu_session", "--evaluate", "--device", device, *paths],
                       timeout, workdir / f"evaluate-{time.monotonic_ns()}.log", env)
     lines = [ln for ln in res["output"].splitlines() if ln.startswith("{")]
     if res["rc"] != 0 or not lines:
@@ -285,7 +285,7 @@ def find_runs(inputs: list[str]) -> list[Path]:
 
 def snapshot(path: Path) -> dict:
     """What the summary records of a run's last.pt, read on the CPU."""
-    from training.checkpoint import load_checkpoint
+    from pixelrnn.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     return {"step": ckpt["step"], "epoch": ckpt["epoch"], "hours": ckpt.get("hours"),
@@ -361,7 +361,7 @@ def train_runs(args, runs: list[dict], clock: Clock, workdir: Path, env: dict, s
     threads = max(1, (os.cpu_count() or 1) // (len(todo) if args.mode == "concurrent" else 1))
 
     def start(run: dict) -> tuple[subprocess.Popen, object, float]:
-        cmd = [sys.executable, "-m", "training.train", "--out", str(Path(run["checkpoint"]).parent), "--resume",
+        cmd = [sys.executable, "-m", "pixelrnn.training.train", "--out", str(Path(run["checkpoint"]).parent), "--resume",
                "--device", args.device, "--max-minutes", f"{minutes}", "--threads", str(threads),
                *shlex.split(args.train_args)]
         run["train"] = {"cmd": shlex.join(cmd), "max_minutes": minutes}

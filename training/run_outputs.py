@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from training import distributions
+from pixelrnn.training import distributions
 
 
 def nll_units(levels: int, nats: float, dims: int) -> tuple[str, float]:

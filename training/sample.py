@@ -13,7 +13,7 @@ then the big image from `big_model(x, labels, condition=condition(small))`, copy
 image's values at the grid positions; their uniform stream is: the small image's rows, then the
 big image's rows.
 
-The sampling command line (`python -m export.sample`) lives with the cached row cells in
+The sampling command line (`python -m pixelrnn.export.sample`) lives with the cached row cells in
 export/, which this module, upstream of them, does not import.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.randomness import draw_row_uniforms, sample_from_logits, sampling_rng
+from pixelrnn.runtime.randomness import draw_row_uniforms, sample_from_logits, sampling_rng
 
 
 @contextlib.contextmanager
@@ -126,7 +126,7 @@ SAMPLERS = {"multiscale": _sample_multiscale}
 
 
 def arch_of(model) -> str | None:
-    from training.models import ARCHITECTURES
+    from pixelrnn.training.models import ARCHITECTURES
 
     return next((name for name, (_, cls) in ARCHITECTURES.items() if type(model) is cls), None)
 

@@ -1,6 +1,6 @@
 """Train any registered architecture on a named data set.
 
-    python -m training.train --arch pixelcnn --data binarized-mnist --out runs/pixelcnn --epochs 10
+    python -m pixelrnn.training.train --arch pixelcnn --data binarized-mnist --out runs/pixelcnn --epochs 10
     torchrun --standalone --nproc_per_node=2 -m training.train ...   # DDP (gloo on CPU)
 
 Writes, from rank 0 only and always atomically: DIR/last.pt (every --checkpoint-every steps
@@ -30,26 +30,26 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from training import distributions
-from training.checkpoint import (CheckpointError, build_checkpoint_model, load_checkpoint, load_weights,
+from pixelrnn.training import distributions
+from pixelrnn.training.checkpoint import (CheckpointError, build_checkpoint_model, load_checkpoint, load_weights,
                                  remove_stale_temp_files, save_checkpoint)
-from training.data import DataSpec, ImageSet, load
-from training.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
-from training.distributed import Dist, all_sum, distribute, setup_distributed
-from training.models import ARCHITECTURES, build_model, config_class
-from training.models.base import IMAGE_FIELDS
-from training.run_outputs import nll_units, plot_loss_curve, write_json
+from pixelrnn.training.data import DataSpec, ImageSet, load
+from pixelrnn.training.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
+from pixelrnn.training.distributed import Dist, all_sum, distribute, setup_distributed
+from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
+from pixelrnn.training.models.base import IMAGE_FIELDS
+from pixelrnn.training.run_outputs import nll_units, plot_loss_curve, write_json
 
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
 # so `--out DIR --resume` alone continues the run it was, not one with default flags.
 RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "valid_every", "valid_images",
-                 "checkpoint_every", "log_every", "compile", "channels_last")
+                 "checkpoint_every", "log_every", "compile", "channels_last", "perturb", "weight_decay")
 
 
 # ---------------------------------------------------------------------------- arguments
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelrnn.training.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="architecture (optional with --resume)")
     add_data_arguments(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, curve, metrics)")
@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per step, split across processes")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 0")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 disables)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on the weights (Adam's weight_decay)")
+    p.add_argument("--perturb", type=float, default=0.0, metavar="MU",
+                   help="train on perturbed images: each sub-pixel replaced by a uniformly random level (binary "
+                        "images: flipped) with probability MU; the background model of a likelihood-ratio "
+                        "out-of-distribution detector (Ren et al. 2019)")
     p.add_argument("--hidden", type=int, help="features per layer (arch field 'hidden')")
     p.add_argument("--layers", type=int, help="depth (arch field 'layers')")
     p.add_argument("--conditional", action="store_true", help="condition on the data's class labels")
@@ -89,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "valid_every", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.perturb < 1.0:
+        p.error(f"--perturb must be in [0, 1), got {args.perturb}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     # argparse fills in a default only for attributes the namespace lacks: what keeps the marker was not given.
     unset = object()
     given = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in RESUMED_FLAGS}))
@@ -154,6 +163,19 @@ def batch_indices(step: int, n_images: int, batch_size: int, seed: int, rank: in
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     batch = order[k * batch_size:(k + 1) * batch_size]
     return batch[rank::world]
+
+
+def perturb_batch(x: torch.Tensor, mu: float, levels: int, step: int, seed: int, rank: int = 0) -> torch.Tensor:
+    """`x` (B, C, H, W, integer levels) with each sub-pixel replaced with probability `mu`: by a
+    uniformly random level, or for binary images by its flip (a uniform draw would leave half
+    the chosen bits unchanged). Drawn from (seed, step, rank) alone, so a resumed run perturbs
+    each batch exactly as an uninterrupted one."""
+    if mu <= 0:
+        return x
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank + 7_919)
+    chosen = torch.rand(x.shape, generator=g) < mu
+    noise = 1 - x.cpu() if levels == 2 else torch.randint(0, levels, x.shape, generator=g)
+    return torch.where(chosen.to(x.device), noise.to(x.device, x.dtype), x)
 
 
 def cosine_lr(step: int, total: int, base: float) -> float:
@@ -339,7 +361,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.batch_size < dist.world or len(images) < dist.world:
         raise ValueError(f"--batch-size {args.batch_size} and the {len(images)} training images must cover {dist.world} processes")
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=getattr(args, "weight_decay", 0.0))
     objective = distribute(NLLObjective(model), images, labels, dist)
     if args.compile:
         objective = torch.compile(objective)  # compiles at the first step; validation stays eager
@@ -368,7 +390,7 @@ def train(args: argparse.Namespace) -> dict:
     try:  # closed before main() prints an error, so the error stays the last line
         while state.step < total:
             idx = batch_indices(state.step, len(images), args.batch_size, args.seed, dist.rank, dist.world)
-            x = images[idx].to(dist.device).long()
+            x = perturb_batch(images[idx].to(dist.device).long(), getattr(args, "perturb", 0.0), levels, state.step, args.seed, dist.rank)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(dist.device) if labels is not None else None

@@ -1,4 +1,4 @@
-"""python -m web --triton localhost:8001 --port 8080: serve the page and its gateway (uvicorn)."""
+"""python -m pixelrnn.web --triton localhost:8001 --port 8080: serve the page and its gateway (uvicorn)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,7 @@ def check_port(host: str, port: int) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m web", description="The live web page of a Triton-served PixelRNN model.")
+    parser = argparse.ArgumentParser(prog="python -m pixelrnn.web", description="The live web page of a Triton-served PixelRNN model.")
     parser.add_argument("--triton", default="localhost:8001", help="the Triton server's gRPC address (host:port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8080)
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     import uvicorn
 
-    from web.gateway import create_app
+    from pixelrnn.web.gateway import create_app
 
     app = create_app(args.triton, timeout=args.timeout)
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host

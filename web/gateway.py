@@ -36,9 +36,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.catalog import served_models
-from client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone, assemble
-from web.uploads import MAX_BYTES, UploadError, to_levels
+from pixelrnn.client.catalog import served_models
+from pixelrnn.client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone, assemble
+from pixelrnn.web.uploads import MAX_BYTES, UploadError, to_levels
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_IMAGES = 16  # per sample / completion request: what a page shows at once

@@ -7,19 +7,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export.cells.base import RowCell
-from export.cells.diagonal_bilstm import DiagonalBiLSTMCell
-from export.cells.gated_pixelcnn import GatedPixelCNNCell
-from export.cells.multiscale import MultiScaleSampler
-from export.cells.pixelcnn import PixelCNNCell
-from export.cells.row_lstm import RowLSTMCell
-from runtime import rowloop
-from runtime.rowloop import SampleSpec, Stage
-from training.models.diagonal_bilstm import DiagonalBiLSTM
-from training.models.gated_pixelcnn import GatedPixelCNN
-from training.models.multiscale import MultiScale
-from training.models.pixelcnn import PixelCNN
-from training.models.row_lstm import RowLSTM
+from pixelrnn.export.cells.base import RowCell
+from pixelrnn.export.cells.diagonal_bilstm import DiagonalBiLSTMCell
+from pixelrnn.export.cells.gated_pixelcnn import GatedPixelCNNCell
+from pixelrnn.export.cells.multiscale import MultiScaleSampler
+from pixelrnn.export.cells.pixelcnn import PixelCNNCell
+from pixelrnn.export.cells.row_lstm import RowLSTMCell
+from pixelrnn.runtime import rowloop
+from pixelrnn.runtime.rowloop import SampleSpec, Stage
+from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTM
+from pixelrnn.training.models.gated_pixelcnn import GatedPixelCNN
+from pixelrnn.training.models.multiscale import MultiScale
+from pixelrnn.training.models.pixelcnn import PixelCNN
+from pixelrnn.training.models.row_lstm import RowLSTM
 
 CELLS: dict[type, type[RowCell]] = {
     PixelCNN: PixelCNNCell,

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from training.distributions import log_prob
-from training.models.base import ImageModel
+from pixelrnn.training.distributions import log_prob
+from pixelrnn.training.models.base import ImageModel
 
 
 def sample_torch(logits: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor, t: torch.Tensor, levels: int) -> torch.Tensor:

@@ -43,10 +43,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, columns, drop_row_axis, from_columns, row_taps
-from export.cells.pixelcnn import above_contribution, pointwise
-from training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalLSTM
-from training.models.row_lstm import lstm_update
+from pixelrnn.export.cells.base import RowCell, columns, drop_row_axis, from_columns, row_taps
+from pixelrnn.export.cells.pixelcnn import above_contribution, pointwise
+from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalLSTM
+from pixelrnn.training.models.row_lstm import lstm_update
 
 
 def above_gates(lstm: DiagonalLSTM, h_above: torch.Tensor, x_is: torch.Tensor) -> list[torch.Tensor]:

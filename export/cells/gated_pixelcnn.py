@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
-from export.cells.pixelcnn import pointwise
-from training.models.gated_pixelcnn import GatedPixelCNN, gate
+from pixelrnn.export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
+from pixelrnn.export.cells.pixelcnn import pointwise
+from pixelrnn.training.models.gated_pixelcnn import GatedPixelCNN, gate
 
 
 class _Row(BiasedRow):

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from export.cells.base import RowCell
-from training.models.multiscale import MultiScale
+from pixelrnn.export.cells.base import RowCell
+from pixelrnn.training.models.multiscale import MultiScale
 
 
 class ConditionedCell(RowCell):
@@ -61,7 +61,7 @@ class MultiScaleSampler(nn.Module):
 
     def __init__(self, model: MultiScale):
         super().__init__()
-        from export.cells import build_cell  # the package imports this module
+        from pixelrnn.export.cells import build_cell  # the package imports this module
 
         self.model = model.eval()
         self.small = build_cell(model.small_model)
@@ -82,7 +82,7 @@ class MultiScaleSampler(nn.Module):
     def teacher_forced(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Known images x (B, C, H, W) -> the big part's logits (B, C, K, H, W) given x's small
         image (= model(x)) and log p(x) (B,) = log p_small(s) + the big part's off-grid terms."""
-        from export.cells import teacher_forced_logits
+        from pixelrnn.export.cells import teacher_forced_logits
 
         small = self.model.subsample(x)
         _, small_logprob = teacher_forced_logits(self.small, small, labels)

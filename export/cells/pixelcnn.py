@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
-from training.masks import MaskedConv2d
-from training.models.pixelcnn import PixelCNN
+from pixelrnn.export.cells.base import BiasedRow, RowCell, drop_row_axis, from_columns, row_taps
+from pixelrnn.training.masks import MaskedConv2d
+from pixelrnn.training.models.pixelcnn import PixelCNN
 
 
 class _Row(BiasedRow):

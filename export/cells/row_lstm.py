@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.cells.base import RowCell, columns, from_columns, row_taps
-from export.cells.pixelcnn import above_contribution, pointwise
-from training.models.row_lstm import RowLSTM, lstm_update
+from pixelrnn.export.cells.base import RowCell, columns, from_columns, row_taps
+from pixelrnn.export.cells.pixelcnn import above_contribution, pointwise
+from pixelrnn.training.models.row_lstm import RowLSTM, lstm_update
 
 
 class _Row:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from training.models.base import ImageModel, ModelConfig
-from training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMConfig
-from training.models.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
-from training.models.multiscale import MultiScale, MultiScaleConfig
-from training.models.pixelcnn import PixelCNN, PixelCNNConfig
-from training.models.row_lstm import RowLSTM, RowLSTMConfig
+from pixelrnn.training.models.base import ImageModel, ModelConfig
+from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMConfig
+from pixelrnn.training.models.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from pixelrnn.training.models.multiscale import MultiScale, MultiScaleConfig
+from pixelrnn.training.models.pixelcnn import PixelCNN, PixelCNNConfig
+from pixelrnn.training.models.row_lstm import RowLSTM, RowLSTMConfig
 
 ARCHITECTURES: dict[str, tuple[type[ModelConfig], type[ImageModel]]] = {
     "pixelcnn": (PixelCNNConfig, PixelCNN),

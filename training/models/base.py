@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training import distributions
+from pixelrnn.training import distributions
 
 # The image spec of every ModelConfig: set by the data, and not recoverable from a model's weights.
 IMAGE_FIELDS = ("in_channels", "height", "width", "levels")

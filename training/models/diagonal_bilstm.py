@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.masks import MaskedConv2d
-from training.models.base import ModelConfig
-from training.models.pixelrnn import PixelRNN
-from training.models.row_lstm import gate_groups, lstm_update
+from pixelrnn.training.masks import MaskedConv2d
+from pixelrnn.training.models.base import ModelConfig
+from pixelrnn.training.models.pixelrnn import PixelRNN
+from pixelrnn.training.models.row_lstm import gate_groups, lstm_update
 
 
 @dataclass

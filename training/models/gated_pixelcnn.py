@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.masks import MaskedConv2d, channel_groups
-from training.models.base import ImageModel, ModelConfig
+from pixelrnn.training.masks import MaskedConv2d, channel_groups
+from pixelrnn.training.models.base import ImageModel, ModelConfig
 
 
 @dataclass

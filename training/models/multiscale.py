@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from training import distributions
-from training.models.base import IMAGE_FIELDS, ImageModel, ModelConfig
+from pixelrnn.training import distributions
+from pixelrnn.training.models.base import IMAGE_FIELDS, ImageModel, ModelConfig
 
 SHARED_FIELDS = IMAGE_FIELDS + ("num_classes",)  # the multi-scale model's own, given to both parts
 
@@ -76,7 +76,7 @@ class MultiScaleConfig(ModelConfig):
 class MultiScale(ImageModel):
     def __init__(self, config: MultiScaleConfig):
         super().__init__(config)
-        from training.models import build_model  # the registry imports this module
+        from pixelrnn.training.models import build_model  # the registry imports this module
 
         self.small_model = build_model(config.base_arch, config.part_fields(small=True))
         self.big_model = build_model(config.base_arch, config.part_fields(small=False))

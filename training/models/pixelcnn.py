@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.masks import MaskedConv2d
-from training.models.base import ImageModel, ModelConfig
+from pixelrnn.training.masks import MaskedConv2d
+from pixelrnn.training.models.base import ImageModel, ModelConfig
 
 
 @dataclass

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training.masks import MaskedConv1dRow, MaskedConv2d, channel_groups
-from training.models.base import ModelConfig
-from training.models.pixelrnn import PixelRNN
+from pixelrnn.training.masks import MaskedConv1dRow, MaskedConv2d, channel_groups
+from pixelrnn.training.models.base import ModelConfig
+from pixelrnn.training.models.pixelrnn import PixelRNN
 
 
 @dataclass

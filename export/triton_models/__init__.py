@@ -1,1 +1,0 @@
-"""Triton Python-backend model templates, copied as model.py by export/repository.py."""

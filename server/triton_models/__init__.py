@@ -1,0 +1,1 @@
+"""Triton Python-backend model templates, copied as model.py by server/repository.py."""
