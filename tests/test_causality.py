@@ -9,7 +9,9 @@ from pixelrnn.training.models import build_model
 
 
 class Stack(nn.Module):
-    """A minimal masked-conv stack: first layer, two 3x3 layers, 1x1 output into (B, C, K, H, W)."""
+    """A minimal masked-conv stack: first layer, two 3x3 layers, 1x1 output into (B, C, K, H, W).
+    tanh between layers, not ReLU: a ReLU unit that is dead on every test image hides a real
+    dependency, so whether the mask's allowed paths show up would depend on the weight draw."""
 
     def __init__(self, channels, k, first_mask="A", groups=None, hidden=12):
         super().__init__()
@@ -22,8 +24,8 @@ class Stack(nn.Module):
     def forward(self, x):
         h = self.first(x)
         for conv in self.mid:
-            h = conv(torch.relu(h))
-        out = self.out(torch.relu(h))
+            h = conv(torch.tanh(h))
+        out = self.out(torch.tanh(h))
         return out.view(x.shape[0], self.channels, self.k, *x.shape[2:])
 
 

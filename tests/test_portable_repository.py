@@ -73,22 +73,49 @@ def test_a_copied_repository_serves_from_a_torch_free_environment(deployed, tmp_
         assert f"pixelrnn from {repository.resolve() / f'{name}_sample' / '1' / 'pixelrnn'}" in log
 
 
+def unrelated_package(folder: Path, name: str) -> Path:
+    """A distribution holding a top-level package `name` that is not ours: what a user's
+    environment may already have under a generic name."""
+    (folder / name).mkdir(parents=True)
+    (folder / name / "__init__.py").write_text(f"WHO = 'unrelated {name}'\n")
+    (folder / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "unrelated-{name}"
+        version = "1.0"
+        [tool.setuptools]
+        packages = ["{name}"]
+    """))
+    return folder
+
+
 @pytest.mark.triton
 @pytest.mark.slow
-def test_the_client_install_samples_and_scores_without_torch(deployed, tmp_path):
-    """`pip install .[client]` into a fresh environment: no torch, and the CLI samples and scores."""
+def test_the_client_install_samples_and_scores_without_torch_beside_unrelated_packages(deployed, tmp_path):
+    """`pip install .[client]` into a fresh environment that already holds unrelated packages
+    named `client` and `runtime`: no torch, the CLI samples and scores, and the other packages
+    still import as themselves (the project installs one package, pixelrnn)."""
     models, repository, _ = deployed
     venv = tmp_path / "client-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=180)
     python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    for name in ("client", "runtime"):
+        done = subprocess.run(pip + [str(unrelated_package(tmp_path / f"unrelated-{name}", name))],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
     # From a copy of the sources: pip builds in the source tree and would leave build/ in the checkout.
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", ".triton", "runs", "build", "__pycache__",
                                                                  "*.egg-info", "model_repository", "checkpoints"))
-    done = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[client]"],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    done = subprocess.run(pip + [f"{source}[client]"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert subprocess.run([python, "-c", "import torch"], capture_output=True, cwd=tmp_path).returncode != 0
+    who = subprocess.run([python, "-c", "import client, runtime; print(client.WHO, '/', runtime.WHO)"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert who.stdout.strip() == "unrelated client / unrelated runtime", who.stderr
     plain = models["plain"].model
     with serve(repository, tmp_path / "triton.log") as server:
         cli = [str(venv / "bin" / "pixelrnn"), "client"]
@@ -104,6 +131,9 @@ def test_the_client_install_samples_and_scores_without_torch(deployed, tmp_path)
     got = [r["nll_nats"] for r in json.loads(score.stdout)["scores"]]
     with torch.no_grad():
         np.testing.assert_allclose(got, plain.nll(torch.from_numpy(images).long()).numpy(), rtol=1e-5, atol=1e-3)
+    # A command of the full install says what it needs instead of a traceback.
+    train = subprocess.run([str(venv / "bin" / "pixelrnn"), "train", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert train.returncode == 2 and "pixelrnn-serving[full]" in train.stderr and "Traceback" not in train.stderr
 
 
 TORCH_FREE = textwrap.dedent("""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pixelrnn.training import distributions, evaluate, train
 from pixelrnn.training.checkpoint import load_checkpoint, load_model
+from pixelrnn.training.train import perturb_batch
 from pixelrnn.training.data import DataSpec, ImageSet, load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +63,32 @@ def test_outputs(full_run):
         assert img.format == "PNG" and img.size[0] > 100
     model, _ = load_model(full_run / "last.pt")
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert sorted(p.name for p in full_run.iterdir()) == ["best.pt", "last.pt", "loss_curve.png", "metrics.json"]
+    assert sorted(p.name for p in full_run.iterdir()) == ["best.pt", "history.json", "last.pt", "loss_curve.png", "metrics.json"]
+    record = json.loads((full_run / "history.json").read_text())  # the run without its weights
+    assert record["history"] == ckpt["history"] and record["step"] == STEPS and record["perturb"] == 0.0
+    assert record["params"] == sum(p.numel() for p in model.parameters()) and record["config"] == ckpt["config"]
+
+
+def test_perturbed_training_draws_the_same_noise_on_resume():
+    """--perturb: each sub-pixel replaced with probability mu (binary: flipped), drawn from
+    (seed, step) alone, so a resumed run trains on the same perturbed batches."""
+    x = torch.randint(0, 2, (256, 1, 8, 8))
+    flipped = perturb_batch(x, 0.1, 2, step=5, seed=0)
+    assert torch.equal(flipped, perturb_batch(x, 0.1, 2, step=5, seed=0))
+    assert not torch.equal(flipped, perturb_batch(x, 0.1, 2, step=6, seed=0))
+    changed = (flipped != x).float().mean().item()
+    assert 0.08 < changed < 0.12 and torch.equal(flipped[flipped != x], 1 - x[flipped != x])
+    grey = torch.randint(0, 256, (256, 1, 8, 8))
+    noisy = perturb_batch(grey, 0.2, 256, step=1, seed=3)
+    # a uniform draw lands on the old value 1 in 256 times: about 0.2 * 255/256 change
+    assert 0.18 < (noisy != grey).float().mean().item() < 0.22 and int(noisy.max()) < 256
+    assert torch.equal(perturb_batch(grey, 0.0, 256, step=1, seed=3), grey)
+
+
+def test_perturb_must_be_a_probability(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main(tmp_path, "--perturb", "1.5", steps=1)
+    assert "--perturb must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_learning_happens(tmp_path):

@@ -1,6 +1,9 @@
-"""Validation NLL against hours of training, one line per run, from the runs' checkpoints.
+"""Validation NLL against hours of training, one line per run, from the runs' records.
 
-    python -m pixelrnn.training.curves --out curves.png --json runs.json              # every runs/long/*/last.pt
+A run directory's record is its last.pt, or once that is deleted (a finished run keeps no
+resumable state) its history.json, which training.train writes beside every last.pt.
+
+    python -m pixelrnn.training.curves --out curves.png --json runs.json              # every run in runs/long/
     python -m pixelrnn.training.curves --out curves.png runs/long/row_lstm_binarized_mnist other/last.pt
 
 Hours come from the checkpoint's `timeline` ({"step", "hours", "device"} per validation, written
@@ -25,7 +28,8 @@ from pathlib import Path
 
 from pixelrnn.training.checkpoint import CheckpointError, build_checkpoint_model, load_checkpoint
 
-DEFAULT_GLOB = "runs/long/*/last.pt"
+DEFAULT_GLOB = "runs/long/*/"
+RECORD = "history.json"
 # van den Oord et al. 2016 (Pixel Recurrent Neural Networks), binarized-MNIST table: test NLL in
 # nats (the Diagonal BiLSTM figure is their 7-layer model). Only comparable with models of that
 # data set, hence not drawn for others.
@@ -57,14 +61,34 @@ class Run:
         count = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
         size = f"h{cfg.get('hidden')}x{cfg.get('layers')}, {count} params"
         bits = "" if self.binary else f" {data.get('bits')}-bit"
-        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}"
+        # A background model (trained on perturbed images) is not a candidate model: say so.
+        perturb = self.ckpt.get("perturb") or (self.ckpt.get("train_args") or {}).get("perturb")
+        background = f", perturbed {perturb:g}" if perturb else ""
+        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{background}"
 
 
 # ---------------------------------------------------------------------------- reading
 
-def find_checkpoint(arg: str) -> Path:
+def find_record(arg: str) -> Path:
+    """A run directory's last.pt, else its history.json; a file argument as it is."""
     path = Path(arg)
-    return path / "last.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / "last.pt" if (path / "last.pt").exists() or not (path / RECORD).exists() else path / RECORD
+
+
+def load_record(path: Path) -> tuple[dict, int]:
+    """(the run's record, its parameter count) from history.json or a checkpoint."""
+    if path.suffix != ".json":
+        ckpt = load_checkpoint(path)
+        return ckpt, sum(p.numel() for p in build_checkpoint_model(path, ckpt).parameters())
+    try:
+        record = json.loads(path.read_text())
+        return record, int(record["params"])
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the run record ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a run record ({type(e).__name__}: {e})") from None
 
 
 def valid_entries(history: list[dict]) -> list[dict]:
@@ -92,10 +116,9 @@ def estimated_hours_per_step(path: Path, ckpt: dict) -> float | None:
 
 
 def read_run(path: Path) -> Run:
-    """Load one checkpoint and pair its validation entries with hours; CheckpointError if unreadable."""
-    ckpt = load_checkpoint(path)
-    params = sum(p.numel() for p in build_checkpoint_model(path, ckpt).parameters())
-    name = path.parent.name if path.name in ("last.pt", "best.pt") else path.stem
+    """Load one run record and pair its validation entries with hours; CheckpointError if unreadable."""
+    ckpt, params = load_record(path)
+    name = path.parent.name if path.name in ("last.pt", "best.pt", RECORD) else path.stem
     run = Run(path, name, ckpt, params)
     entries = valid_entries(ckpt["history"])
     timeline = {t["step"]: t for t in ckpt.get("timeline") or []}
@@ -214,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    paths = [find_checkpoint(a) for a in args.inputs] or [Path(p) for p in sorted(glob.glob(DEFAULT_GLOB))]
+    paths = [find_record(a) for a in args.inputs or sorted(glob.glob(DEFAULT_GLOB))]
     if not paths:
         print(f"error: no checkpoints given and none match {DEFAULT_GLOB}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m training.train ...   # DDP (gloo on CPU)
 
 Writes, from rank 0 only and always atomically: DIR/last.pt (every --checkpoint-every steps
-and when the run ends or stops), DIR/best.pt (the best validation NLL so far),
+and when the run ends or stops), DIR/history.json with it (the run's record without weights:
+what its curve needs once last.pt is deleted), DIR/best.pt (the best validation NLL so far),
 DIR/loss_curve.png and DIR/metrics.json. `--resume` continues from DIR/last.pt with model,
 optimizer, step, history and RNG state, and with the run's own schedule flags (steps or epochs,
 batch size, lr, seed, ...) unless given again; the data order is a pure function of (seed,
@@ -263,7 +264,18 @@ def validate(model, valid: tuple, state: RunState, args, dist: Dist) -> bool:
     return best
 
 
+def run_record(model, state: RunState, arch: str, spec: DataSpec, per_epoch: int, perturb: float = 0.0) -> dict:
+    """What a run's curve and table need (training.curves), without weights: DIR/history.json,
+    small enough to keep in the repository once the run's resumable state is gone."""
+    return {"arch": arch, "config": dataclasses.asdict(model.config), "data": spec.to_dict(), "step": state.step,
+            "epoch": state.step / per_epoch, "metrics": dict(state.metrics), "history": list(state.history),
+            "hours": state.hours, "timeline": list(state.timeline), "params": sum(p.numel() for p in model.parameters()),
+            "perturb": perturb}
+
+
 def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: DataSpec, args, per_epoch: int) -> None:
+    if path.name == "last.pt":  # written first: a crash between the two leaves the record behind, never ahead
+        write_json(path.parent / "history.json", run_record(model, state, arch, spec, per_epoch, getattr(args, "perturb", 0.0)))
     save_checkpoint(path, {
         "arch": arch,
         "config": dataclasses.asdict(model.config),
