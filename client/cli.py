@@ -4,7 +4,8 @@
                               [--temperature T] [--label L] [--npy samples.npy] [--retries N]
     python -m pixelrnn.client complete --url ... --model NAME (--input FILE... | --data NAME [--split valid])
                               [--n 4] [--known-rows R] [--k 3] --out grid.png [--npy completions.npy]
-    python -m pixelrnn.client score    --url ... --model NAME FILE... [--label L] [--json]
+    python -m pixelrnn.client score    --url ... --model NAME FILE... [--label L] [--json] [--per-pixel DIR]
+    python -m pixelrnn.client ood      --url ... --model NAME (FILE... | --data NAME [--split test] [--n N]) [--json PATH]
 
 Images go in and out as .npy arrays of levels (N x C x H x W, N x H x W for grey models, C x H x W
 or H x W for one image) or as PNG files (0..255, mapped to the model's levels). Any failure
@@ -25,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from pixelrnn.client.library import DEFAULT_URL, ClientError, ModelInfo, PixelClient, assemble
+from pixelrnn.runtime.data_flags import add_data_arguments, data_spec_from_args
+from pixelrnn.runtime.datasets import load
+from pixelrnn.runtime.images import completion_grid, nll_heatmap, read_image_file, save_grid, save_rgb
 
 
 def display_levels(info: ModelInfo, images: np.ndarray) -> int:
@@ -38,29 +42,14 @@ def display_levels(info: ModelInfo, images: np.ndarray) -> int:
 
 def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """Images uint8 (N, C, H, W) from .npy / PNG files, and (file, index in the file) per image."""
-    from pixelrnn.training.images import load_images
-
-    c, h, w = client.info.shape
     images, where = [], []
     for path in paths:
-        if Path(path).suffix.lower() == ".npy":
-            try:
-                arr = np.load(path, allow_pickle=False)
-            except FileNotFoundError:
-                raise ClientError(f"{path}: file not found") from None
-            except (OSError, ValueError) as e:
-                raise ClientError(f"{path}: not a readable .npy array ({e})") from None
-            if arr.shape == (c, h, w) or (c == 1 and arr.shape == (h, w)):
-                arr = arr.reshape(1, c, h, w)  # one image
-            elif arr.ndim == 3 and c == 1 and arr.shape[1:] == (h, w):
-                arr = arr[:, None]  # (N, H, W) -> (N, 1, H, W)
-        else:
-            if not client.info.levels:
-                raise ClientError(f"{path}: reading a PNG needs the model's levels, which the server does not publish; give a .npy of levels")
-            try:
-                arr = load_images([path], client.info.levels)
-            except ValueError as e:
-                raise ClientError(str(e)) from None
+        if Path(path).suffix.lower() != ".npy" and not client.info.levels:
+            raise ClientError(f"{path}: reading a PNG needs the model's levels, which the server does not publish; give a .npy of levels")
+        try:
+            arr = read_image_file(path, client.info.levels, client.info.shape)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
         images.append(client.check_images(arr, what=path))
         where += [(path, i) for i in range(len(arr))]
     if not images:
@@ -70,9 +59,6 @@ def read_inputs(paths: list[str], client: PixelClient) -> tuple[np.ndarray, list
 
 def data_images(args, client: PixelClient) -> tuple[np.ndarray, np.ndarray | None]:
     """The first --n images of --data's --split, and their labels (conditional models)."""
-    from pixelrnn.training.data import load
-    from pixelrnn.training.data_flags import data_spec_from_args
-
     try:
         data = load(data_spec_from_args(args), args.split)
     except ImportError as e:  # e.g. rgb-patches reads scikit-image's photographs
@@ -112,8 +98,6 @@ def cmd_sample(args, client: PixelClient) -> dict:
 
 
 def cmd_complete(args, client: PixelClient) -> dict:
-    from pixelrnn.training.images import completion_grid
-
     if (args.input is None) == (args.data is None):
         raise ClientError("give either --input FILE... or --data NAME")
     if args.n < 1 or args.k < 1:
@@ -135,8 +119,6 @@ def cmd_complete(args, client: PixelClient) -> dict:
 
 
 def write_outputs(args, samples: np.ndarray, grid) -> dict:
-    from pixelrnn.training.images import save_grid
-
     images, levels, nrow = grid()
     try:
         save_grid(images, levels, args.out, nrow=nrow, scale=args.scale)
@@ -147,11 +129,26 @@ def write_outputs(args, samples: np.ndarray, grid) -> dict:
     return {"out": str(args.out), "npy": args.npy, "images": int(len(samples)), "shape": list(samples.shape[1:])}
 
 
+def write_heatmaps(folder: str, where: list[tuple[str, int]], pixel_nll: np.ndarray, scale: int = 8) -> list[str]:
+    """One PNG per image: where the model found it surprising (runtime/images.py nll_heatmap),
+    all on one scale so that maps compare."""
+    heat, paths = nll_heatmap(pixel_nll), []
+    try:
+        for k, ((file, index), image) in enumerate(zip(where, heat)):
+            paths.append(str(save_rgb(image, Path(folder) / f"{k:04d}_{Path(file).stem}_{index}_nll.png", scale)))
+    except OSError as e:
+        raise ClientError(f"cannot write the per-pixel maps: {e}") from None
+    return paths
+
+
 def cmd_score(args, client: PixelClient) -> dict | None:
     images, where = read_inputs(args.files, client)
-    scores = client.score(images, args.label)
+    scores = client.score(images, args.label, per_pixel=bool(args.per_pixel))
     records = [{"file": f, "index": i, "nll_nats": float(n), "bits_per_dim": float(b)}
                for (f, i), n, b in zip(where, scores.nll_nats, scores.bits_per_dim)]
+    if args.per_pixel:
+        for record, path, pixel in zip(records, write_heatmaps(args.per_pixel, where, scores.pixel_nll), scores.pixel_nll):
+            record.update(nll_map=path, max_pixel_nll_nats=float(pixel.max()))
     mean = {"nll_nats": float(np.mean(scores.nll_nats)), "bits_per_dim": float(np.mean(scores.bits_per_dim))}
     if args.json:
         print(json.dumps({"model": client.model, "scores": records, "mean": mean}))
@@ -197,10 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     complete = command("complete", "complete images from their first rows: grid rows of original | occluded | completions")
     sampling(complete, 4, "examples to complete")
     complete.add_argument("--input", nargs="+", help=".npy / PNG images to complete")
-    complete.add_argument("--data", help="or a data set (training.data): binarized-mnist, fashion-mnist, ..., synthetic")
-    complete.add_argument("--data-dir", help="directory of the data files (default: the source's own)")
-    complete.add_argument("--bits", type=int, help="quantization of grey/colour data: levels = 2**bits")
-    complete.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="other DataSpec field; repeatable")
+    add_data_arguments(complete)  # instead of --input
     complete.add_argument("--split", default="valid", choices=("train", "valid", "test"))
     complete.add_argument("--known-rows", type=int, help="rows kept (default: half the image)")
     complete.add_argument("--k", type=int, default=3, help="completions per example")
@@ -209,10 +203,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("files", nargs="+", help=".npy (one image or a batch) or PNG files")
     score.add_argument("--label", type=int, help="class id of every image (class-conditional models)")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    score.add_argument("--per-pixel", metavar="DIR", help="also write a PNG map of each image's per-pixel NLL into DIR")
+
+    ood = command("ood", "is each image like the model's training data? verdicts from NAME_ood (likelihood ratio)")
+    ood.add_argument("files", nargs="*", help=".npy (one image or a batch) or PNG files")
+    add_data_arguments(ood)  # instead of files
+    ood.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    ood.add_argument("--n", type=int, default=16, help="images of --data to check")
+    ood.add_argument("--label", type=int, help=argparse.SUPPRESS)  # data_images reads it; the detector takes none
+    ood.add_argument("--json", metavar="PATH", help="also write every image's scores and verdict here")
     return parser.parse_args(argv)
 
 
-COMMANDS = {"sample": cmd_sample, "complete": cmd_complete, "score": cmd_score}
+def cmd_ood(args, client: PixelClient) -> dict | None:
+    if bool(args.files) == bool(args.data):
+        raise ClientError("give image files or --data NAME (not both)")
+    if args.files:
+        images, where = read_inputs(args.files, client)
+    else:
+        images, _ = data_images(args, client)
+        where = [(f"{args.data}/{args.split}", i) for i in range(len(images))]
+    s = client.ood(images)
+    records = [{"file": f, "index": i, "verdict": "out" if o else "in", "llr": float(r), "nll_nats": float(n),
+                "background_nll_nats": float(b), "complexity_bits": float(c)}
+               for (f, i), o, r, n, b, c in zip(where, s.ood, s.llr, s.nll_nats, s.background_nll_nats, s.complexity)]
+    summary = {"model": client.model, "images": len(records), "out_of_distribution": int(s.ood.sum())}
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps({**summary, "images": records}, indent=1) + "\n")
+        except OSError as e:
+            raise ClientError(f"cannot write {args.json}: {e}") from None
+    width = max(len("file"), *(len(r["file"]) for r in records)) if records else 4
+    print(f"{'file':<{width}}  {'index':>5}  {'verdict':>7}  {'llr':>10}  {'nll_nats':>10}  {'complexity':>10}")
+    for r in records:
+        print(f"{r['file']:<{width}}  {r['index']:>5}  {r['verdict']:>7}  {r['llr']:>10.2f}  {r['nll_nats']:>10.2f}  "
+              f"{r['complexity_bits']:>10.1f}")
+    print(f"{summary['out_of_distribution']} of {len(records)} out of distribution")
+    return None
+
+
+COMMANDS = {"sample": cmd_sample, "complete": cmd_complete, "score": cmd_score, "ood": cmd_ood}
 
 
 def main(argv=None) -> int:
@@ -221,7 +251,7 @@ def main(argv=None) -> int:
     try:
         with PixelClient(args.url, args.model, timeout=args.timeout, row_timeout=args.timeout) as client:
             result = COMMANDS[args.command](args, client)
-    except (ClientError, ValueError, OSError) as e:  # training.data's DataError is a ValueError
+    except (ClientError, ValueError, OSError) as e:  # runtime.datasets' DataError is a ValueError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@
     images = client.sample_images(16, seed=0)     # uint8 levels (16, C, H, W)
     done = client.complete(images, known_rows=3)  # rows < 3 kept, the rest sampled
     scores = client.score(images)                 # .nll_nats, .bits_per_dim, (16,) each
+    scores = client.score(images, per_pixel=True) # also .pixel_nll (16, C, H, W), sums to .nll_nats
+    verdict = client.ood(images)                  # NAME_ood: .llr, .complexity, .ood (bool), ...
     images = client.sample_images(16, seed=0, retries=3)  # survives server restarts (resumes)
 
 The same seed gives the images export.cells.sample_cached gives (for n <= the model's max batch;
@@ -35,7 +37,6 @@ config parameters, `levels`, `num_classes` and `stage_rows` (rows streamed per s
 """
 from __future__ import annotations
 
-import math
 import queue
 import random
 import secrets
@@ -49,6 +50,7 @@ from tritonclient.utils import InferenceServerException
 
 from pixelrnn.client.stream import close_stream, decode, sample_inputs, split_rows
 from pixelrnn.runtime import protocol as p
+from pixelrnn.runtime import request
 
 DEFAULT_URL = "localhost:8001"
 ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)
@@ -80,6 +82,17 @@ class Row(NamedTuple):
 class Scores(NamedTuple):
     nll_nats: np.ndarray  # float32 (N,), -log p(image) in nats
     bits_per_dim: np.ndarray  # float32 (N,)
+    pixel_nll: np.ndarray | None = None  # float32 (N, C, H, W) nats of each sub-pixel, when asked for
+
+
+class OodScores(NamedTuple):
+    """NAME_ood's answer per image (runtime/protocol.py, runtime/ood.py): higher scores mean
+    more out of distribution; `ood` is the served verdict at the model's calibrated threshold."""
+    nll_nats: np.ndarray  # float32 (N,), -log p(x) under the model (marginal over classes)
+    background_nll_nats: np.ndarray  # float32 (N,), under the background model
+    llr: np.ndarray  # float32 (N,), nll_nats - background_nll_nats
+    complexity: np.ndarray  # float32 (N,), NLL in bits minus a lossless compression's bits
+    ood: np.ndarray  # bool (N,)
 
 
 @dataclass(frozen=True)
@@ -219,13 +232,14 @@ class PixelClient:
         return ClientError(f"{doing}: {message}")
 
     def _read_info(self) -> ModelInfo:
-        configs = {}
-        for name in (p.score_model(self.model), p.sample_model(self.model)):
-            try:
-                configs[name] = self._client.get_model_config(name, as_json=True, client_timeout=self.timeout)["config"]
-            except InferenceServerException as e:
-                raise self._fail(e, f"reading the config of {name}") from None
-        return model_info(self.model, configs[p.score_model(self.model)])
+        # NAME_score's config says all the client needs; a model may be served without a sampler
+        # (a detector's background model), and sampling one says so when it is tried.
+        name = p.score_model(self.model)
+        try:
+            config = self._client.get_model_config(name, as_json=True, client_timeout=self.timeout)["config"]
+        except InferenceServerException as e:
+            raise self._fail(e, f"reading the config of {name}") from None
+        return model_info(self.model, config)
 
     def close(self) -> None:
         self._client.close()
@@ -260,12 +274,10 @@ class PixelClient:
             if not self.info.num_classes:
                 raise ClientError(f"model {self.model!r} is class-conditional: give a label (class id)")
             return np.arange(n, dtype=np.int64) % self.info.num_classes
-        arr = _integers("labels", np.atleast_1d(np.asarray(labels)).reshape(-1), 0, self.info.num_classes)
-        if arr.size == 1:
-            arr = np.repeat(arr, n)
-        if arr.shape != (n,):
-            raise ClientError(f"labels: give one class id or one per image ({n}), got {arr.size}")
-        return arr
+        try:  # the protocol's rule for LABELS (runtime/request.py); None: the class count is not published
+            return request.check_labels(labels, n, self.info.num_classes, name="labels")
+        except request.RequestError as e:
+            raise ClientError(str(e)) from None
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, label=None, known=None,
@@ -282,33 +294,32 @@ class PixelClient:
         Checks the arguments now, before the first row is asked for."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ClientError(f"n must be a positive number of images, got {n!r}")
-        if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature) and temperature >= 0):
-            raise ClientError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < UINT64):
-            raise ClientError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         n, c, h, w = int(n), *self.info.shape
+        try:  # the protocol's rules (runtime/request.py), under this method's argument names
+            temperature = request.check_temperature(temperature, name="temperature")
+            seed = None if seed is None else request.check_seed(seed, name="seed")
+            known_rows = request.check_known_rows(known_rows, h, name="known_rows")
+            per_response = request.check_rows_per_response(rows_per_response, name="rows_per_response")
+        except request.RequestError as e:
+            raise ClientError(str(e)) from None
         labels = self.check_labels(label, n)
-        if not 0 <= known_rows <= h:
-            raise ClientError(f"known_rows must be in [0, {h}], got {known_rows}")
         if known_rows:
             if known is None:
                 raise ClientError("known_rows > 0 needs the known images")
             known = np.asarray(known)
             if known.ndim != 4 or known.shape[0] != n or known.shape[1] != c or known.shape[3] != w or known.shape[2] < known_rows:
                 raise ClientError(f"known images must be {n} x {c} x R x {w} with R >= {known_rows}, got {' x '.join(map(str, known.shape))}")
-            known = _integers("known values", known[:, :, :known_rows], 0, self.info.levels or 256,
-                              " (the model's levels)" if self.info.levels else "").astype(np.uint8)
+            try:
+                known = request.check_known(known[:, :, :known_rows], n, (c, h, w), self.info.levels, name="known").astype(np.uint8)
+            except request.RequestError as e:
+                raise ClientError(str(e)) from None
         _check_retries(retries, retry_wait_s)
-        if rows_per_response is not None and (isinstance(rows_per_response, bool) or not isinstance(rows_per_response, (int, np.integer))
-                                              or rows_per_response < 1):
-            raise ClientError(f"rows_per_response must be a whole number >= 1 (or None), got {rows_per_response!r}")
         if retries and seed is None:
             seed = secrets.randbits(64)  # a resumed sequence must draw the random numbers the lost one drew
         chunks = []  # (first image, images, seed)
         for k, a in enumerate(range(0, n, self.info.max_batch)):
             chunks.append((a, min(self.info.max_batch, n - a), None if seed is None else (int(seed) + k) % UINT64))
         known = known if known_rows else None
-        per_response = None if rows_per_response is None else int(rows_per_response)
         if retries:
             return self._resuming(chunks, float(temperature), labels, known, int(retries), float(retry_wait_s), on_retry,
                                   per_response)
@@ -445,17 +456,48 @@ class PixelClient:
         return done
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score(self, images, labels=None, retries: int = 0, retry_wait_s: float = 60.0) -> Scores:
+    def score(self, images, labels=None, retries: int = 0, retry_wait_s: float = 60.0, per_pixel: bool = False) -> Scores:
         """-log p of each image (N, C, H, W), in chunks of at most the model's max batch.
-        `retries`: times a chunk is sent again after losing the server, waiting up to
-        `retry_wait_s` each time for it to be ready (scoring is stateless: behind a proxy such
-        as python -m pixelrnn.server.cluster, any live replica answers)."""
+        `per_pixel`: also the NLL of every sub-pixel (Scores.pixel_nll), which the server
+        sends only to requests that ask for it. `retries`: times a chunk is sent again after
+        losing the server, waiting up to `retry_wait_s` each time for it to be ready (scoring is
+        stateless: behind a proxy such as python -m pixelrnn.server.cluster, any live replica answers)."""
         _check_retries(retries, retry_wait_s)
         images = self.check_images(images)
         if self.info.conditional and labels is None:  # no cycling through classes here: a score needs the true class
             raise ClientError(f"model {self.model!r} is class-conditional: give labels for scoring")
         labels = self.check_labels(labels, len(images))
-        nll, bpd = [], []
+        names = [p.NLL_NATS, p.BITS_PER_DIM] + ([p.PIXEL_NLL] if per_pixel else [])
+        parts = self._infer_chunks(p.score_model(self.model), images, labels, names, retries, retry_wait_s)
+        if not parts:
+            c, h, w = self.info.shape
+            return Scores(np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, c, h, w), np.float32) if per_pixel else None)
+        nll, bpd = (np.concatenate([q[n].reshape(-1) for q in parts]) for n in (p.NLL_NATS, p.BITS_PER_DIM))
+        return Scores(nll, bpd, np.concatenate([q[p.PIXEL_NLL] for q in parts]) if per_pixel else None)
+
+    def ood(self, images, retries: int = 0, retry_wait_s: float = 60.0) -> OodScores:
+        """Out-of-distribution scores and verdicts of images (N, C, H, W) from NAME_ood, the
+        detector a repository has when the model was exported with a background model."""
+        _check_retries(retries, retry_wait_s)
+        images = self.check_images(images)
+        names = [p.NLL_NATS, p.BACKGROUND_NLL_NATS, p.LLR, p.COMPLEXITY, p.OOD]
+        try:
+            parts = self._infer_chunks(p.detect_model(self.model), images, None, names, retries, retry_wait_s)
+        except ClientError as e:
+            if "is not served" in str(e) or "unknown model" in str(e):
+                raise ClientError(f"model {self.model!r} has no out-of-distribution detector at {self.url} "
+                                  f"({p.detect_model(self.model)} is not served; export with --background)") from None
+            raise
+        columns = [np.concatenate([q[n].reshape(-1) for q in parts]) if parts else np.zeros(0, bool if n == p.OOD else np.float32)
+                   for n in names]
+        return OodScores(*columns)
+
+    def _infer_chunks(self, model: str, images: np.ndarray, labels, names: list[str], retries: int,
+                      retry_wait_s: float) -> list[dict[str, np.ndarray]]:
+        """One request per max-batch chunk, asking for `names` only (unnamed, Triton would make
+        and send every output); each chunk sent again on a lost server, `retries` times."""
+        parts = []
+        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
         for a in range(0, len(images), self.info.max_batch):
             b = a + self.info.max_batch
             inputs = [_tensor(p.IMAGES, images[a:b], "UINT8")]
@@ -463,19 +505,16 @@ class PixelClient:
                 inputs.append(_tensor(p.LABELS, labels[a:b, None], "INT64"))  # N x 1
             for attempt in range(int(retries) + 1):
                 try:
-                    result = self._client.infer(p.score_model(self.model), inputs, client_timeout=self.timeout)
+                    result = self._client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout)
                     break
                 except InferenceServerException as e:
-                    failure = self._fail(e, f"{p.score_model(self.model)} failed")
+                    failure = self._fail(e, f"{model} failed")
                     if not isinstance(failure, ServerGone) or attempt == retries:
                         raise failure from None
                 self._wait_ready(retry_wait_s)
                 # A fresh channel: the old one, after losing its server, reconnects only after a backoff.
                 self._client.close()
                 self._client = grpcclient.InferenceServerClient(self.url)
-            nll.append(result.as_numpy(p.NLL_NATS).reshape(-1))
-            bpd.append(result.as_numpy(p.BITS_PER_DIM).reshape(-1))
-        if not nll:
-            return Scores(np.zeros(0, np.float32), np.zeros(0, np.float32))
-        return Scores(np.concatenate(nll), np.concatenate(bpd))
+            parts.append({n: result.as_numpy(n) for n in names})
+        return parts
 

@@ -2,6 +2,7 @@
 
     python export/build_engine.py --checkpoint PATH [--out DIR] [--repository DIR] [--name NAME]
                                   [--tensorrt auto|on|off] [--fp16] [--max-batch N]
+                                  [--background PATH [--ood-fpr F] [--calibration-images N]]
 
 Writes into DIR (default build/export/NAME): one ONNX file per graph of the architecture
 (export/onnx_export.py: the row cell(s), the multi-scale condition graph, the scorer), each
@@ -13,6 +14,10 @@ cells' state names and shapes, the tensor names, the files). Then, optionally:
             export/tensorrt_engine.py). `auto` builds them when TensorRT and a CUDA GPU are
             present and otherwise says why it skipped; `on` fails (exit 2) without them.
   --repository DIR  a self-contained Triton model repository (server/repository.py).
+  --background PATH  with --repository: also the out-of-distribution detector NAME_ood over
+            this background model (trained with training.train --perturb) and the model
+            (export/detector.py, runtime/ood.py), its threshold calibrated on the model's
+            validation images at false-positive rate --ood-fpr.
 
 Exit codes: 0 done, 1 an export failed its parity check, 2 bad checkpoint or arguments, or
 --tensorrt on without TensorRT.
@@ -55,9 +60,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler-memory-mb", type=float, default=DEFAULT_MEMORY_MB,
                    help="with --repository: the sampler's memory for live sequences, which sets its live-images budget "
                         f"(server/engine/admission.py; default {DEFAULT_MEMORY_MB})")
+    p.add_argument("--background", help="with --repository: a background model's checkpoint; adds the "
+                   "out-of-distribution detector NAME_ood (likelihood ratio against it)")
+    p.add_argument("--background-name", help="its model name (default NAME_background)")
+    p.add_argument("--ood-fpr", type=float, default=0.05, help="the detector's false-positive rate on in-distribution "
+                   "validation images, which sets its threshold (default 0.05)")
+    p.add_argument("--calibration-images", type=int, default=2000,
+                   help="validation images the threshold is calibrated on (0: the whole split; default 2000)")
+    p.add_argument("--data-dir", help="where the model's data set lives, for the calibration (default: its usual place)")
     args = p.parse_args(argv)
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
+    if args.background and not args.repository:
+        p.error("--background needs --repository (the detector is a model of the repository)")
+    if not 0 < args.ood_fpr < 1:
+        p.error(f"--ood-fpr must be in (0, 1), got {args.ood_fpr}")
+    if args.calibration_images < 0:
+        p.error(f"--calibration-images must be >= 0, got {args.calibration_images}")
     return args
 
 
@@ -188,6 +207,44 @@ def main(argv=None) -> int:
             print(f"Triton model repository written to {args.repository}")
         except (OSError, ValueError) as e:  # e.g. a --name Triton cannot use, an unwritable folder
             return fail(f"Triton repository {args.repository}: {e}")
+    if args.background:
+        return export_background(args, manifest, model, ckpt, out.parent)
+    return 0
+
+
+def export_background(args, manifest: dict, model, ckpt: dict, build: Path) -> int:
+    """The background model's scorer and the detector NAME_ood (export/detector.py)."""
+    from pixelrnn.export.detector import add_detector
+    from pixelrnn.runtime.datasets import DataError
+    from pixelrnn.server.detector import check_pair
+
+    checkpoint = Path(args.background)
+    try:
+        background, bg_ckpt = load_model(checkpoint)
+    except CheckpointError as e:
+        return fail(f"--background: {str(e).splitlines()[0]}")
+    name = args.background_name or f"{manifest['name']}_background"
+    bg_manifest = base_manifest(name, background, bg_ckpt, checkpoint, args.max_batch)
+    try:
+        check_pair(manifest, bg_manifest)
+    except ValueError as e:
+        return fail(f"--background {checkpoint}: {e}")
+    out = build / name
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"exporting the background model {checkpoint} ({bg_ckpt['arch']}, step {bg_ckpt.get('step')}) to {out}", flush=True)
+    try:
+        export_all([a for a in artifacts(background) if a.name == "scorer"], out, bg_manifest)
+    except ParityError as e:
+        return fail(str(e), code=1)
+    bg_manifest["tensorrt"] = {"built": False, "reason": "background scorer: onnxruntime only"}
+    write_json(out / MANIFEST, bg_manifest)
+    try:
+        threshold = add_detector(manifest, model, ckpt, bg_manifest, checkpoint, out, Path(args.repository),
+                                 args.ood_fpr, args.calibration_images, args.data_dir)
+    except (DataError, OSError, ValueError) as e:
+        return fail(f"out-of-distribution detector: {e}")
+    print(f"detector {manifest['name']}_ood written: {threshold.score} above {threshold.value:.3f} is out of distribution "
+          f"({threshold.false_positive_rate:g} of {threshold.calibration_images} validation images)")
     return 0
 
 

@@ -170,9 +170,10 @@ def export_cell(cell: RowCell, path: str | Path, batch: int = 2) -> dict:
 # ---------------------------------------------------------------------------- scorer, condition
 
 class ScorerGraph(nn.Module):
-    """uint8 images (N, C, H, W) [+ labels (N,)] -> NLL in nats (N,) and bits per dim (N,).
+    """uint8 images (N, C, H, W) [+ labels (N,)] -> NLL in nats (N,), bits per dim (N,) and the
+    per-sub-pixel NLL (N, C, H, W) the image NLL is the sum of.
 
-    Calls model.nll, not the logits, because the multi-scale model's likelihood is not the
+    Calls model.pixel_nll, not the logits, because the multi-scale model's likelihood is not the
     plain sum over its logits. Values >= levels are the caller's to reject (the server does).
     """
 
@@ -182,8 +183,9 @@ class ScorerGraph(nn.Module):
         self.scale = 1.0 / (model.dims * math.log(2.0))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        nll = self.model.nll(images.long(), labels).float()
-        return nll, nll * self.scale
+        pixel = self.model.pixel_nll(images.long(), labels).float()  # (N, C, H, W)
+        nll = pixel.flatten(1).sum(1)
+        return nll, nll * self.scale, pixel
 
 
 def scorer_io(model: ImageModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -191,7 +193,8 @@ def scorer_io(model: ImageModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [TensorSpec(tn.IMAGES, "uint8", (BATCH, cfg.in_channels, cfg.height, cfg.width))]
     if cfg.num_classes:
         inputs.append(TensorSpec(tn.LABELS, "int64", (BATCH,)))
-    return inputs, [TensorSpec(tn.NLL_NATS, "float32", (BATCH,)), TensorSpec(tn.BITS_PER_DIM, "float32", (BATCH,))]
+    return inputs, [TensorSpec(tn.NLL_NATS, "float32", (BATCH,)), TensorSpec(tn.BITS_PER_DIM, "float32", (BATCH,)),
+                    TensorSpec(tn.PIXEL_NLL, "float32", (BATCH, cfg.in_channels, cfg.height, cfg.width))]
 
 
 def example_images(model: ImageModel, batch: int, seed: int = 0) -> list[torch.Tensor]:

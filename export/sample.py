@@ -15,7 +15,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from pixelrnn.training.images import completion_grid, save_grid
+from pixelrnn.runtime.images import completion_grid, save_grid
 from pixelrnn.training.sample import known_canvas, labels_tensor, sample_reference
 
 
@@ -46,7 +46,7 @@ def sample_images(model, n: int, seed: int, temperature: float = 1.0, labels=Non
 # ---------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pixelrnn.training.data_flags import add_data_arguments
+    from pixelrnn.runtime.data_flags import add_data_arguments
 
     p = argparse.ArgumentParser(prog="python -m pixelrnn.export.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = model.config
     started = time.monotonic()
     if args.complete:
-        from pixelrnn.training.data import load
-        from pixelrnn.training.data_flags import data_spec_from_args
+        from pixelrnn.runtime.data_flags import data_spec_from_args
+        from pixelrnn.runtime.datasets import load
         from pixelrnn.training.train import check_data_fits
 
         data = load(data_spec_from_args(args, base=ckpt["data"]), args.split)

@@ -79,15 +79,16 @@ class OnnxCell(OnnxGraph):
 
 
 class OnnxScorer(OnnxGraph):
-    def score(self, images: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, C, H, W) -> (nll nats (N,), bits per dim (N,))."""
+    def score(self, images: np.ndarray, labels: np.ndarray | None = None, per_pixel: bool = False) -> tuple[np.ndarray, ...]:
+        """uint8 images (N, C, H, W) -> (nll nats (N,), bits per dim (N,)), and with per_pixel
+        the NLL of each sub-pixel (N, C, H, W) as a third (only then copied out of the session)."""
         feed = {tn.IMAGES: np.asarray(images, np.uint8)}
         if self.num_classes:
             if labels is None:
                 raise ValueError("this scorer is class-conditional: labels are required")
             feed[tn.LABELS] = np.asarray(labels, np.int64)
-        nll, bpd = self.run(feed)
-        return nll, bpd
+        wanted = [tn.NLL_NATS, tn.BITS_PER_DIM] + ([tn.PIXEL_NLL] if per_pixel else [])
+        return tuple(self.session.run(wanted, feed))
 
 
 class OnnxCondition(OnnxGraph):

@@ -41,7 +41,7 @@ $PY -m pixelrnn.client complete --url "$URL" --model demo --data binarized-mnist
     --out "$OUT/completions.png"
 
 echo "== 6. scoring the streamed samples and 1 validation image through the scorer"
-$PY -c 'import numpy as np; from training.data import load; np.save("'"$OUT"'/valid1.npy", load("binarized-mnist", "valid").images[:1])'
+$PY -c 'import numpy as np; from pixelrnn.runtime.datasets import load; np.save("'"$OUT"'/valid1.npy", load("binarized-mnist", "valid").images[:1])'
 $PY -m pixelrnn.client score --url "$URL" --model demo "$OUT/valid1.npy" "$OUT/samples.npy" | tail -4
 
 echo "== 7. stopping the server"

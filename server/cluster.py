@@ -14,7 +14,7 @@ stream, which nginx keeps on one replica, so a sequence stays where its state is
 (passive failure detection, see the template). A supervisor thread restarts a replica that dies
 on its own ports, so the proxy, which tries it again after fail_timeout, takes it back. A stuck
 replica is a dead one: a replica whose sampler reports a response send that does not return
-(pixelrnn_sampler_healthy 0 on its metrics page; server/engine/scheduler.py, "Stuck sends") is killed
+(pixelrnn_sampler_healthy 0 on its metrics page; server/engine/outbox.py, "Stuck sends") is killed
 with SIGKILL and restarted the same way, which cuts its streams so their clients resume elsewhere.
 SIGINT/SIGTERM stop nginx, then every replica. Proxy is nginx alone, over any replicas' gRPC
 ports (bench/cluster.py puts one over the first 1, 2, 3 replicas of one cluster).

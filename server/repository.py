@@ -27,7 +27,7 @@ at the state size per image the manifest gives (default 512 MiB: 3,938 images of
 PixelCNN, 133 KiB each). A START over it gets an immediate UNAVAILABLE error naming the budget and the load,
 or, with admission_queue N > 0, waits for room first, first come first served, N STARTs at most, for
 admission_wait_ms at most (below the sequence idle timeout, after which Triton forgets the id),
-and gets that error only then (server/engine/scheduler.py, Overload).
+and gets that error only then (server/engine/admission.py, Admission).
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def score_config(manifest: dict, max_queue_delay_us: int, instances: int, params
     return (
         f'name: "{p.score_model(manifest["name"])}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _block("input", inputs)
-        + _block("output", [_io(p.NLL_NATS, "TYPE_FP32", [1]), _io(p.BITS_PER_DIM, "TYPE_FP32", [1])])
+        + _block("output", [_io(p.NLL_NATS, "TYPE_FP32", [1]), _io(p.BITS_PER_DIM, "TYPE_FP32", [1]),
+                            _io(p.PIXEL_NLL, "TYPE_FP32", [c, h, w])])
         + f"dynamic_batching {{\n  preferred_batch_size: {_dims(preferred)}\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
         + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
         + _parameters(params)
@@ -171,15 +172,17 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
                      onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS,
                      sampler_memory_mb: float = DEFAULT_MEMORY_MB, max_live_images: int = 0,
-                     stuck_send_s: float = STUCK_SEND_S, admission_queue: int = 0, admission_wait_ms: float = 0.0) -> list[Path]:
-    """Write (or overwrite) NAME_score and NAME_sample under repository_dir; returns their folders.
-    coalesce_ms: the sampler's row coalescing window (server/engine/scheduler.py; 0: rows only share a
+                     stuck_send_s: float = STUCK_SEND_S, admission_queue: int = 0, admission_wait_ms: float = 0.0,
+                     sampler: bool = True) -> list[Path]:
+    """Write (or overwrite) NAME_score and NAME_sample (sampler=False: NAME_score alone) under
+    repository_dir; returns their folders.
+    coalesce_ms: the sampler's row coalescing window (server/engine/outbox.py; 0: rows only share a
     response when they waited for a busy sender). sampler_memory_mb / max_live_images: the
     sampler's live-images budget (module notes; max_live_images 0: from sampler_memory_mb).
     admission_queue / admission_wait_ms: STARTs over the budget that may wait for room, and for
     how long (module notes; 0: refused at once).
     stuck_send_s: a response send outstanding this long marks the sampler unhealthy and ends the
-    sequences on its sender thread (server/engine/scheduler.py, "Stuck sends"; 0: off)."""
+    sequences on its sender thread (server/engine/outbox.py, "Stuck sends"; 0: off)."""
     onnx_dir, repository_dir = Path(onnx_dir), Path(repository_dir)
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -209,12 +212,11 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
                      "sampler_memory_mb": f"{sampler_memory_mb:g}", "max_live_images": str(max_live_images),
                      "stuck_send_s": f"{stuck_send_s:g}",
                      "admission_queue": str(admission_queue), "admission_wait_ms": f"{admission_wait_ms:g}"}
-    models = {
-        p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
-                              score_config(manifest, max_queue_delay_us, score_instances, params)),
-        p.sample_model(name): ("sample_model.py", _files(manifest, stages),
-                               sample_config(manifest, sequence_idle_s, max_sequences, sample_params)),
-    }
+    models = {p.score_model(name): ("score_model.py", _files(manifest, ["scorer"]),
+                                    score_config(manifest, max_queue_delay_us, score_instances, params))}
+    if sampler:  # without: a scorer alone, e.g. a detector's background model, never sampled
+        models[p.sample_model(name)] = ("sample_model.py", _files(manifest, stages),
+                                        sample_config(manifest, sequence_idle_s, max_sequences, sample_params))
     missing = [f for _, files, _ in models.values() for f in files if not (onnx_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{onnx_dir}: missing exported files {missing} (run export/build_engine.py)")

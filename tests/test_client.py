@@ -3,6 +3,7 @@ the module: a class-conditional RGB Gated PixelCNN whose config publishes levels
 stage rows as parameters, as server/repository.py writes it (max batch 4, to exercise
 chunking), and a grey multi-scale model whose parameters are taken out again, as a repository
 written by other means may lack them (the client then leaves value checks to the server)."""
+import ast
 import json
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from tests.deployment import Tiny, export_models, require, serve, set_metadata
 require("tritonclient.grpc")
 
 from pixelrnn.client import ClientError, PixelClient, Row, assemble  # noqa: E402
-from pixelrnn.client.cli import main as cli_main  # noqa: E402
-from pixelrnn.client.library import model_info  # noqa: E402
+from pixelrnn.client.cli import main as cli_main, read_inputs  # noqa: E402
+from pixelrnn.client.library import ModelInfo, model_info  # noqa: E402
 from pixelrnn.export.cells import build_cell, sample_cached  # noqa: E402
 from pixelrnn.server.launcher import free_port  # noqa: E402
 
@@ -120,6 +121,61 @@ def test_an_unreachable_server_is_one_clear_error():
     assert "\n" not in str(e.value)
 
 
+CLIENT_WITHOUT_TRAINING = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import pixelrnn.client, pixelrnn.client.cli, pixelrnn.client.library
+from pixelrnn.runtime import data_flags, datasets, images
+args = pixelrnn.client.cli.parse_args(["complete", "--model", "m", "--data", "synthetic", "--data-arg", "count=2", "--out", "x.png"])
+assert datasets.load(data_flags.data_spec_from_args(args), args.split).images.shape == (2, 1, 32, 32)
+images.save_grid(images.load_images(sys.argv[1], levels=4), 4, sys.argv[2])
+training = sorted(m for m in sys.modules if m == "pixelrnn.training" or m.startswith("pixelrnn.training."))
+assert not training, training
+"""
+
+
+def test_the_client_imports_nothing_of_training(tmp_path):
+    """`pip install '.[client]'` has no torch: the client's image and data files come from runtime/."""
+    for path in sorted((REPO / "client").glob("*.py")) + sorted((REPO / "web").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):  # imports inside functions too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[:2] == ["pixelrnn", "training"]], f"{path.name}:{node.lineno}"
+    np.save(tmp_path / "in.npy", np.arange(12, dtype=np.uint8).reshape(1, 3, 4) % 4)
+    done = subprocess.run([sys.executable, "-c", CLIENT_WITHOUT_TRAINING, str(tmp_path / "in.npy"), str(tmp_path / "out.png")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out.png").is_file()
+
+
+class FakeClient:
+    """What read_inputs asks of a PixelClient, with no server."""
+
+    def __init__(self, shape, levels):
+        self.info = ModelInfo("m", shape, max_batch=4, conditional=False, levels=levels)
+
+    check_images = PixelClient.check_images
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 4), (3, 5, 4)])
+def test_cli_reads_npy_files_in_the_models_shape_and_pngs_in_its_levels(tmp_path, shape):
+    c, h, w = shape
+    rng = np.random.default_rng(3)
+    batch, one = rng.integers(0, 4, (3,) + shape).astype(np.uint8), rng.integers(0, 4, shape).astype(np.uint8)
+    np.save(tmp_path / "batch.npy", batch[:, 0] if c == 1 else batch)  # a grey batch may be N x H x W
+    np.save(tmp_path / "one.npy", one[0] if c == 1 else one)  # one image: (H, W) or (C, H, W)
+    Image.fromarray(np.full((h, w, 3) if c == 3 else (h, w), 255, np.uint8)).save(tmp_path / "white.png")
+    files = [str(tmp_path / n) for n in ("batch.npy", "one.npy", "white.png")]
+    images, where = read_inputs(files, FakeClient(shape, levels=4))
+    np.testing.assert_array_equal(images, np.concatenate([batch, one[None], np.full((1,) + shape, 3, np.uint8)]))
+    assert [(f.rsplit("/", 1)[-1], i) for f, i in where] == [("batch.npy", i) for i in range(3)] + [("one.npy", 0), ("white.png", 0)]
+    np.save(tmp_path / "high.npy", np.full(shape, 4, np.uint8))
+    with pytest.raises(ClientError, match=r"high.npy: values 4..4 are outside \[0, 4\)"):
+        read_inputs([str(tmp_path / "high.npy")], FakeClient(shape, levels=4))
+    with pytest.raises(ClientError, match="needs the model's levels"):
+        read_inputs(files[-1:], FakeClient(shape, levels=None))
+
+
 # ---------------------------------------------------------------------------- library
 
 @pytest.mark.triton
@@ -196,7 +252,9 @@ def test_score_is_the_models_nll_in_chunks_of_the_max_batch(deployed, gated, ms)
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8)), "class-conditional: give labels"),
     (lambda c: c.score(np.zeros((2, 3, 5, 4), np.uint8), [0, 2]), r"labels must be in \[0, 2\)"),
     (lambda c: c.sample(1, temperature=-1), "temperature"),
-    (lambda c: c.sample(1, rows_per_response=0), r"rows_per_response must be a whole number >= 1"),
+    (lambda c: c.sample(1, temperature=6.0), r"temperature must be 0 \(greedy\) or a finite number in \[1e-06, 5\], got 6.0"),
+    (lambda c: c.sample(1, seed=-1), r"seed must be a whole number in \[0, 2\*\*64\), got -1"),
+    (lambda c: c.sample(1, rows_per_response=0), r"rows_per_response must be >= 1"),
     (lambda c: c.sample(2, known=np.zeros((2, 3, 1, 4)), known_rows=2), "known images must be"),
     (lambda c: c.complete(np.zeros((1, 3, 5, 4)), 6), r"known_rows must be in \[0, 5\]"),
 ])

@@ -1,10 +1,12 @@
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from pixelrnn.training import data
-from pixelrnn.training.data import DataError, DataSpec
+from pixelrnn.runtime import datasets as data
+from pixelrnn.runtime.datasets import DataError, DataSpec
 
 
 def write_idx(path, array, compress=False):
@@ -55,6 +57,67 @@ def test_binarized_mnist_reader_and_its_errors(tmp_path):
     np.savez(tmp_path / "valid.npz", images=images * 3)
     with pytest.raises(DataError, match="0/1 values"):
         data.load(DataSpec("binarized-mnist", data_dir=str(tmp_path)), "valid")
+
+
+def test_binarized_mnist_folder_is_the_flag_then_the_variable_then_a_checkouts(tmp_path, monkeypatch):
+    checkout, elsewhere = tmp_path / "work" / "main", tmp_path / "elsewhere"
+    shared = tmp_path / "work" / "shared" / "data" / "binarized_mnist"
+    for folder in (checkout, elsewhere, shared):
+        folder.mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    installed = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "pixelrnn"  # no pyproject.toml
+    monkeypatch.delenv(data.BINARIZED_MNIST_ENV, raising=False)
+    monkeypatch.setattr(data, "SOURCE_ROOT", installed)
+    monkeypatch.chdir(checkout)
+    assert data.binarized_mnist_dir() == shared.resolve()  # the current directory is a checkout
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(data, "SOURCE_ROOT", checkout)
+    assert data.binarized_mnist_dir() == shared.resolve()  # the source is a checkout
+    monkeypatch.setenv(data.BINARIZED_MNIST_ENV, str(elsewhere))
+    assert data.binarized_mnist_dir() == elsewhere
+    assert data.binarized_mnist_dir(str(tmp_path)) == tmp_path  # --data-dir first
+
+
+def test_binarized_mnist_found_nowhere_is_one_line_naming_the_places_and_the_remedy(tmp_path, monkeypatch):
+    """An installed client outside a checkout: the source sits in site-packages, whose
+    ../shared is nothing of the project's and is not looked at."""
+    installed = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "pixelrnn"
+    (installed.parent / "shared" / "data" / "binarized_mnist").mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.delenv(data.BINARIZED_MNIST_ENV, raising=False)
+    monkeypatch.setattr(data, "SOURCE_ROOT", installed)
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(DataError) as caught:
+        data.load("binarized-mnist", "valid")
+    message = str(caught.value)
+    assert "\n" not in message and "site-packages" not in message
+    assert str(tmp_path / "shared" / "data" / "binarized_mnist") in message  # ../shared beside the current directory
+    assert message.endswith("pass --data-dir or set $BINARIZED_MNIST_DIR")
+
+
+def test_the_data_and_image_modules_need_numpy_alone_until_a_function_needs_more(tmp_path):
+    """runtime/ must import in a deployed repository's environment (numpy + onnxruntime): torch,
+    pillow and scikit-image are imported only by the functions that use them."""
+    script = """
+import sys
+for name in ("torch", "PIL", "skimage"):
+    sys.modules[name] = None  # importing it now raises ImportError
+import argparse
+import numpy as np
+from pixelrnn.runtime import data_flags, datasets, images
+parser = argparse.ArgumentParser()
+data_flags.add_data_arguments(parser)
+args = parser.parse_args(["--data", "synthetic", "--data-arg", "count=4", "--data-arg", "size=6"])
+s = datasets.load(data_flags.data_spec_from_args(args), "train")
+np.save(sys.argv[1], s.images)
+assert np.array_equal(images.load_images(sys.argv[1], levels=s.levels), s.images)
+assert images.grid_array(s.images, s.levels, nrow=2).shape == (2 + 2 * 8, 2 + 2 * 8, 1)
+loaded = {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
+assert not loaded & {"torch", "PIL", "skimage"}, loaded
+assert not [m for m in sys.modules if m.startswith("pixelrnn.training")]
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_shared_binarized_mnist_is_the_standard_split():
@@ -116,3 +179,24 @@ def test_unknown_names_are_refused():
         data.load("cifar", "train")
     with pytest.raises(DataError, match="unknown split"):
         data.load("synthetic", "dev")
+
+
+def test_mnist_is_the_grey_test_split_only(tmp_path, monkeypatch):
+    """`mnist`: the grey digits, an out-of-distribution set, read from IDX files in --data-dir."""
+    from pixelrnn.runtime.datasets import load
+
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    header = bytes([0, 0, 8, 3]) + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([7, 2, 1])))
+    s = load({"name": "mnist", "data_dir": str(tmp_path)}, "test")
+    assert s.images.shape == (3, 1, 28, 28) and s.levels == 256 and s.labels.tolist() == [7, 2, 1]
+    assert np.array_equal(s.images[:, 0], images)
+    assert load({"name": "mnist", "data_dir": str(tmp_path), "bits": 1}, "test").images.max() == 1
+    with pytest.raises(DataError, match="only the test split"):
+        load({"name": "mnist", "data_dir": str(tmp_path)}, "valid")
+    monkeypatch.delenv("MNIST_DIR", raising=False)  # no checkout around: one line naming where it looked
+    monkeypatch.setattr(data, "SOURCE_ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"mnist: no data folder given and none found .*pass --data-dir or set \$MNIST_DIR"):
+        load("mnist", "test")

@@ -532,7 +532,7 @@ def test_a_sender_that_keeps_up_sends_every_row_on_its_own():
 
 
 def test_coalescing_keeps_each_key_in_order_and_never_joins_across_a_final_message():
-    from pixelrnn.server.engine.scheduler import Outbox, RowEvent
+    from pixelrnn.server.engine import Outbox, RowEvent
 
     def ev(key, index, stage=0):
         return RowEvent(key, stage, index, np.zeros((1, 1, 2), np.uint8), np.zeros(1, np.float32), 1, 1)

@@ -10,7 +10,7 @@ from pixelrnn.export import build_engine
 from pixelrnn.export.cells import build_cell, sample_cached
 from tests.deployment import require, serve
 from pixelrnn.training.checkpoint import load_model
-from pixelrnn.training.data import load
+from pixelrnn.runtime.datasets import load
 
 REPO = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO / "model_repository"

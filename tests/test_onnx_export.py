@@ -195,6 +195,14 @@ def test_scorer_matches_model_nll(case, exported):
         assert nll.shape == (n,) and nll.dtype == np.float32
         assert np.abs(nll - want).max() < 1e-4
         assert np.allclose(bpd, want / (model.dims * np.log(2)), rtol=1e-5)
+        # The per-pixel map: the model's own, summing to the image NLL (multi-scale: small-model
+        # values at the grid pixels, big-model values elsewhere).
+        nll2, _, pixel = scorer.score(x, labels, per_pixel=True)
+        with torch.no_grad():
+            want_pixel = model.pixel_nll(torch.from_numpy(x).long(), torch_labels(labels)).numpy()
+        assert pixel.shape == x.shape and pixel.dtype == np.float32 and np.array_equal(nll2, nll)
+        assert np.abs(pixel - want_pixel).max() < 1e-4 and (pixel >= 0).all()
+        assert np.abs(pixel.reshape(n, -1).sum(1) - want).max() < 1e-4
 
 
 def test_graph_interface_uses_the_shared_names(exported):
@@ -208,7 +216,7 @@ def test_graph_interface_uses_the_shared_names(exported):
     assert dims[tn.UNIFORMS] == [W, 1, "batch"] and dims[tn.FIXED] == [W] and dims[tn.FORCE] == ["batch"]
     scorer = onnx.load(str(paths["scorer"])).graph
     assert [i.name for i in scorer.input] == [tn.IMAGES, tn.LABELS]
-    assert [o.name for o in scorer.output] == [tn.NLL_NATS, tn.BITS_PER_DIM]
+    assert [o.name for o in scorer.output] == [tn.NLL_NATS, tn.BITS_PER_DIM, tn.PIXEL_NLL]
     assert scorer.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 

@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # n
 from pixelrnn.client.stream import SampleStream, tensor  # noqa: E402
 from pixelrnn.runtime import protocol as p  # noqa: E402
 from pixelrnn.runtime import rowloop  # noqa: E402
+from pixelrnn.runtime.request import MAX_TEMPERATURE, MIN_TEMPERATURE  # noqa: E402
 from pixelrnn.runtime.runner import OnnxRunner  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.reliability]
@@ -238,6 +239,7 @@ SAMPLE_CASES = {  # id: (models, [(start, end, request)], message pattern of the
     "NaN temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([math.nan], "FP64")))], TEMPERATURE + r".*got nan"),
     "negative temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([-0.5], "FP64")))], TEMPERATURE + r".*got -0.5"),
     "infinite temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([math.inf], "FP64")))], TEMPERATURE + r".*got inf"),
+    "too hot temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([6.0], "FP64")))], TEMPERATURE + r".*got 6.0"),
     # 1/T overflows: the softmax turns to NaN and the "sample" is neither sampled nor greedy.
     "subnormal temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([5e-324], "FP64")))], TEMPERATURE + r".*got 5e-324"),
     "float32 temperature": ("both", [(True, True, lambda m: good_start(m, TEMPERATURE=([1.0], "FP32")))], DTYPE.format(name="TEMPERATURE", got="FP32", want="FP64")),
@@ -582,7 +584,6 @@ def test_fuzz_score(deployed, scorer):
 
 SAMPLE_INPUTS = {p.BATCH_SIZE: "INT32", p.TEMPERATURE: "FP64", p.SEED: "UINT64", p.LABELS: "INT64", p.KNOWN: "UINT8", p.MAX_ROWS: "INT32",
                  p.ROWS_PER_RESPONSE: "INT32"}
-MIN_TEMPERATURE = 1e-6
 
 
 def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
@@ -601,7 +602,7 @@ def sample_must_fail(m: Model, tensors: dict, start: bool, seq: int) -> bool:
     known = tensors[p.KNOWN][0] if p.KNOWN in tensors else None
     batch = int(first(tensors[p.BATCH_SIZE])) if p.BATCH_SIZE in tensors else 1 if known is None else known.shape[0]
     t = float(first(tensors[p.TEMPERATURE])) if p.TEMPERATURE in tensors else 1.0
-    if not 1 <= batch <= MAX_BATCH or not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+    if not 1 <= batch <= MAX_BATCH or not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
         return True
     if m.classes:
         labels = tensors[p.LABELS][0] if p.LABELS in tensors else np.zeros(0)
@@ -639,7 +640,7 @@ def sample_culprits(m: Model, tensors: dict, start: bool, seq: int) -> set[str]:
     t = float(first(tensors[p.TEMPERATURE])) if p.TEMPERATURE in tensors else 1.0
     if not 1 <= batch <= MAX_BATCH:
         culprits.add(p.BATCH_SIZE if p.BATCH_SIZE in tensors else p.KNOWN)  # without BATCH_SIZE, KNOWN's images are the batch
-    if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+    if not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
         culprits.add(p.TEMPERATURE)
     if m.classes:
         labels = tensors[p.LABELS][0] if p.LABELS in tensors else np.zeros(0)
@@ -667,8 +668,10 @@ def sample_request(draw, m: Model, start: bool):
         if p.KNOWN not in tensors or draw(st.booleans()):
             tensors[p.BATCH_SIZE] = (np.array([b], np.int32), "INT32")
         if draw(st.booleans()):
-            # Around the edges of what is allowed too: greedy, just above/below the smallest T > 0, huge.
-            temperatures = [0.0, -0.0, 1e-6, 0.3, 1.0, 2.5, 1e308, 5e-324, 1e-310, 1e-7, -1e-300]
+            # Around the edges of what is allowed too: greedy, just above/below the smallest T > 0 and
+            # the largest, huge.
+            temperatures = [0.0, -0.0, 1e-6, 0.3, 1.0, 2.5, MAX_TEMPERATURE, MAX_TEMPERATURE * 1.01, 1e308, 5e-324, 1e-310, 1e-7,
+                            -1e-300]
             tensors[p.TEMPERATURE] = (np.array([draw(st.sampled_from(temperatures))]), "FP64")
         if draw(st.booleans()):
             tensors[p.SEED] = (np.array([draw(st.sampled_from([0, 1, 2**64 - 1, 12345]))], np.uint64), "UINT64")

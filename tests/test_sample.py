@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 
 from pixelrnn.export import sample
+from pixelrnn.runtime import images
+from pixelrnn.runtime.images import grid_array, load_images, save_grid, to_display
 from pixelrnn.runtime.randomness import sampling_rng
-from pixelrnn.training import distributions, images
+from pixelrnn.training import distributions
 from pixelrnn.training import sample as reference
 from pixelrnn.training.checkpoint import save_checkpoint
-from pixelrnn.training.images import grid_array, load_images, save_grid, to_display
 from pixelrnn.training.models import ARCHITECTURES, build_model
 from pixelrnn.training.sample import sample_reference
 
@@ -192,7 +193,7 @@ def test_cli_completion_grid(checkpoint_file, tmp_path, capsys):
     with Image.open(out) as img:
         arr = np.asarray(img)
     assert arr.shape == (3 * 8 + 2, 4 * 8 + 2)  # rows: original | occluded | 2 completions (--scale 1)
-    from pixelrnn.training.data import DataSpec, load
+    from pixelrnn.runtime.datasets import DataSpec, load
 
     originals = load(DataSpec("synthetic", size=6, bits=1, count=8), "test").images[:3]
     done = np.load(npy)

@@ -49,7 +49,8 @@ def test_score_and_sample_models_are_written(tmp_path):
         want = {str(Path(*name.split(".")) / "__init__.py") if module_file(name).name == "__init__.py"
                 else str(Path(*name.split("."))) + ".py": module_file(name).read_bytes() for name in served_modules(TEMPLATES / glue)}
         assert carried == want
-    assert "pixelrnn/runtime/protocol.py" in carried and "pixelrnn/server/engine/scheduler.py" in carried
+    assert {"pixelrnn/runtime/protocol.py", "pixelrnn/runtime/request.py", "pixelrnn/server/engine/scheduler.py",
+            "pixelrnn/server/engine/admission.py", "pixelrnn/server/engine/outbox.py"} <= set(carried)
     assert not any(name.startswith(("pixelrnn/training", "pixelrnn/export", "pixelrnn/client")) for name in carried)
     assert json.loads((sample / "1" / "manifest.json").read_text()) == m
     assert "TritonPythonModel" in (sample / "1" / "model.py").read_text()
@@ -58,7 +59,7 @@ def test_score_and_sample_models_are_written(tmp_path):
     assert s.name == "tiny_score" and s.backend == "python" and s.max_batch_size == 16
     assert [(i.name, list(i.dims), i.optional) for i in s.input] == [(p.IMAGES, [3, 8, 6], False), (p.LABELS, [1], True)]
     assert s.input[0].data_type == model_config_pb2.TYPE_UINT8 and s.input[1].data_type == model_config_pb2.TYPE_INT64
-    assert [o.name for o in s.output] == [p.NLL_NATS, p.BITS_PER_DIM]
+    assert [(o.name, list(o.dims)) for o in s.output] == [(p.NLL_NATS, [1]), (p.BITS_PER_DIM, [1]), (p.PIXEL_NLL, [3, 8, 6])]
     assert list(s.dynamic_batching.preferred_batch_size) == [4, 8, 16] and s.dynamic_batching.max_queue_delay_microseconds > 0
     assert "project_root" not in s.parameters
 

@@ -15,7 +15,7 @@ from PIL import Image
 from pixelrnn.training import distributions, evaluate, train
 from pixelrnn.training.checkpoint import load_checkpoint, load_model
 from pixelrnn.training.train import perturb_batch
-from pixelrnn.training.data import DataSpec, ImageSet, load
+from pixelrnn.runtime.datasets import DataSpec, ImageSet, load
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8

@@ -4,7 +4,7 @@ The cluster fixture copies the repository, renames the sampler's model.py to shi
 and puts this file in its place, with the seed in a file `stuck_seed` beside it.
 
 - Stuck sends: a START with that SEED and no KNOWN rows gets a sink whose second response send
-  never returns, as a send stuck in Triton 2.51's gRPC stream handler does (server/engine/scheduler.py,
+  never returns, as a send stuck in Triton 2.51's gRPC stream handler does (server/engine/outbox.py,
   "Stuck sends"); a client resuming that sequence sends KNOWN rows, so it is not caught again.
 - A ledger: every START's seed, when it starts and when that request ends (done or error),
   appended to `ledger-<tritonserver pid>` beside this file, so that a test which freezes this

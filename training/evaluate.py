@@ -15,10 +15,10 @@ import sys
 
 import torch
 
+from pixelrnn.runtime.data_flags import add_data_arguments, data_spec_from_args
+from pixelrnn.runtime.datasets import load
 from pixelrnn.training import distributions
 from pixelrnn.training.checkpoint import load_model
-from pixelrnn.training.data import load
-from pixelrnn.training.data_flags import add_data_arguments, data_spec_from_args
 from pixelrnn.training.train import check_data_fits
 
 

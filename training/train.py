@@ -31,11 +31,11 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from pixelrnn.runtime.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
+from pixelrnn.runtime.datasets import DataSpec, ImageSet, load
 from pixelrnn.training import distributions
 from pixelrnn.training.checkpoint import (CheckpointError, build_checkpoint_model, load_checkpoint, load_weights,
                                  remove_stale_temp_files, save_checkpoint)
-from pixelrnn.training.data import DataSpec, ImageSet, load
-from pixelrnn.training.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
 from pixelrnn.training.distributed import Dist, all_sum, distribute, setup_distributed
 from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
 from pixelrnn.training.models.base import IMAGE_FIELDS

@@ -34,15 +34,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelrnn.client.catalog import served_models
 from pixelrnn.client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone, assemble
+from pixelrnn.runtime import request
 from pixelrnn.web.uploads import MAX_BYTES, UploadError, to_levels
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_IMAGES = 16  # per sample / completion request: what a page shows at once
-MAX_TEMPERATURE = 5.0  # above this every model's samples are noise; a typo more likely than a wish
 MAX_SCORE_IMAGES = 64
 DRAIN_FACTOR = 8  # read_body: how much of an oversized body is read before answering
 log = logging.getLogger("web")
@@ -60,11 +60,28 @@ class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    seed: int | None = None
+    temperature: float = 1.0
     label: int | None = None
     image: list | None = None  # completion: (C, H, W) levels, the same known rows for all n
-    known_rows: int = Field(0, ge=0)
+    known_rows: int = 0
+
+    # The sampling protocol's rules (runtime/request.py); a value that breaks one is a 422 like
+    # any malformed field. What depends on the model (labels, known_rows <= H) the client checks.
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return request.check_temperature(value, name="temperature")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        return None if value is None else request.check_seed(value, name="seed")
+
+    @field_validator("known_rows")
+    @classmethod
+    def _known_rows(cls, value: int) -> int:
+        return request.check_known_rows(value, name="known_rows")
 
 
 class ScoreRequest(BaseModel):
@@ -127,15 +144,12 @@ class Gateway:
         """Check the request and open the stream (no row asked for yet): (client, rows, labels, known)."""
         client = self.connect(req.model)
         try:
-            c, h, w = client.info.shape
             labels = client.check_labels(req.label, req.n)
             known = None
             if req.image is not None or req.known_rows:
                 if req.image is None:
                     raise ClientError("known_rows > 0 needs the image whose rows are kept")
                 image = client.check_images(as_levels(req.image, "image", 3)[None], what="image")[0]  # (C, H, W)
-                if req.known_rows > h:
-                    raise ClientError(f"known_rows must be in [0, {h}], got {req.known_rows}")
                 known = np.repeat(image[None], req.n, axis=0)  # (n, C, H, W): every completion keeps the same rows
             rows = client.sample(req.n, req.seed, req.temperature, labels, known, req.known_rows)
             return client, rows, labels, known
@@ -250,7 +264,8 @@ def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(x) for x in error.get("loc", ()) if x != "body") or "request"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        rule = (error.get("ctx") or {}).get("error")  # a field validator's own message (runtime/request.py)
+        parts.append(f"{where}: {rule if isinstance(rule, ValueError) else error.get('msg', 'invalid')}")
     return "; ".join(parts)
 
 

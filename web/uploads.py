@@ -2,8 +2,8 @@
 
 The page uploads PNGs (a drawing saved elsewhere, a digit photographed and cropped). Any size is
 accepted and scaled to the model's H x W (box filter: the mean of each cell, as a digit shrunk to
-28 x 28), converted to grey or RGB as the model wants, and quantized to its levels the way
-training/images.py maps 0..255 back to levels. What is not a PNG, or is too large, is refused:
+28 x 28), converted to grey or RGB as the model wants, and quantized to its levels as every PNG
+the project reads is (runtime.images.from_display). What is not a PNG, or is too large, is refused:
 the gateway turns UploadError into a 4xx with its message.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 from PIL import Image
+
+from pixelrnn.runtime.images import from_display
 
 MAX_BYTES = 2 * 1024 * 1024  # a PNG of a small picture is far below; more is a mistake or abuse
 MAX_PIXELS = 4096 * 4096  # decompression-bomb guard: PIL's own limit only warns below 2x its value
@@ -52,4 +54,4 @@ def to_levels(data: bytes, shape: tuple[int, int, int], levels: int) -> np.ndarr
         img = img.resize((w, h), Image.Resampling.BOX)
     arr = np.asarray(img, dtype=np.float64)  # (H, W) grey or (H, W, 3)
     arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)  # -> (C, H, W)
-    return np.rint(arr * (levels - 1) / 255.0).astype(np.uint8)
+    return from_display(arr, levels)

@@ -1,7 +1,13 @@
 """The row engine: many sampling sequences advanced together, one batched cell call per row
 step, rows streamed to each sequence's own sink. It knows nothing of Triton (the glue in
-server/triton_models/ adapts it), so it is tested in process with fake runners and sinks."""
-from pixelrnn.server.engine.admission import DEFAULT_MEMORY_MB, live_images_budget
-from pixelrnn.server.engine.scheduler import STUCK_SEND_S, Engine, Overloaded
+server/triton_models/ adapts it), so it is tested in process with fake runners and sinks.
 
-__all__ = ["DEFAULT_MEMORY_MB", "STUCK_SEND_S", "Engine", "Overloaded", "live_images_budget"]
+    scheduler  the Engine: sequences, batched row steps, requests, expiry, fairness
+    admission  which STARTs it takes in: the live-images budget, the admission queue
+    outbox     every sink call: sender threads, row coalescing, stuck sends
+"""
+from pixelrnn.server.engine.admission import DEFAULT_MEMORY_MB, Overloaded, live_images_budget
+from pixelrnn.server.engine.outbox import STUCK_SEND_S, Outbox, RowEvent, Sink
+from pixelrnn.server.engine.scheduler import Engine
+
+__all__ = ["DEFAULT_MEMORY_MB", "STUCK_SEND_S", "Engine", "Outbox", "Overloaded", "RowEvent", "Sink", "live_images_budget"]

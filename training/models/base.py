@@ -73,6 +73,11 @@ class ImageModel(nn.Module):
         """Per-image negative log-likelihood in nats, (B,)."""
         return distributions.nll_nats(self(x, labels), x, self.config.levels)
 
+    def pixel_nll(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-log p of each sub-pixel given those before it, nats (B, C, H, W): where in the image
+        the model was surprised. Sums over (C, H, W) to `nll`."""
+        return -distributions.log_prob(self(x, labels), x, self.config.levels)
+
     @property
     def dims(self) -> int:
         return self.config.in_channels * self.config.height * self.config.width

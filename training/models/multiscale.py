@@ -114,3 +114,14 @@ class MultiScale(ImageModel):
         log_p = distributions.log_prob(self(x, labels), x, self.config.levels)  # (B, C, H, W)
         off_grid = (~self.grid_mask()).to(log_p.device)
         return small_nll - (log_p * off_grid).flatten(1).sum(1)
+
+    def pixel_nll(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per sub-pixel NLL (B, C, H, W): the small model's at the grid pixels (the small image
+        is those pixels), the big model's elsewhere; sums to `nll`."""
+        f = self.config.factor
+        big = -distributions.log_prob(self(x, labels), x, self.config.levels)  # (B, C, H, W)
+        small = self.small_model.pixel_nll(self.subsample(x), labels)  # (B, C, H/f, W/f)
+        small = small.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)  # grid pixel (i*f, j*f) = small (i, j)
+        grid = self.grid_mask().to(big.device)
+        out = torch.where(grid, small, big)
+        return out

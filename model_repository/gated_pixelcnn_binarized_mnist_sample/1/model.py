@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pixelrnn  # noqa: E402
 from pixelrnn.runtime import protocol as p  # noqa: E402
-from pixelrnn.server.engine.admission import DEFAULT_MEMORY_MB, live_images_budget  # noqa: E402
-from pixelrnn.server.engine import STUCK_SEND_S, Engine, Overloaded  # noqa: E402
+from pixelrnn.server.engine import DEFAULT_MEMORY_MB, STUCK_SEND_S, Engine, Overloaded, live_images_budget  # noqa: E402
 from pixelrnn.runtime.manifest import model_folder  # noqa: E402
 from pixelrnn.runtime.rowloop import SampleSpec  # noqa: E402
 from pixelrnn.runtime.runner import OnnxRunner  # noqa: E402

@@ -67,17 +67,19 @@ class TritonPythonModel:
             try:
                 images = np.concatenate([v[1] for v in valid])
                 labels = np.concatenate([v[2] for v in valid]) if self.num_classes else None
-                nll, bpd = [], []
-                for a in range(0, len(images), self.max_batch):
-                    n, b = self.scorer.score(images[a:a + self.max_batch], None if labels is None else labels[a:a + self.max_batch])
-                    nll.append(n)
-                    bpd.append(b)
-                nll, bpd = np.concatenate(nll).astype(np.float32), np.concatenate(bpd).astype(np.float32)
+                # Per-pixel maps cost N x C x H x W floats each way: made only if a request asks.
+                per_pixel = any(p.PIXEL_NLL in requests[i].requested_output_names() for i, *_ in valid)
+                parts = [self.scorer.score(images[a:a + self.max_batch], None if labels is None else labels[a:a + self.max_batch],
+                                           per_pixel=per_pixel) for a in range(0, len(images), self.max_batch)]
+                nll, bpd = (np.concatenate([q[k] for q in parts]).astype(np.float32) for k in (0, 1))
+                pixel = np.concatenate([q[2] for q in parts]).astype(np.float32) if per_pixel else None
                 a = 0
                 for i, request_images, _ in valid:
                     b = a + len(request_images)
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(p.NLL_NATS, nll[a:b, None]), pb_utils.Tensor(p.BITS_PER_DIM, bpd[a:b, None])])
+                    outputs = [pb_utils.Tensor(p.NLL_NATS, nll[a:b, None]), pb_utils.Tensor(p.BITS_PER_DIM, bpd[a:b, None])]
+                    if per_pixel and p.PIXEL_NLL in requests[i].requested_output_names():
+                        outputs.append(pb_utils.Tensor(p.PIXEL_NLL, pixel[a:b]))
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=outputs)
                     a = b
             except Exception as e:  # noqa: BLE001 - reported to the requests, never raised
                 for i, *_ in valid:

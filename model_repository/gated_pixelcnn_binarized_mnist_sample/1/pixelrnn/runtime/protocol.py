@@ -7,13 +7,29 @@ NAME_score (Python backend, dynamic batching, max_batch_size = the export's max_
          LABELS        int64 N x 1, class-conditional models only (required there)
     out  NLL_NATS      float32 N x 1, -log p(image) in nats
          BITS_PER_DIM  float32 N x 1, NLL_NATS / (C * H * W * ln 2)
+         PIXEL_NLL     float32 N x C x H x W, nats of each sub-pixel given those before it
+                       (sums to NLL_NATS); sent only to requests that name it among their
+                       requested outputs
+
+NAME_ood (Python backend, dynamic batching; only where the model was exported with a
+background model): out-of-distribution scores, composed over NAME_score and the background's
+scorer BACKGROUND_score by business-logic scripting (runtime/ood.py says what each means).
+    in   IMAGES / IMAGES_HW as NAME_score (no LABELS: a class-conditional model is scored by
+                       its marginal p(x) over the classes)
+    out  NLL_NATS      float32 N x 1, -log p(x) under the model
+         BACKGROUND_NLL_NATS  float32 N x 1, -log p(x) under the background model
+         LLR           float32 N x 1, NLL_NATS - BACKGROUND_NLL_NATS (higher: more out of distribution)
+         COMPLEXITY    float32 N x 1, NLL in bits minus the bits of a lossless compression
+         OOD           bool N x 1, the score named in the model's threshold (LLR) above it; the
+                       threshold, calibrated on in-distribution validation images at a chosen
+                       false-positive rate, is in the model's config parameters
 
 NAME_sample (Python backend, decoupled = streaming, stateful: every request carries a sequence
 id, Triton's correlation id; max_batch_size 0). All inputs are optional and hold one value
-unless said otherwise:
+unless said otherwise; what each may hold is runtime/request.py's (one rule per field):
   START request (sequence_start=True):
          BATCH_SIZE    int32, images in this sequence (default: KNOWN's, else 1; at most max_batch)
-         TEMPERATURE   float64, >= 0, 0 = greedy (default 1)
+         TEMPERATURE   float64, 0 = greedy, else finite in [1e-6, 5] (default 1)
          SEED          uint64 (default: a random one); the same seed gives the same images as
                        export.cells.sample_cached / training.sample.sample_reference
          LABELS        int64 1 or B class ids (class-conditional models only, required there)
@@ -70,8 +86,9 @@ from pixelrnn.runtime import tensor_names as tn
 
 SCORE_SUFFIX = "_score"
 SAMPLE_SUFFIX = "_sample"
+DETECT_SUFFIX = "_ood"
 
-IMAGES, LABELS, NLL_NATS, BITS_PER_DIM = tn.IMAGES, tn.LABELS, tn.NLL_NATS, tn.BITS_PER_DIM
+IMAGES, LABELS, NLL_NATS, BITS_PER_DIM, PIXEL_NLL = tn.IMAGES, tn.LABELS, tn.NLL_NATS, tn.BITS_PER_DIM, tn.PIXEL_NLL
 IMAGES_HW = "IMAGES_HW"
 
 BATCH_SIZE = "BATCH_SIZE"
@@ -99,3 +116,13 @@ def score_model(name: str) -> str:
 
 def sample_model(name: str) -> str:
     return name + SAMPLE_SUFFIX
+
+
+def detect_model(name: str) -> str:
+    return name + DETECT_SUFFIX
+
+
+BACKGROUND_NLL_NATS = "BACKGROUND_NLL_NATS"
+LLR = "LLR"
+COMPLEXITY = "COMPLEXITY"
+OOD = "OOD"

@@ -8,9 +8,9 @@ stream the same way, so the same seed gives the same image on every path.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from pixelrnn.runtime.request import check_temperature
 
 
 def sampling_rng(seed: int) -> np.random.Generator:
@@ -28,10 +28,9 @@ def draw_row_uniforms(rng: np.random.Generator, batch: int, channels: int, width
 def sample_from_logits(logits: np.ndarray, uniforms: np.ndarray, levels: int, temperature: float = 1.0) -> np.ndarray:
     """Values (B,) int64 for one sub-pixel from logits (B, K) and uniforms (B,) by inverse CDF.
 
-    temperature 0 means greedy (the most likely value).
+    temperature 0 means greedy (the most likely value); its rule is runtime/request.py's.
     """
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    temperature = check_temperature(temperature, name="temperature")
     logits = np.asarray(logits, dtype=np.float64)
     if levels == 2:
         l = logits[:, 0]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pixelrnn.runtime import request
 from pixelrnn.runtime.randomness import draw_row_uniforms, sampling_rng
 
 
@@ -40,13 +41,25 @@ class Stage:
 
 @dataclass
 class SampleSpec:
-    """What a sampling job asks for (the engine validates it against the model first)."""
+    """What a sampling job asks for; `check` holds it to runtime/request.py's rules."""
 
     batch: int = 1
-    temperature: float = 1.0  # <= 0 is greedy
+    temperature: float = 1.0  # 0 is greedy
     seed: int = 0
-    labels: np.ndarray | None = None  # (B,) int64, class-conditional models only
+    labels: np.ndarray | None = None  # (B,) int64 (one id stands for all), class-conditional models only
     known: np.ndarray | None = None  # (B, C, R, W): the first R rows are kept as given
+
+    def check(self, runner, max_batch: int | None = None) -> "SampleSpec":
+        """Every field by runtime/request.py's rules for the runner's model (`max_batch`: the
+        most images one job may hold; None: not bounded here), in place: labels become (B,)
+        int64, known rows int64. Raises request.RequestError (a ValueError) naming the field."""
+        last = runner.stages[-1]
+        self.batch = request.check_batch(self.batch, max_batch)
+        self.temperature = request.check_temperature(self.temperature)
+        self.seed = request.check_seed(self.seed)
+        self.labels = request.check_labels(self.labels, self.batch, int(runner.num_classes or 0))
+        self.known = request.check_known(self.known, self.batch, (last.channels, last.height, last.width), runner.levels)
+        return self
 
 
 @dataclass
@@ -66,6 +79,8 @@ class RowSequence:
 
     @classmethod
     def open(cls, runner, spec: SampleSpec) -> "RowSequence":
+        """Start the job `spec` (checked first: SampleSpec.check) at its first row."""
+        spec.check(runner)
         stages = list(runner.stages)
         factor = int(getattr(runner, "factor", 1) or 1)
         b = spec.batch

@@ -12,6 +12,7 @@ IMAGES = "IMAGES"  # uint8 (N, C, H, W), values in [0, levels)
 LABELS = "LABELS"  # int64 (N,), class-conditional models only (also a cell input)
 NLL_NATS = "NLL_NATS"  # float32 (N,), -log p(x) in nats per image
 BITS_PER_DIM = "BITS_PER_DIM"  # float32 (N,), NLL_NATS / (C * H * W * ln 2)
+PIXEL_NLL = "PIXEL_NLL"  # float32 (N, C, H, W), -log p of each sub-pixel given those before it; sums to NLL_NATS
 
 # -- row cell: one image row per call ---------------------------------------------------------
 UNIFORMS = "UNIFORMS"  # float64 (W, C, B), the row's uniforms in [0, 1), batch LAST

@@ -1,7 +1,10 @@
-"""Image grids (PNG) for samples and completions, and reading images back for clients.
+"""Image grids (PNG) for samples and completions, and reading PNG / .npy images back, for
+training, the client and the web gateway alike.
 
 Images inside the project are integer levels in [0, levels) shaped (N, C, H, W); only here are
 they scaled to 0..255 for viewing (and back, when a PNG is read for a model with fewer levels).
+numpy at import; pillow only inside the functions that write or read PNGs, so a deployed model
+repository's environment (numpy + onnxruntime) could import this module.
 """
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 PAD_VALUE = 255  # white separators between grid cells
 
@@ -44,9 +46,34 @@ def grid_array(images: np.ndarray, levels: int, nrow: int, pad: int = 2) -> np.n
     return grid
 
 
+def nll_heatmap(pixel_nll: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """Per-pixel NLL (N, C, H, W), nats, summed over channels -> RGB uint8 (N, H, W, 3) on a
+    black-red-yellow-white ramp from 0 to `vmax` (default: the largest value, so the images of
+    one call share a scale). Where the model was surprised shows bright."""
+    heat = np.asarray(pixel_nll, np.float64).sum(axis=1)  # (N, H, W)
+    top = float(vmax if vmax is not None else heat.max(initial=0.0)) or 1.0
+    t = np.clip(heat / top, 0.0, 1.0)[..., None] * 3  # one third of the ramp per primary
+    return (np.clip(t - np.array([0.0, 1.0, 2.0]), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def save_rgb(image: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Write an RGB uint8 (H, W, 3) image as PNG, each pixel enlarged to scale x scale."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
 def save_grid(images: np.ndarray, levels: int, path: str | Path, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Path:
     """Write a PNG grid of `images` (uint8 levels (N, C, H, W)); nrow defaults to ~sqrt(N).
     `scale` enlarges every grid pixel to scale x scale (28x28 digits are tiny on a screen)."""
+    from PIL import Image
+
     images = np.asarray(images)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     grid = grid_array(images, levels, nrow, pad)
@@ -59,6 +86,8 @@ def save_grid(images: np.ndarray, levels: int, path: str | Path, nrow: int | Non
 
 
 def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
     try:
         with Image.open(path) as img:
             img.load()
@@ -73,45 +102,58 @@ def _read_png(path: Path) -> np.ndarray:
     return arr[None].astype(np.uint8)
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def from_display(values: np.ndarray, levels: int) -> np.ndarray:
+    """0..255 display values -> uint8 levels in [0, levels): the inverse of `to_display`."""
+    return np.rint(np.asarray(values, dtype=np.float64) * (levels - 1) / 255.0).astype(np.uint8)
+
+
+def _read_npy(path: Path, shape: tuple[int, int, int] | None) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    if arr.ndim == 2:
+    if shape is not None and shape[0] == 1 and arr.ndim == 3 and arr.shape[1:] == tuple(shape[1:]):
+        arr = arr[:, None]  # a grey model's (N, H, W) is N images, not one of N channels
+    elif arr.ndim == 2:
         arr = arr[None, None]  # (H, W) -> (1, 1, H, W)
     elif arr.ndim == 3:
         arr = arr[None]  # (C, H, W) -> (1, C, H, W)
     if arr.ndim != 4 or arr.shape[1] not in (1, 3):
         raise ValueError(f"{path}: expected (H, W), (C, H, W) or (N, C, H, W) with C 1 or 3, got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr)):
-        raise ValueError(f"{path}: values must be integers")
+    if arr.dtype == bool:
+        arr = arr.astype(np.int64)
+    integral = np.issubdtype(arr.dtype, np.integer) or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))
+    if not integral:
+        raise ValueError(f"{path}: values must be integers, got {arr.dtype}")
     return arr.astype(np.int64)
 
 
-def load_images(paths, levels: int | None = None) -> np.ndarray:
-    """Read PNG / .npy files into one uint8 array (N, C, H, W).
+def read_image_file(path: str | Path, levels: int | None = None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """One PNG or .npy file -> uint8 (N, C, H, W).
 
-    PNGs hold 0..255 display values: with `levels` they are mapped to [0, levels) (the inverse of
-    `to_display`). .npy files are taken to hold levels already and are only range-checked.
+    PNGs hold 0..255 display values: with `levels` they are mapped to [0, levels). .npy files are
+    taken to hold levels already and are only range-checked; (H, W) and (C, H, W) arrays are one
+    image, and given the model's `shape` (C, H, W) with C = 1, (N, H, W) is N grey images.
     """
+    path = Path(path)
+    if path.suffix.lower() != ".npy":
+        arr = _read_png(path)
+        return from_display(arr, levels) if levels is not None else arr
+    arr = _read_npy(path, shape)
+    if levels is not None and arr.size and (arr.min() < 0 or arr.max() >= levels):
+        raise ValueError(f"{path}: values {arr.min()}..{arr.max()} are outside [0, {levels})")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"{path}: values {arr.min()}..{arr.max()} do not fit uint8")
+    return arr.astype(np.uint8)
+
+
+def load_images(paths, levels: int | None = None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Read PNG / .npy files (see `read_image_file`) into one uint8 array (N, C, H, W)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    arrays = []
-    for p in map(Path, paths):
-        if p.suffix.lower() == ".npy":
-            arr = _read_npy(p)
-            if levels is not None and arr.size and (arr.min() < 0 or arr.max() >= levels):
-                raise ValueError(f"{p}: values {arr.min()}..{arr.max()} are outside [0, {levels})")
-            if arr.size and (arr.min() < 0 or arr.max() > 255):
-                raise ValueError(f"{p}: values {arr.min()}..{arr.max()} do not fit uint8")
-        else:
-            arr = _read_png(p)
-            if levels is not None:
-                arr = np.rint(arr.astype(np.float64) * (levels - 1) / 255.0)
-        arrays.append(arr.astype(np.uint8))
+    arrays = [read_image_file(p, levels, shape) for p in paths]
     if not arrays:
         raise ValueError("no image files given")
     shapes = {a.shape[1:] for a in arrays}

@@ -5,15 +5,21 @@ Every source yields an `ImageSet`: uint8 images (N, C, H, W) holding integer lev
 as `--data`:
 
 - `binarized-mnist`: the standard binarized MNIST (train 50k / valid 10k / test), one .npz per
-  split with an `images` array N x 28 x 28 in {0, 1}; default directory
-  ../shared/data/binarized_mnist (override with --data-dir or $BINARIZED_MNIST_DIR).
+  split with an `images` array N x 28 x 28 in {0, 1}, in --data-dir, else $BINARIZED_MNIST_DIR,
+  else a checkout's ../shared/data/binarized_mnist (see `binarized_mnist_dir`).
 - `fashion-mnist`: Debian's dataset-fashion-mnist IDX files under
   /usr/share/datasets/fashion-mnist/ (override with --data-dir); train = first 50k of the
   training file, valid = its last 10k, test = the t10k file; quantized to `bits` bits.
 - `fashion-mnist-binary`: the same images binarized (fixed threshold or stochastic).
+- `mnist`: the grey MNIST digits, test split only (10k, IDX), quantized to `bits` bits: an
+  out-of-distribution set for Fashion-MNIST models; in --data-dir, else $MNIST_DIR, else a
+  checkout's ../shared/data/mnist.
 - `rgb-patches`: 32 x 32 colour patches cut from the photographs scikit-image ships; train,
   valid and test come from different photographs.
 - `synthetic`: a tiny generated set of bars and boxes for fast tests.
+
+numpy only at import (scikit-image is imported by `rgb-patches` alone), so the client reads data
+sets without the training stack.
 """
 from __future__ import annotations
 
@@ -25,9 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+BINARIZED_MNIST_ENV = "BINARIZED_MNIST_DIR"
+CHECKOUT_BINARIZED_MNIST = Path("../shared/data/binarized_mnist")  # relative to a checkout's root
+MNIST_ENV = "MNIST_DIR"
+CHECKOUT_MNIST = Path("../shared/data/mnist")
+# The checkout this file runs from, if any: a pip install puts it under site-packages, with no
+# pyproject.toml beside it, and nothing near it is the project's data.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DataError(ValueError):
@@ -144,8 +156,32 @@ def _check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
+def shared_data_dir(name: str, data_dir: str | Path | None, env: str, beside_checkout: Path) -> Path:
+    """A data set's folder: `data_dir` (--data-dir), else $env, else `beside_checkout` under the
+    checkout that is the current directory or that holds this source file. DataError naming
+    every place looked at when none exists."""
+    given = data_dir or os.environ.get(env)
+    if given:
+        return Path(given)
+    roots = [Path.cwd()] + ([SOURCE_ROOT] if (SOURCE_ROOT / "pyproject.toml").is_file() else [])
+    looked = []
+    for root in roots:
+        folder = (root / beside_checkout).resolve()
+        if folder.is_dir():
+            return folder
+        if folder not in looked:
+            looked.append(folder)
+    raise DataError(f"{name}: no data folder given and none found (looked for {', '.join(map(str, looked))}); "
+                    f"pass --data-dir or set ${env}")
+
+
+def binarized_mnist_dir(data_dir: str | Path | None = None) -> Path:
+    """The folder of binarized MNIST's .npz files (shared_data_dir)."""
+    return shared_data_dir("binarized-mnist", data_dir, BINARIZED_MNIST_ENV, CHECKOUT_BINARIZED_MNIST)
+
+
 def _binarized_mnist(spec: DataSpec, split: str) -> ImageSet:
-    root = Path(spec.data_dir or os.environ.get("BINARIZED_MNIST_DIR") or REPO_ROOT.parent / "shared/data/binarized_mnist")
+    root = binarized_mnist_dir(spec.data_dir)
     images = read_npz_images(root / f"{split}.npz")
     if images.max(initial=0) > 1:
         raise DataError(f"{root / (split + '.npz')}: binarized MNIST must hold 0/1 values, found {int(images.max())}")
@@ -176,6 +212,16 @@ def _fashion_mnist_raw(spec: DataSpec, split: str) -> tuple[np.ndarray, np.ndarr
 def _fashion_mnist(spec: DataSpec, split: str) -> ImageSet:
     images, labels = _fashion_mnist_raw(spec, split)
     return ImageSet(quantize(images, spec.bits)[:, None], labels, 2**spec.bits, 10, f"fashion-mnist/{split} ({spec.bits} bits)")
+
+
+def _mnist(spec: DataSpec, split: str) -> ImageSet:
+    if split != "test":
+        raise DataError(f"mnist: only the test split is available (an out-of-distribution set), not {split!r}")
+    root = shared_data_dir("mnist", spec.data_dir, MNIST_ENV, CHECKOUT_MNIST)
+    images, labels = read_idx(root / "t10k-images-idx3-ubyte.gz"), read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{root}: test images {images.shape} and labels {labels.shape} do not match")
+    return ImageSet(quantize(images, spec.bits)[:, None], labels.astype(np.int64), 2**spec.bits, 10, f"mnist/{split} ({spec.bits} bits)")
 
 
 def _fashion_mnist_binary(spec: DataSpec, split: str) -> ImageSet:
@@ -238,6 +284,7 @@ SOURCES = {
     "binarized-mnist": _binarized_mnist,
     "fashion-mnist": _fashion_mnist,
     "fashion-mnist-binary": _fashion_mnist_binary,
+    "mnist": _mnist,
     "rgb-patches": _rgb_patches,
     "synthetic": _synthetic,
 }

@@ -7,7 +7,7 @@ import argparse
 import ast
 import dataclasses
 
-from pixelrnn.training.data import DataSpec
+from pixelrnn.runtime.datasets import DataSpec
 
 
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -25,7 +25,7 @@ def parse_key_values(pairs: list[str] | None, flag: str) -> dict:
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="data set: binarized-mnist, fashion-mnist, fashion-mnist-binary, rgb-patches, synthetic")
+    p.add_argument("--data", help="data set: binarized-mnist, fashion-mnist, fashion-mnist-binary, mnist (test only), rgb-patches, synthetic")
     p.add_argument("--data-dir", help="directory of the data files (default: the source's own)")
     p.add_argument("--bits", type=int, help="quantization of grey/colour data: levels = 2**bits (default 8)")
     p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
