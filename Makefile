@@ -47,3 +47,8 @@ ifdef CHECKPOINT
 	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
 endif
 	REPOSITORY=$(REPOSITORY) GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) METRICS_PORT=$(METRICS_PORT) WEB_PORT=$(WEB_PORT) bash scripts/web.sh
+
+# docs/measurements.md from bench/results/*.json (python -m bench.report; tests/test_docs.py checks it).
+.PHONY: docs
+docs:
+	$(if $(wildcard $(PY)),$(PY),python3) -m bench.report

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
+from bench.common import reexec_with_malloc_env, result, spread, write_json
 from pixelrnn.export import onnx_export as ox
 from pixelrnn.export.cells import build_cell
 from pixelrnn.runtime.onnx_graphs import OnnxCell, make_session
@@ -115,8 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=SIZE, help="image height and width")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    payload = {"benchmark": "cell_graphs", "config": {"size": args.size, "batch": BATCH, "repeats": args.repeats},
-               "machine": machine_info(), "results": {}}
+    payload = result("cell_graphs", config={"size": args.size, "batch": BATCH, "repeats": args.repeats}, results={})
     with tempfile.TemporaryDirectory(prefix="bench-cell-graphs-") as tmp:
         for arch in args.archs.split(","):
             print(f"{arch} ...", file=sys.stderr, flush=True)

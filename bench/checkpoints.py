@@ -13,12 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import machine_info, write_json
+from bench.common import PROJECT_ROOT as ROOT, result, write_json
 from pixelrnn.runtime.manifest import file_sha256
 from pixelrnn.training import evaluate
 from pixelrnn.training.checkpoint import load_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def describe(path: Path) -> dict:
@@ -49,7 +47,7 @@ def main(argv=None) -> int:
         results[path.stem] = describe(path)
         r = results[path.stem]
         print(f"  {r['valid_nll_nats']:.2f} nats, {r['valid_bits_per_dim']:.4f} bits/dim on {r['valid_images']} images", file=sys.stderr)
-    write_json(args.json, {"benchmark": "checkpoints", "split": "valid", "machine": machine_info(), "results": results})
+    write_json(args.json, result("checkpoints", split="valid", results=results))
     print(f"wrote {args.json}")
     return 0
 

@@ -40,23 +40,20 @@ key "sustained" of the --json file, whose other keys are kept.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info, reexec_with_malloc_env, write_json
+from bench.common import (Errors, export, machine_info, metric, metrics_text, model_record, percentiles_ms, reexec_with_malloc_env, result,
+                          score_images, settled_metrics, verify_content, write_json)
 from pixelrnn.client.library import ClientError, PixelClient
 from pixelrnn.runtime import protocol as p
-from pixelrnn.runtime.manifest import read_manifest
 from pixelrnn.server.cluster import Cluster, Proxy
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
@@ -66,24 +63,13 @@ SUSTAINED = dict(replicas="3", streams=48, score_clients=4, score_batch=16, seco
 SUSTAINED_QUICK = dict(replicas="2", streams=4, score_clients=1, score_batch=4, seconds=2.0, repeats=1)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of metric `name` whose labels include `labels`, in a metrics page."""
-    total = 0.0
-    for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', found))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def counts(cluster: Cluster, name: str) -> list[tuple[float, float]]:
     """Per replica: (score calls done, sequences started), from its metrics page."""
     out = []
     for url in cluster.metrics_urls:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        out.append((metric(text, "nv_inference_request_success", model=p.score_model(name)),
-                    metric(text, "pixelrnn_sampler_events_total", model=p.sample_model(name), event="started")))
+        text = metrics_text(url)
+        out.append((metric(text, "nv_inference_request_success", model=p.score_model(name)) or 0.0,
+                    metric(text, "pixelrnn_sampler_events_total", model=p.sample_model(name), event="started") or 0.0))
     return out
 
 
@@ -174,8 +160,8 @@ def sustained(args, manifest: dict, folder: Path, cluster: Cluster) -> dict:
     from bench import load
 
     name, (c, h, w) = manifest["name"], manifest["shape"]
-    images, labels, source = load.score_images(args.checkpoint, manifest, 1000, 0)
-    errors = load.Errors()
+    images, labels, source = score_images(args.checkpoint, manifest, 1000, 0)
+    errors = Errors()
     before = counts(cluster, name)
     print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients through the proxy over "
           f"{cluster.count} replicas for {args.seconds:g} s ...", file=sys.stderr, flush=True)
@@ -184,13 +170,8 @@ def sustained(args, manifest: dict, folder: Path, cluster: Cluster) -> dict:
     sampled, scored = sum(r["images"] for r in samplers), sum(r["images"] for r in scorers)
     expected = sampled + args.streams  # and one warm-up image per stream
 
-    deadline = time.perf_counter() + load.SETTLE_S  # the samplers push their metrics every 0.5 s
-    while True:
-        metrics = [load.sampler_metrics(r, p.sample_model(name)) for r in cluster.replicas]
-        completed = sum(m["events"].get("completed", 0) for m in metrics)
-        if (completed >= expected and all(m["live"] == 0 for m in metrics)) or time.perf_counter() > deadline:
-            break
-        time.sleep(0.25)
+    metrics, _ = settled_metrics([r.metrics_url for r in cluster.replicas], p.sample_model(name), expected)
+    completed = sum(m["events"].get("completed", 0) for m in metrics)
     after = counts(cluster, name)
     score_calls = [int(a[0] - b[0]) for a, b in zip(after, before)]
     sequences = [int(a[1] - b[1]) for a, b in zip(after, before)]
@@ -205,9 +186,10 @@ def sustained(args, manifest: dict, folder: Path, cluster: Cluster) -> dict:
     if not all(score_calls) or not all(sequences):
         errors.add(f"the load did not reach every replica: score calls {score_calls}, sequences {sequences}")
     print(f"checking {sampled} images and {scored} scores against the in-process graphs ...", file=sys.stderr, flush=True)
-    verified = load.verify_content(samplers, scorers, manifest, folder, images, labels, errors)
+    verified = verify_content(samplers, scorers, manifest, folder, images, labels, errors)
     rows = sum(r["rows"] for r in samplers)
     return {
+        "model": model_record(manifest, args.checkpoint),
         "machine": machine_info(),
         "checkpoint": args.checkpoint,
         "settings": {"replicas": cluster.count, "streams": args.streams, "score_clients": args.score_clients,
@@ -218,9 +200,9 @@ def sustained(args, manifest: dict, folder: Path, cluster: Cluster) -> dict:
                    "score_requests": sum(len(r["latencies"]) for r in scorers)},
         "throughput": {"pixels_per_s": sampled * c * h * w / elapsed, "images_sampled_per_s": sampled / elapsed,
                        "rows_per_s": rows / elapsed, "images_scored_per_s": scored / elapsed},
-        "latency_ms": {"first_row": load.percentiles_ms([f for r in samplers for f in r["firsts"]]),
-                       "row": load.percentiles_ms([g for r in samplers for g in r["gaps"]]),
-                       "score_request": load.percentiles_ms([x for r in scorers for x in r["latencies"]])},
+        "latency_ms": {"first_row": percentiles_ms([f for r in samplers for f in r["firsts"]]),
+                       "row": percentiles_ms([g for r in samplers for g in r["gaps"]]),
+                       "score_request": percentiles_ms([x for r in scorers for x in r["latencies"]])},
         "score_calls_per_replica": score_calls,  # the warm-up's included
         "sequences_per_replica": sequences,
         "sampler_metrics": [{"live": m["live"], "events_total": m["events"]} for m in metrics],
@@ -276,16 +258,9 @@ def main(argv=None) -> int:
     elif not counts_wanted or counts_wanted[0] != 1:
         parser.error(f"--replicas: replica counts from 1 (the baseline of the ratios), e.g. 1,2,3; got {args.replicas!r}")
 
-    from pixelrnn.export import build_engine
-
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
-        with contextlib.redirect_stdout(sys.stderr):
-            code = build_engine.main(["--checkpoint", args.checkpoint, "--out", str(work / "export"), "--tensorrt", "off",
-                                      "--repository", str(work / "repository")])
-        if code:
-            raise SystemExit(f"error: export of {args.checkpoint} failed (exit code {code})")
-        manifest = read_manifest(work / "export")
+        manifest, _, _, export_seconds = export(args.checkpoint, work)  # the repository's default settings
         if args.sustained:
             with Cluster(work / "repository", counts_wanted[0], run_dir=work / "run", supervise=False) as cluster:
                 payload = sustained(args, manifest, work / "export", cluster)
@@ -306,10 +281,8 @@ def main(argv=None) -> int:
                 for proxy in proxies.values():
                     proxy.stop()
     out = {
-        "benchmark": "cluster",
-        "machine": machine_info(),
+        **result("cluster", model_record(manifest, args.checkpoint, export_seconds=export_seconds)),
         "checkpoint": args.checkpoint,
-        "model": {"name": manifest["name"], "shape": manifest["shape"], "max_batch": manifest["max_batch"]},
         "settings": {k: getattr(args, k) for k in ("replicas", "streams", "score_clients", "score_batch", "seconds", "repeats")},
         "proxy": "nginx (Debian), grpc_pass to an upstream of the replicas, least_conn",
         **measured,

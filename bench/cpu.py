@@ -3,6 +3,7 @@
     tree = process_tree(server.process.pid)   # tritonserver and its Python-backend stubs
     before = cpu_seconds(tree)                # user + system of every thread, live processes
     pin(tree, {0}); pin([os.getpid()], {1})   # every thread of each process, as taskset -a -p
+    account = CpuAccount(server.process.pid, pin_apart=True)   # both, per named path
 
 Why by hand: os.sched_setaffinity(pid) sets one thread (the one with that id), and a running
 tritonserver has dozens; threads created later inherit their creator's mask, so pinning every
@@ -12,6 +13,7 @@ own stat is read instead.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,3 +68,44 @@ def pin(pids, cpus) -> None:
                 os.sched_setaffinity(tid, cpus)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+
+class CpuAccount:
+    """A server's process tree (tritonserver and its stubs) and this process: their CPU seconds per
+    named path over the runs counted, and, for the paths run pinned, the server on one CPU and
+    this process on another, as with clients on other machines (pin_apart and two CPUs at least)."""
+
+    def __init__(self, server_pid: int, pin_apart: bool):
+        self.tree = process_tree(server_pid)
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.can_pin = pin_apart and len(self.cpus) >= 2
+        self.seen: set = set()  # the server processes' CPU sets while pinned: what took effect
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def run(self, path: str, pinned: bool = False, count: bool = True):
+        if pinned:
+            pin(self.tree, {self.cpus[0]})
+            pin([os.getpid()], {self.cpus[1]})
+            self.seen.update(tuple(sorted(os.sched_getaffinity(pid))) for pid in self.tree)
+        server, client = cpu_seconds(self.tree), cpu_seconds([os.getpid()])
+        try:
+            yield
+        finally:
+            server, client = cpu_seconds(self.tree) - server, cpu_seconds([os.getpid()]) - client
+            if pinned:
+                pin(self.tree, set(self.cpus))
+                pin([os.getpid()], set(self.cpus))
+        if count:
+            total = self.seconds.setdefault(path, {"server": 0.0, "client": 0.0})
+            total["server"] += server
+            total["client"] += client
+
+    def per_1000(self, units: dict[str, float]) -> dict[str, dict[str, float]]:
+        """CPU seconds per 1000 of each path's units (its rows, say, summed over the runs counted)."""
+        return {path: {who: 1000 * v / units[path] for who, v in self.seconds[path].items()} for path in units}
+
+    def pinning(self) -> dict:
+        return {"server_cpu": self.cpus[0], "client_cpu": self.cpus[1], "server_processes": len(self.tree),
+                "server_affinity_seen": sorted(map(list, self.seen))}

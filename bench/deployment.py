@@ -1,5 +1,7 @@
 """What the self-contained repository costs to serve: tritonserver's resident memory (server and
-Python-backend stubs together) and the time from start to ready, for the same shipped model:
+Python-backend stubs together) and the time from start to ready, for the shipped model (each
+repository's own: where the shipped model changed since --before, "before" serves the one then
+shipped, named in the JSON's "before_model"):
 
     before    the repository as committed at --before (default d60f370, the last commit whose
               models imported the project checkout, and through it torch), served from that
@@ -18,6 +20,7 @@ sample request (the models' imports done), summed over every process of the serv
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -29,13 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info, reexec_with_malloc_env, write_json
+from bench.common import model_record, reexec_with_malloc_env, result, write_json
 from pixelrnn.client import PixelClient
 from pixelrnn.server.launcher import PROJECT_ROOT, TritonServer
 from pixelrnn.server.runtime_env import make_runtime_env
 
-NAME = "pixelcnn_binarized_mnist"
 BEFORE = "d60f370"
+
+
+def sampler_manifest(repository: Path) -> tuple[dict, Path]:
+    """The manifest of the repository's one sampler (NAME_sample/1), and its folder."""
+    folder = next(iter(sorted(repository.glob("*_sample/1"))), None)
+    if folder is None:
+        raise SystemExit(f"error: no NAME_sample/1 model in {repository}")
+    return json.loads((folder / "manifest.json").read_text()), folder
 
 
 def group_rss_mib(pgid: int) -> tuple[float, int]:
@@ -65,11 +75,12 @@ def checkout(rev: str, folder: Path) -> Path:
 
 
 def measure(repository: Path, venv: Path, log: Path) -> dict:
+    manifest, _ = sampler_manifest(repository)
     started = time.perf_counter()
     with TritonServer(repository, venv=venv, log_path=log) as server:
         ready_s = time.perf_counter() - started
-        with PixelClient(server.grpc_url, model=NAME) as client:
-            client.score(np.zeros((2, 1, 28, 28), np.uint8))
+        with PixelClient(server.grpc_url, model=manifest["name"]) as client:
+            client.score(np.zeros((2, *manifest["shape"]), np.uint8))
             client.sample_images(1, seed=0)
         rss, processes = group_rss_mib(server.process.pid)
     return {"ready_s": ready_s, "rss_mib": rss, "processes": processes}
@@ -90,6 +101,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         print(f"preparing: {args.before} tree, runtime environment", file=sys.stderr, flush=True)
         before_tree = checkout(args.before, tmp)
+        before_model = sampler_manifest(before_tree / "model_repository")[0]["name"]
         portable = tmp / "portable" / "model_repository"
         shutil.copytree(PROJECT_ROOT / "model_repository", portable)
         runtime_venv = make_runtime_env(tmp / "runtime-venv")
@@ -106,9 +118,10 @@ def main(argv=None) -> int:
     results = {name: {"ready_s": stats([r["ready_s"] for r in rs]), "rss_mib": stats([r["rss_mib"] for r in rs]),
                       "processes": rs[-1]["processes"]} for name, rs in runs.items()}
     before_rss = results["before"]["rss_mib"]["median"]
+    manifest, folder = sampler_manifest(PROJECT_ROOT / "model_repository")
     payload = {
-        "benchmark": "deployment", "model": NAME, "before_revision": args.before, "repeats": args.repeats,
-        "machine": machine_info(), "results": results,
+        **result("deployment", model_record(manifest, folder=folder)), "before_model": before_model,
+        "before_revision": args.before, "repeats": args.repeats, "results": results,
         "ratios_of_medians": {
             "rss_runtime_vs_before": round(results["runtime"]["rss_mib"]["median"] / before_rss, 3),
             "rss_full_vs_before": round(results["full"]["rss_mib"]["median"] / before_rss, 3),

@@ -3,8 +3,8 @@
     python -m bench.engine_batching --json bench/results/engine_batching.json [--model-dir DIR]
                                     [--streams 16] [--repeats 9]
 
-The serving engine (server/engine/scheduler.py, as the Triton sampler runs it, stepped on this thread by
-bench.serving.sample_engine) samples, interleaved --repeats times, medians:
+The serving engine (server/engine/, as the Triton sampler runs it, stepped on this thread by
+bench.common.sample_engine) samples, interleaved --repeats times, medians:
   one_image      one sequence of one image;
   one_sequence   one sequence of --streams images (every row one cell call of --streams);
   sequences      --streams sequences of one image each, batched by the engine into the same calls;
@@ -25,21 +25,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info, reexec_with_malloc_env, spread, write_json
-from bench.serving import labels_for, sample_engine
+from bench.common import (finish, interleaved, labels_for, machine_info, model_record, reexec_with_malloc_env, result,
+                          sample_engine, spread, timing_cells)
 from pixelrnn.runtime.manifest import read_manifest
 from pixelrnn.runtime.rowloop import RowSequence, SampleSpec
 from pixelrnn.runtime.runner import OnnxRunner
 
+# The sampler's version folder of the committed repository (the JSON's "model" names the model).
 DEFAULT_MODEL_DIR = "model_repository/gated_pixelcnn_binarized_mnist_sample/1"
 
 
-def run(args) -> dict:
+def run(args) -> tuple[dict, dict]:
+    """-> (the results, the model's manifest)."""
     folder = Path(args.model_dir)
     manifest = read_manifest(folder)
     runner = OnnxRunner.from_manifest(manifest, folder)
@@ -72,31 +73,23 @@ def run(args) -> dict:
     identical = all(np.array_equal(a, b) for a, b in zip(batched, alone))
     for k in ("one_sequence", "cell_one_image", "cell_one_sequence"):  # one_image was warmed up by `alone`
         paths[k]()
-    runs: dict[str, list[float]] = {k: [] for k in paths}
-    for r in range(args.repeats):
-        print(f"round {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
-        for k, fn in paths.items():
-            start = time.perf_counter()
-            fn()
-            runs[k].append(time.perf_counter() - start)
-    t = {k: spread(v) for k, v in runs.items()}
+    t = {k: spread(v) for k, v in interleaved(paths, args.repeats, warmup=False).items()}
     one, whole, seqs = (t[k]["seconds"] for k in ("one_image", "one_sequence", "sequences"))
     c, h, w = shape
     bound, scaling = n * one / whole, n * one / seqs
     return {"paths": t, "bound": bound, "scaling": scaling, "share": scaling / bound,
             "cell_bound": n * t["cell_one_image"]["seconds"] / t["cell_one_sequence"]["seconds"],
             "per_sequence_row_us": 1e6 * (seqs - whole) / (n * h), "identical": identical,
-            "model": {"dir": str(folder), "arch": manifest["arch"], "shape": [c, h, w]}}
+            "model": {"dir": str(folder), "arch": manifest["arch"], "shape": [c, h, w]}}, manifest
 
 
 def report(payload: dict) -> str:
     r, n = payload["results"], payload["config"]["streams"]
-    lines = [f"{'path':<44}{'median s':>10}{'min-max s':>16}"]
+    lines = [f"{'path':<44}{'median s':>10}{'min-max s':>17}"]
     for k, label in (("one_image", "one sequence of one image"), ("one_sequence", f"one sequence of {n} images"),
                      ("sequences", f"{n} sequences of one image"), ("cell_one_image", "the cell alone, one image"),
                      ("cell_one_sequence", f"the cell alone, {n} images")):
-        p = r["paths"][k]
-        lines.append(f"  {label:<42}{p['seconds']:>10.4f}{p['min_seconds']:>8.4f}-{p['max_seconds']:<7.4f}")
+        lines.append(f"  {label:<42}{timing_cells(r['paths'][k], 4)}")
     lines.append(f"bound {r['bound']:.2f}x one image, engine {r['scaling']:.2f}x ({100 * r['share']:.0f}% of the bound); "
                  f"{r['per_sequence_row_us']:.0f} us more per row of each separate sequence; "
                  f"identical images: {'yes' if r['identical'] else 'NO'}")
@@ -114,13 +107,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
-    payload = {"benchmark": "engine_batching", "config": {"streams": args.streams, "repeats": args.repeats, "seed": args.seed},
-               "machine": machine_info()}
-    payload["results"] = run(args)
-    print(report(payload))
-    if args.json:
-        write_json(args.json, payload)
-    return 0 if payload["results"]["identical"] else 1
+    machine = machine_info()  # before the run: its load average
+    measured, manifest = run(args)
+    payload = result("engine_batching", model_record(manifest, folder=args.model_dir), machine,
+                     config={"streams": args.streams, "repeats": args.repeats, "seed": args.seed}, results=measured)
+    finish(payload, args.json, report(payload))
+    return 0 if measured["identical"] else 1
 
 
 if __name__ == "__main__":

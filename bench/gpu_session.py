@@ -1,33 +1,39 @@
-"""One bounded session on a lent CUDA machine: continue the long runs, test, benchmark, hand back.
+"""One bounded session on a GPU machine: continue the long runs on CUDA, test, benchmark, hand back.
 
-    scripts/gpu_train.sh --prepare           # here, once: binarized MNIST into runs/device_data
-    scripts/gpu_train.sh [--budget-minutes 8] [--mode concurrent] [RUN_DIR ...]   # there
+    bash scripts/gpu_train.sh --prepare    # here, once: binarized MNIST into runs/device_data
+    bash scripts/gpu_train.sh [--budget-minutes 8] [--mode concurrent] [RUN_DIR ...]   # on the GPU machine
 
-Run there through the workplace `device` tool (command `bash scripts/gpu_train.sh`, carry
-["runs/device_data"], timeout_s 600). The tool copies the working tree, so runs/long/*/last.pt
-travel; the data set lives outside the checkout and travels only as that carried folder. The
-phases, each bounded by a timeout clamped to what is left of the call (600 s less a margin):
+The GPU machine gets a copy of this working tree (so runs/long/*/last.pt travel) and the data in
+runs/device_data (git-ignored: it travels only when the call carries that folder), runs
+`bash scripts/gpu_train.sh` from the checkout's root within the call's time limit
+(--call-limit-s, 600 s), and hands back what is under $OUT. Its Python is the machine's own
+(a CUDA build of torch), where this project is not installed: pixelrnn is then imported from
+the checkout (checkout_imports). On the GPU machine, each phase bounded by a timeout clamped to
+what is left of the call (less --margin-s):
 
-1. preflight: python/torch/CUDA, optional packages (one line), the runs, the data;
+1. preflight: Python, torch, CUDA, optional packages (one line), the runs, the data;
 2. "before": every run's last.pt scored on the FULL validation split (the runs themselves
    validate on a --valid-images subset, kept as it is so their history stays comparable);
-3. `pytest -m gpu` and `python -m bench.sampling --device cuda --json ...`, each given what is
-   left once the training at its full budget and the phases after it are set aside;
+3. the GPU tests (`pytest -m gpu`) and the sampling bench (`python -m bench.sampling --device
+   cuda`), each given what is left once the training at its full budget and the phases after
+   it are set aside;
 4. training: `training.train --resume --device cuda --max-minutes M` per run, CONCURRENTLY by
-   default: these models are small (batch 64 of 28x28), so a single process leaves the H200
-   mostly idle between kernel launches and two processes interleave at little cost to each,
-   doubling the training per device minute (--mode sequential to compare; the summary records
-   steps/s). The budget is minutes of training summed over runs (default 8): M = budget / runs,
-   less if the call's time would not hold it (the summary says so);
-5. "after": the new last.pt scored on the full validation split;
-6. hand-over: $OUT/runs/NAME/last.pt and metrics.json for every run that advanced, and
-   $OUT/gpu_session.json (rewritten after every phase, so a cut-off call still reports).
+   default: these models are small (batch 64 of 28x28), so one process leaves the GPU mostly
+   idle between kernel launches and two interleave at little cost to each, doubling the
+   training per GPU minute (--mode sequential to compare; the summary records steps/s). The
+   budget is minutes of training summed over the runs (default 8): M = budget / runs, less
+   where the call's time would not hold it (the summary says so);
+5. "after": the new last.pt scored on the full validation split.
 
-The tool brings back at most 8 files, 16 MiB each, two folders deep: summary + bench JSON + 2
-per run fit three runs; with more, per-run metrics.json are left out (the summary holds them).
+What comes back, under $OUT (rewritten after every phase, so a call cut off still reports):
+gpu_session.json (the summary: before/after full-validation NLL per run, the tests' and the
+bench's outcome), bench/sampling_cuda.json, and runs/NAME/last.pt and metrics.json for every
+run that advanced. At most 8 files of 16 MiB each come back, two folders deep: summary, bench
+JSON and 2 per run fit three runs; with more, the per-run metrics.json are left out (the
+summary holds them).
 
 `--device cpu` runs the same path without a GPU, for this module's tests; it needs
-GPU_SESSION_ALLOW_CPU=1 so that a lease never trains on the CPU by mistake.
+GPU_SESSION_ALLOW_CPU=1, so that nothing trains on a CPU by mistake.
 """
 from __future__ import annotations
 
@@ -46,10 +52,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# LIVE (the children still running) is also gpu_session.LIVE, for the tests.
+from bench.gpu_children import (LIVE, OPTIONAL, ROOT, checkout_imports, child_env, end_children, run_bounded,  # noqa: F401
+                                spawn, tail, wait_or_kill)
+
 DEFAULT_GLOB = "runs/long/*/last.pt"
 DATA_ROOT = "runs/device_data"  # under /runs/*, which git ignores: carried, never committed
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/binarized_mnist"  # training.data's default
-MAX_FILES_BACK = 8  # the device tool's limits on what comes back under $OUT
+MAX_FILES_BACK = 8  # the GPU machine hands back at most this many files from $OUT, each at most:
 MAX_FILE_BYTES = 16 * 2**20
 # Seconds, the defaults of each phase's timeout; each is clamped to what the call has left.
 # At the defaults the worst case adds up to the call's 600 s less the margin (a test checks it):
@@ -61,34 +70,6 @@ BENCH_TIMEOUT = 100
 TRAIN_OVERHEAD = 45  # per training process: start, data, CUDA init, last validation, save, plot
 TRAIN_GRACE = 90  # a process still alive this long after its --max-minutes is killed
 AFTER_RESERVE = 70  # what training leaves for the "after" evaluation and the hand-over
-# Packages the project imports that the device's image may lack, and what their absence does.
-OPTIONAL = {
-    "tqdm": "training.train imports it: a stand-in is put on PYTHONPATH",
-    "matplotlib": "training.train fails after its last checkpoint, drawing loss_curve.png (last.pt still comes back)",
-    "skimage": "only the rgb-patches data set needs it",
-    "pytest": "the gpu tests cannot run",
-    "onnxruntime": "bench.sampling cannot run its onnx path",
-}
-TQDM_STUB = '''"""Stand-in written by training.gpu_session where tqdm is not installed: no progress bar."""
-import sys
-
-
-class tqdm:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def write(self, msg, *args, **kwargs):
-        print(msg, file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-'''
 
 
 def log(msg: str) -> None:
@@ -102,13 +83,8 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def tail(text: str, lines: int = 40) -> str:
-    """The last `lines` lines, each as last drawn: a progress bar redraws its line with \\r."""
-    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
-
-
 class Clock:
-    """Seconds left before the call's deadline (the device's per-call limit less a margin)."""
+    """Seconds left before the call's deadline (the GPU machine's limit on one call, less a margin)."""
 
     def __init__(self, limit_s: float, margin_s: float):
         self.start = time.monotonic()
@@ -119,61 +95,6 @@ class Clock:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
-
-
-LIVE: set = set()  # child processes still running, ended with us (see end_children)
-
-
-def end_children(signum, frame) -> None:
-    """SIGTERM (scripts/gpu_train.sh's last-resort `timeout`): end the children too. They run in
-    their own sessions, which the device machine would leave running after the call."""
-    for proc in list(LIVE):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    sys.exit(128 + signum)
-
-
-def run_bounded(cmd: list[str], timeout: float, log_path: Path, env: dict | None = None) -> dict:
-    """Run `cmd` with stdout+stderr to `log_path`; kill its whole process group after `timeout` s."""
-    started = time.monotonic()
-    with open(log_path, "wb") as out:
-        proc = spawn(cmd, out, env)
-        timed_out = wait_or_kill(proc, timeout)
-    text = log_path.read_text(errors="replace")
-    return {"cmd": shlex.join(cmd), "rc": proc.returncode, "seconds": round(time.monotonic() - started, 1),
-            "timed_out": timed_out, "output": text}
-
-
-def spawn(cmd: list[str], out, env: dict | None) -> subprocess.Popen:
-    # Its own process group, so that a timeout ends everything it started (bench re-executes
-    # itself, pytest may start processes) and nothing of this process.
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    LIVE.add(proc)
-    return proc
-
-
-def wait_or_kill(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait up to `timeout` s; then SIGTERM the process group, SIGKILL 10 s later. -> whether it was killed."""
-    try:
-        proc.wait(timeout=max(timeout, 0.1))
-        LIVE.discard(proc)
-        return False
-    except subprocess.TimeoutExpired:
-        pass
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    LIVE.discard(proc)
-    return True
 
 
 # ---------------------------------------------------------------------------- planning
@@ -207,7 +128,7 @@ def evaluate(paths: list[str], device: str) -> dict:
     import torch
 
     from pixelrnn.training.checkpoint import load_model
-    from pixelrnn.training.data import load
+    from pixelrnn.runtime.datasets import load
     from pixelrnn.training.distributions import nats_to_bits_per_dim
     from pixelrnn.training.train import Dist, check_data_fits, mean_nll
 
@@ -236,7 +157,7 @@ def evaluate_in_child(paths: list[str], device: str, timeout: float, workdir: Pa
         return {"results": {}}
     if timeout < 5:
         return {"error": "no time left to evaluate"}
-    res = run_bounded([sys.executable, "-m", "pixelrnn.training.gpu_session", "--evaluate", "--device", device, *paths],
+    res = run_bounded([sys.executable, "-m", "bench.gpu_session", "--evaluate", "--device", device, *paths],
                       timeout, workdir / f"evaluate-{time.monotonic_ns()}.log", env)
     lines = [ln for ln in res["output"].splitlines() if ln.startswith("{")]
     if res["rc"] != 0 or not lines:
@@ -251,20 +172,17 @@ def preflight(args, summary: dict, workdir: Path) -> dict:
     """Facts, missing packages (one line) and the environment the children get."""
     import torch
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    missing = [name for name in OPTIONAL if importlib.util.find_spec(name) is None]
-    if "tqdm" in missing:
-        (workdir / "stub").mkdir(exist_ok=True)
-        (workdir / "stub" / "tqdm.py").write_text(TQDM_STUB)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "stub"), env.get("PYTHONPATH")]))
+    env, missing, from_checkout = child_env(workdir)
+    if from_checkout:
+        log(f"pixelrnn is not installed here: imported from the checkout at {ROOT}")
     line = "packages: all present" if not missing else "packages missing: " + "; ".join(f"{m} ({OPTIONAL[m]})" for m in missing)
     log(line)
     data_root = Path(args.data_root)
     if (data_root / "binarized_mnist" / "valid.npz").exists() and "BINARIZED_MNIST_DIR" not in env:
         # The env var, not --data-dir: a --data-dir would be saved into the checkpoint's data spec
-        # and point at a folder that exists only on the device.
+        # and point at a folder that exists only on the GPU machine.
         env["BINARIZED_MNIST_DIR"] = str((data_root / "binarized_mnist").resolve())
-    summary["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__,
+    summary["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__, "pixelrnn_from_checkout": from_checkout,
                           "numpy": _version("numpy"), "cuda_available": torch.cuda.is_available(),
                           "cpus": os.cpu_count(), "packages_missing": missing, "packages_line": line,
                           "binarized_mnist_dir": env.get("BINARIZED_MNIST_DIR")}
@@ -432,7 +350,7 @@ def session(args) -> int:
             return 2
         runs = []
         for path in paths:
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", path.parent.name)  # names the tool brings back
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", path.parent.name)  # a folder name that can come back
             run = {"name": name, "checkpoint": str(path), "before": {}, "after": {}}
             try:
                 run["before"] = snapshot(path)
@@ -500,8 +418,14 @@ def session(args) -> int:
 # ---------------------------------------------------------------------------- command line
 
 def prepare(data_root: str) -> int:
-    """Here, before the device call: copy the data the long runs need into the carried folder."""
-    source = Path(os.environ.get("BINARIZED_MNIST_DIR") or SHARED_DATA)
+    """Here, before the GPU machine's call: copy the data the long runs need into the carried folder."""
+    from pixelrnn.runtime.datasets import DataError, binarized_mnist_dir
+
+    try:
+        source = binarized_mnist_dir()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     files = sorted(source.glob("*.npz"))
     if not files:
         print(f"error: no .npz files in {source} (set BINARIZED_MNIST_DIR)", file=sys.stderr)
@@ -511,8 +435,8 @@ def prepare(data_root: str) -> int:
     for f in files:
         shutil.copyfile(f, dest / f.name)
     size = sum(f.stat().st_size for f in files) / 2**20
-    print(f"copied {len(files)} file(s), {size:.1f} MiB, to {dest}; device call: command 'bash scripts/gpu_train.sh', "
-          f"carry [\"{data_root}\"], timeout_s 600")
+    print(f"copied {len(files)} file(s), {size:.1f} MiB, to {dest}; on the GPU machine: bash scripts/gpu_train.sh, "
+          f"carrying {data_root}, within 600 s")
     return 0
 
 
@@ -520,13 +444,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="scripts/gpu_train.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help=f"run directories or last.pt files (default: {DEFAULT_GLOB})")
-    p.add_argument("--out", default=env("OUT"), help="where results go (default: $OUT, which the device tool brings back)")
+    p.add_argument("--out", default=env("OUT"), help="where results go (default: $OUT, which the GPU machine hands back)")
     p.add_argument("--budget-minutes", type=float, default=float(env("GPU_BUDGET_MINUTES", "8")),
                    help="minutes of training summed over the runs ($GPU_BUDGET_MINUTES, default 8)")
     p.add_argument("--mode", choices=("concurrent", "sequential"), default=env("GPU_MODE", "concurrent"))
     p.add_argument("--device", choices=("cuda", "cpu"), default=env("GPU_SESSION_DEVICE", "cuda"))
     p.add_argument("--call-limit-s", type=float, default=float(env("GPU_CALL_LIMIT_S", "600")),
-                   help="the device tool's per-call limit ($GPU_CALL_LIMIT_S)")
+                   help="the GPU machine's time limit on one call ($GPU_CALL_LIMIT_S)")
     p.add_argument("--margin-s", type=float, default=30.0, help="left unused before the call limit")
     p.add_argument("--data-root", default=DATA_ROOT, help="carried data (binarized_mnist/*.npz)")
     p.add_argument("--skip", default=env("GPU_SKIP", ""), help="comma-separated phases to skip: tests, bench")
@@ -554,6 +478,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    checkout_imports()  # before anything imports pixelrnn's subpackages
     if args.prepare:
         return prepare(args.data_root)
     if args.evaluate:

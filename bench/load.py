@@ -4,7 +4,7 @@
                          [--seconds 60] [--score-clients 2] [--score-batch 16] [--compare-per-row] [--quick]
 
 The checkpoint is exported into a temporary Triton repository and served by tritonserver on free
-loopback ports (as in bench/serving.py; the repository's settings are recorded). After one
+loopback ports (bench/common.served; the repository's settings are recorded). After one
 untimed image per stream and one request per scorer (warm-up), for --seconds:
 
   samplers  --streams threads, each with its own gRPC channel and stream, sample one
@@ -16,50 +16,43 @@ untimed image per stream and one request per scorer (warm-up), for --seconds:
             for its seed. When the time is up, each stream finishes the image in flight.
   scorers   --score-clients threads, each with its own client.PixelClient, score --score-batch
             images per request, back to back: the checkpoint's validation images (its data
-            spec, training.data.load), random levels where those are not there; after the
+            spec, runtime.datasets.load), random levels where those are not there; after the
             run every score is compared with the in-process scorer's NLL of its image.
 
 A response may carry several rows (row coalescing): "row" latency is between consecutive rows
 of a sequence (0 between rows of one response), "response" latency between its responses.
---compare-per-row first runs the same load with ROWS_PER_RESPONSE 1 (one response per row, as
-before coalescing) on the same server, recorded under "per_row": before and after in one run.
+--compare-per-row first runs the same load with ROWS_PER_RESPONSE 1 (one response per row, no
+coalescing) on the same server, recorded under "per_row": both in one run.
 
 Then the sampler's own metrics (pixelrnn_sampler_live_sequences and
 pixelrnn_sampler_events_total on Triton's metrics endpoint, pushed every 0.5 s) must show every
 sequence completed and none still live. Every error (an error response, a malformed image, a
 score or image that differs from the in-process graphs, a sequence left live or not
-completed) is counted and its message kept; the exit
-status is 1 if there was one. The clients run in this process, on the same CPUs as the server,
-so the latencies include the clients' own Python time.
+completed) is counted and its message kept; the exit status is 1 if there was one. The clients
+run in this process, on the same CPUs as the server, so the latencies include the clients' own
+Python time.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info, reexec_with_malloc_env, write_json
-from bench.serving import export, labels_for, triton_version
+# verify_content and percentiles_ms: also load.*, as bench.cluster and the tests use them.
+from bench.common import (Errors, Served, add_repository_args, finish, labels_for, machine_line, percentiles_ms,  # noqa: F401
+                          reexec_with_malloc_env, result, score_images, served, settled_metrics, stream_image, verify_content)
 from pixelrnn.client.library import ROW_OUTPUTS, PixelClient, Row, assemble
-from pixelrnn.client.stream import SampleStream, sample_inputs
+from pixelrnn.client.stream import SampleStream
 from pixelrnn.runtime import protocol as p
-from pixelrnn.server.launcher import TritonServer
-from pixelrnn.server.repository import COALESCE_MS, stage_rows
+from pixelrnn.server.repository import stage_rows
 
 DEFAULT_CHECKPOINT = "checkpoints/pixelcnn_binarized_mnist.pt"
 DEFAULTS = dict(streams=32, seconds=60.0, score_clients=2, score_batch=16)
 QUICK = dict(streams=8, seconds=5.0, score_clients=1, score_batch=4)
-SETTLE_S = 10.0  # the sampler pushes its metrics every 0.5 s: how long to wait for the final counts
-MAX_MESSAGES = 20
 
 
 # ---------------------------------------------------------------------------- clients
@@ -75,11 +68,7 @@ def sample_timed(stream: SampleStream, model: str, seed: int, labels: np.ndarray
     """One image -> (rows, [send time, then each row's arrival], CALL_BATCH per row, [send time,
     then each response's arrival]); rows that shared a response arrived together. An error
     response raises RuntimeError, no final response within the stream's timeout StreamTimeout."""
-    sent = stream.send(p.sample_model(model), _sequence_id(),
-                       sample_inputs(batch=1, seed=seed, labels=labels, rows_per_response=per_response), start=True, end=True)
-    rows, errors = stream.collect()
-    if errors:
-        raise RuntimeError(f"{p.sample_model(model)}: {errors[0]}")
+    rows, sent = stream_image(stream, model, 1, seed, labels, per_response, sequence_id=next(_ids))
     responses, k = [sent], 0
     while k < len(rows):  # each response's rows are consecutive in `rows`
         responses.append(rows[k].at)
@@ -87,11 +76,7 @@ def sample_timed(stream: SampleStream, model: str, seed: int, labels: np.ndarray
     return rows, [sent] + [r.at for r in rows], [r.batched for r in rows], responses
 
 
-_ids = itertools.count(1)
-
-
-def _sequence_id() -> int:
-    return next(_ids)  # unique within this run (a fresh server)
+_ids = itertools.count(1)  # sequence ids, unique within this run (a fresh server)
 
 
 def check_image(rows: list[Row], manifest: dict) -> None:
@@ -110,23 +95,6 @@ def check_image(rows: list[Row], manifest: dict) -> None:
             raise ValueError(f"row {r.stage}/{r.index}: value {r.pixels.max()} >= {manifest['levels']} levels")
         if r.logprob.shape != (1,) or not (np.isfinite(r.logprob[0]) and r.logprob[0] <= 1e-4):
             raise ValueError(f"row {r.stage}/{r.index}: log p {r.logprob} is not a log-probability")
-
-
-class Errors:
-    """Error messages from every thread, counted."""
-
-    def __init__(self):
-        self.counts, self._lock = Counter(), threading.Lock()
-
-    def add(self, message: str) -> None:
-        with self._lock:
-            self.counts[" ".join(str(message).split())] += 1
-
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def report(self) -> list[dict]:
-        return [{"message": m, "count": k} for m, k in self.counts.most_common(MAX_MESSAGES)]
 
 
 def wait(barrier: threading.Barrier) -> None:
@@ -211,103 +179,7 @@ def scorer(url: str, manifest: dict, images: np.ndarray, labels, batch: int, ope
     return {"images": scored, "latencies": latencies, "answers": answers}
 
 
-def verify_content(samplers: list[dict], scorers: list[dict], manifest: dict, folder: Path, images: np.ndarray,
-                   labels: np.ndarray | None, errors: Errors) -> dict:
-    """After the run (not to load the CPUs during it): every streamed image must be the in-process
-    sampler's for its seed (the exported cells through the engine in process, as
-    runtime.rowloop draws them), every score the in-process scorer's NLL of its image (float32
-    rounding depends on the batch: rtol 1e-5, atol 1e-3 nats). Mismatches are errors."""
-    from bench.serving import SCORE_ATOL, SCORE_RTOL, sample_engine, score_in_process
-    from pixelrnn.runtime.onnx_graphs import OnnxScorer
-    from pixelrnn.runtime.rowloop import SampleSpec
-    from pixelrnn.runtime.runner import OnnxRunner
-
-    max_batch = int(manifest["max_batch"])
-    drawn = [d for r in samplers for d in r["drawn"]]
-    runner = OnnxRunner.from_manifest(manifest, folder)
-    images_wrong = 0
-    for a in range(0, len(drawn), max_batch):  # one engine run per max_batch sequences: batched like the server
-        part = drawn[a:a + max_batch]
-        want = sample_engine(runner, max_batch, [SampleSpec(batch=1, seed=seed, labels=lab) for seed, lab, _ in part],
-                             tuple(manifest["shape"]))
-        for (seed, _, got), expected in zip(part, want):
-            if not np.array_equal(got, expected):
-                images_wrong += 1
-                errors.add(f"the image streamed for seed {seed} differs from the in-process sampler's "
-                           f"({int((got != expected).sum())} sub-pixels)")
-    expected_nll = score_in_process(OnnxScorer(folder / manifest["artifacts"]["scorer"]["file"]), images, labels, max_batch)
-    answers = [a for r in scorers for a in r["answers"]]
-    scores_wrong = 0
-    for take, nll in answers:
-        bad = ~np.isclose(nll, expected_nll[take], rtol=SCORE_RTOL, atol=SCORE_ATOL)
-        if bad.any():
-            scores_wrong += int(bad.sum())
-            i = int(np.argmax(bad))
-            errors.add(f"score of image {int(take[i])}: {nll[i]:.4f} nats, the in-process scorer says {expected_nll[take][i]:.4f}")
-    return {"images_checked": len(drawn), "images_wrong": images_wrong,
-            "scores_checked": int(sum(len(t) for t, _ in answers)), "scores_wrong": scores_wrong}
-
-
-def score_images(checkpoint: str, manifest: dict, count: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Images to score: the checkpoint's validation split where it is there and fits the model,
-    else random levels (the content does not change a scoring pass's cost)."""
-    from pixelrnn.training.checkpoint import load_checkpoint
-    from pixelrnn.training.data import DataError, load
-
-    shape, levels = tuple(manifest["shape"]), manifest["levels"]
-    why = "no data spec in the checkpoint"
-    try:
-        spec = load_checkpoint(checkpoint).get("data")
-        if spec:
-            data = load(spec, "valid")
-            if data.shape == shape and data.levels == levels:
-                labels = data.labels[:count] if manifest["num_classes"] else None
-                return data.images[:count], labels, f"{data.description} ({min(count, len(data))} images)"
-            why = f"{data.description} images {data.shape} with {data.levels} levels do not fit the model"
-    except (DataError, OSError, ValueError) as e:
-        why = f"validation data not available ({e})"
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, levels, (count, *shape)).astype(np.uint8), labels_for(manifest, count),
-            f"random levels ({why})")
-
-
-# ---------------------------------------------------------------------------- the sampler's metrics
-
-def sampler_metrics(server: TritonServer, model: str) -> dict:
-    """{"live": gauge, "events": {event: count}} of pixelrnn_sampler_* for one model."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        text = r.read().decode()
-    live = re.search(rf'^pixelrnn_sampler_live_sequences{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+(\S+)$', text, re.M)
-    events = {}
-    for labels, value in re.findall(r"^pixelrnn_sampler_events_total{([^}]*)}\s+(\S+)$", text, re.M):
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if fields.get("model") == model:
-            events[fields.get("event", "?")] = int(float(value))
-    return {"live": int(float(live.group(1))) if live else None, "events": events}
-
-
-def settled_metrics(server: TritonServer, model: str, completed: int) -> tuple[dict, float]:
-    """The sampler's metrics once they show `completed` sequences and none live (or after
-    SETTLE_S: the caller checks) -> (metrics, seconds waited)."""
-    start = time.perf_counter()
-    while True:
-        m = sampler_metrics(server, model)
-        done = m["live"] == 0 and m["events"].get("completed", 0) >= completed
-        if done or time.perf_counter() - start > SETTLE_S:
-            return m, time.perf_counter() - start
-        time.sleep(0.25)
-
-
 # ---------------------------------------------------------------------------- the run
-
-def percentiles_ms(seconds: list[float]) -> dict:
-    if not seconds:
-        return {"count": 0}
-    ms = np.asarray(seconds) * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"count": int(ms.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(ms.max()),
-            "mean": float(ms.mean())}
-
 
 def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, errors: Errors,
                 per_response: int | None = None) -> tuple[list[dict], list[dict], float]:
@@ -358,10 +230,10 @@ def run_clients(args, url: str, manifest: dict, images: np.ndarray, labels, erro
     return samplers, scorers, elapsed
 
 
-def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_response: int | None = None,
-             completed_before: int = 0) -> dict:
+def run_load(args, srv: Served, per_response: int | None = None, completed_before: int = 0) -> dict:
     """One load phase; `per_response`: the streams' ROWS_PER_RESPONSE (None: rows coalesced);
     `completed_before`: sequences this server completed in earlier phases."""
+    manifest, folder, server = srv.manifest, srv.folder, srv.server
     images, labels, source = score_images(args.checkpoint, manifest, 1000, args.seed)
     errors = Errors()
     print(f"warm-up, then {args.streams} streams + {args.score_clients} scoring clients for {args.seconds:g} s ...",
@@ -373,7 +245,7 @@ def run_load(args, manifest: dict, folder: Path, server: TritonServer, per_respo
     c, h, w = manifest["shape"]
     # Every sequence this fresh server saw: one warm-up image per stream and the timed ones.
     expected_completed = completed_before + sampled + args.streams
-    metrics, settle = settled_metrics(server, p.sample_model(manifest["name"]), expected_completed)
+    (metrics,), settle = settled_metrics([server.metrics_url], p.sample_model(manifest["name"]), expected_completed)
     if metrics["live"] != 0:
         errors.add(f"the sampler still holds {metrics['live']} live sequences {settle:.1f} s after the run")
     if not errors.total():  # failed requests end sequences otherwise: those errors are counted already
@@ -424,15 +296,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p_.add_argument("--seconds", type=float, help=f"how long to keep starting images (default {DEFAULTS['seconds']:g})")
     p_.add_argument("--score-clients", type=int, help=f"concurrent scoring clients (default {DEFAULTS['score_clients']})")
     p_.add_argument("--score-batch", type=int, help=f"images per scoring request (default {DEFAULTS['score_batch']})")
-    p_.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
-    p_.add_argument("--sender-threads", type=int, default=2, help="the sampler's response sender threads (0: none)")
-    p_.add_argument("--coalesce-ms", type=float, default=COALESCE_MS, help="the sampler's row coalescing window (0: off)")
-    p_.add_argument("--score-instances", type=int, default=1, help="instances of NAME_score in the server")
-    p_.add_argument("--max-queue-delay-us", type=int, default=2000, help="NAME_score's dynamic batching delay")
+    add_repository_args(p_)
     p_.add_argument("--seed", type=int, default=0, help="the first image's seed (each image takes the next)")
     p_.add_argument("--rows-per-response", type=int, help="the streams' ROWS_PER_RESPONSE (default: none, the server coalesces)")
     p_.add_argument("--compare-per-row", action="store_true",
-                    help="first the same load with ROWS_PER_RESPONSE 1 (one response per row, as before coalescing) on the "
+                    help="first the same load with ROWS_PER_RESPONSE 1 (one response per row, no coalescing) on the "
                          "same server, recorded under per_row, then the load as asked")
     p_.add_argument("--quick", action="store_true",
                     help="smaller defaults for tests: " + ", ".join(f"{k} {v:g}" for k, v in QUICK.items()))
@@ -486,49 +354,29 @@ def report(payload: dict) -> str:
                   f"{before['totals']['images_sampled']} images, errors {before['totals']['errors']}",
                   f"    row latency        {dist(before['latency_ms']['row'])}",
                   f"    first row          {dist(before['latency_ms']['first_row'])}"]
-    mc = payload["machine"]
-    lines.append(f"{mc['cpu']}, {mc['cpu_count']} CPUs, load {mc['load_average_1_5_15']}, tritonserver "
-                 f"{payload['server']['tritonserver']}, malloc env {'set' if mc['malloc_env_set'] else 'NOT set'}")
+    lines.append(machine_line(payload["machine"], tritonserver=payload["server"]["tritonserver"]))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
-        print(f"exporting {args.checkpoint} ...", file=sys.stderr, flush=True)
-        manifest, folder, repository, export_seconds = export(args.checkpoint, Path(tmp), args)
-        with TritonServer(repository, log_path=Path(tmp) / "triton.log") as server:
-            server_info = {
-                "tritonserver": triton_version(server), "models": server.models, "onnx_threads": args.onnx_threads,
-                "sender_threads": args.sender_threads, "coalesce_ms": args.coalesce_ms,
-                "score_instances": args.score_instances, "sample_instances": 1,
-                "max_queue_delay_us": args.max_queue_delay_us, "max_batch": manifest["max_batch"],
-                "transport": "gRPC on loopback",
-            }
-            before = None
-            if args.compare_per_row:
-                print("phase 1 of 2: one response per row (ROWS_PER_RESPONSE 1) ...", file=sys.stderr, flush=True)
-                before = run_load(args, manifest, folder, server, per_response=1)
-                print("phase 2 of 2: as asked ...", file=sys.stderr, flush=True)
-            result = run_load(args, manifest, folder, server, per_response=args.rows_per_response,
-                              completed_before=0 if before is None else before["sampler_metrics"]["expected_completed"])
-            if before is not None:
-                result["per_row"] = before
-    payload = {
-        "benchmark": "load",
-        "config": {"checkpoint": args.checkpoint, "streams": args.streams, "stream_images": 1, "seconds": args.seconds,
-                   "score_clients": args.score_clients, "score_batch": args.score_batch, "seed": args.seed,
-                   "rows_per_response": args.rows_per_response, "compare_per_row": args.compare_per_row,
-                   "warmup": "one image per stream and one request per scoring client, not counted", "quick": args.quick},
-        "model": {"name": manifest["name"], "arch": manifest["arch"], "shape": manifest["shape"], "levels": manifest["levels"],
-                  "rows_per_image": sum(stage_rows(manifest)), "export_seconds": export_seconds},
-        "server": server_info,
-        "machine": machine_info(),
-        **result,
-    }
-    print(report(payload))
-    if args.json:
-        write_json(args.json, payload)
+    with served(args.checkpoint, args, prefix="bench-load-") as srv:
+        before = None
+        if args.compare_per_row:
+            print("phase 1 of 2: one response per row (ROWS_PER_RESPONSE 1) ...", file=sys.stderr, flush=True)
+            before = run_load(args, srv, per_response=1)
+            print("phase 2 of 2: as asked ...", file=sys.stderr, flush=True)
+        measured = run_load(args, srv, per_response=args.rows_per_response,
+                            completed_before=0 if before is None else before["sampler_metrics"]["expected_completed"])
+        if before is not None:
+            measured["per_row"] = before
+    config = {"checkpoint": args.checkpoint, "streams": args.streams, "stream_images": 1, "seconds": args.seconds,
+              "score_clients": args.score_clients, "score_batch": args.score_batch, "seed": args.seed,
+              "rows_per_response": args.rows_per_response, "compare_per_row": args.compare_per_row,
+              "warmup": "one image per stream and one request per scoring client, not counted", "quick": args.quick}
+    model = {**srv.model, "rows_per_image": sum(stage_rows(srv.manifest))}
+    payload = result("load", model, config=config, server=srv.record, **measured)
+    finish(payload, args.json, report(payload))
     errors = payload["totals"]["errors"] + (payload["per_row"]["totals"]["errors"] if "per_row" in payload else 0)
     if errors:
         print(f"error: {errors} errors under load (see above)", file=sys.stderr)

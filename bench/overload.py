@@ -1,7 +1,7 @@
-"""Overload of the row engine, in process, with the shipped PixelCNN's ONNX cell (the committed
-model_repository/): what a flood of 64-image sequences does to a 1-image sequence, with fair
-scheduling (server/engine/scheduler.py, the default) and without (every sequence one row per step, as
-before), what the live-images budget admits of the issue's flood, and the memory a flood leaves
+"""Overload of the row engine, in process, with the ONNX cell of the model the committed
+model_repository/ serves (named in the JSON's "model"): what a flood of 64-image sequences does
+to a 1-image sequence, with fair scheduling (server/engine/scheduler.py, the default) and without
+(every sequence one row per step), what the live-images budget admits of the issue's flood, and the memory a flood leaves
 resident with and without giving it back (server/engine/admission.py). With --server, also the issue's
 flood through a real tritonserver serving the committed model_repository/: 150 STARTs of 64
 images on one stream, a 1-image client during it, and the server's RSS (all its processes)
@@ -25,14 +25,15 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import machine_info, reexec_with_malloc_env, write_json
+from bench.common import model_record, reexec_with_malloc_env, result, write_json
 from pixelrnn.server.engine import admission
 from pixelrnn.server.engine import Engine, Overloaded
 from pixelrnn.runtime.rowloop import SampleSpec
 from pixelrnn.runtime.runner import OnnxRunner
 
 REPO = Path(__file__).resolve().parent.parent
-FOLDER = REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "1"
+# The sampler's version folder of the committed repository (one model: NAME_sample/1).
+FOLDER = next(iter(sorted((REPO / "model_repository").glob("*_sample/1"))), REPO / "model_repository")
 
 
 class Sink:
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     # measures the neighbours; the wall-time ratio is reported beside it.
     throughput_ratio = victim["fair"]["image_rows_per_cpu_s"] / victim["unfair"]["image_rows_per_cpu_s"]
     payload = {
-        "bench": "overload", "model": manifest["name"], "machine": machine_info(),
+        **result("overload", model_record(manifest, folder=FOLDER)),
         "flood": {"sequences": args.flood, "images_each": max_batch, "repeats": args.repeats},
         "victim": victim, "victim_runs": runs,
         "fairness_throughput_ratio": throughput_ratio, "fairness_within_10pct": throughput_ratio >= 0.9,

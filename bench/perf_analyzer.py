@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import importlib.util
 import json
 import os
@@ -58,10 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cpu_model, write_json
+from bench.common import PROJECT_ROOT, machine_info, model_record, shown, write_json
 from pixelrnn.runtime import protocol as p
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PERF_INPUT = "perf_analyzer_input.json"  # server/repository.py writes it into both model folders
 STABILITY_PERCENTAGE = 1000
 
@@ -149,12 +147,6 @@ def failures(url: str, model: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- one measurement
-
-def shown(path) -> str:
-    """A path as the JSON records it: relative to the project where it lies inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
-
 
 def command(binary: Path, url: str, model: str, input_data: Path, args, sampler: bool) -> list[str]:
     common = ["-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_data),
@@ -247,8 +239,13 @@ def run(args) -> dict:
     for key, model, sampler in (("score", score, False), ("sample", sample, True)):
         results[key] = measure(binary, env, args.url, model, repository / model / PERF_INPUT, args, sampler,
                                server["rows_per_image"])
+    # The served model as the repository describes it (its manifest), where the repository has it.
+    manifest_path = repository / sample / "1" / "manifest.json"
+    model = (model_record(json.loads(manifest_path.read_text()), folder=manifest_path.parent) if manifest_path.is_file()
+             else {"name": args.model, "folder": None})
     return {
         "benchmark": "perf_analyzer",
+        "model": model,
         "config": {"url": args.url, "model": args.model, "repository": shown(args.repository),
                    "measurement_mode": "time_windows", "window_ms": args.window_ms, "windows": args.windows,
                    "stability_percentage": STABILITY_PERCENTAGE, "score_batch": args.score_batch,
@@ -256,8 +253,7 @@ def run(args) -> dict:
                    "input_data": f"{{model}}/{PERF_INPUT} of the repository"},
         "perf_analyzer": version,
         "server": {**server, "url": args.url},
-        "machine": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-                    "cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine_info(libraries=False),  # this process only drives perf_analyzer
         "results": results,
         "errors": sum(r["errors"] for r in results.values()),
     }

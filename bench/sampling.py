@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine_info, reexec_with_malloc_env, spread, timed, write_json
+from bench.common import finish, load_average, machine_line, reexec_with_malloc_env, result, spread, timed
 from pixelrnn.export import onnx_export as ox
 from pixelrnn.export.cells import CELLS, build_cell, sample_cached
 from pixelrnn.runtime import rowloop
@@ -311,9 +310,7 @@ def report(payload: dict) -> str:
                      f"(target {t['speedup_target']:.0f}x: {'met' if t['speedup_met'] else 'not met'}), "
                      f"{t['vs_scoring']:.1f}x a scoring pass (target <= {t['vs_scoring_target']:.0f}x: "
                      f"{'met' if t['vs_scoring_met'] else 'not met'})")
-    m = payload["machine"]
-    lines.append(f"{m['cpu']}, {m['cpu_count']} CPUs, load {m['load_average_1_5_15']}, threads {cfg['threads']}, "
-                 f"malloc env {'set' if m['malloc_env_set'] else 'NOT set'}")
+    lines.append(machine_line(payload["machine"], threads=cfg["threads"]))
     return "\n".join(lines)
 
 
@@ -322,26 +319,24 @@ def main(argv=None) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        payload = {
-            "benchmark": "sampling",
-            "config": {"batch": args.batch, "size": args.size, "levels": args.levels, "archs": args.archs,
-                       "checkpoint": args.checkpoint, "hidden": args.hidden, "layers": args.layers,
-                       "threads": args.threads, "repeats": args.repeats, "naive_rows": args.naive_rows, "seed": args.seed,
-                       "device": args.device},
-            "machine": machine_info(),
-            "results": {},
-        }
+        config = {"batch": args.batch, "size": args.size, "levels": args.levels, "archs": args.archs,
+                  "checkpoint": args.checkpoint, "hidden": args.hidden, "layers": args.layers, "threads": args.threads,
+                  "repeats": args.repeats, "naive_rows": args.naive_rows, "seed": args.seed, "device": args.device}
+        # A trained model is named at the top; random-init models each in their result's "model".
+        payload = result("sampling", {"checkpoint": args.checkpoint} if args.checkpoint else None, config=config, results={})
         per_arch = {}
         with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
             for arch, model in models(args):
                 print(f"{arch} ...", file=sys.stderr, flush=True)
                 workdir = Path(tmp) / arch
                 workdir.mkdir()
-                result = bench_model(model, args, workdir)
-                payload["results"][arch] = result
-                per_arch[arch] = targets(arch, result["model"]["family"], result)
-        payload["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+                measured = bench_model(model, args, workdir)
+                payload["results"][arch] = measured
+                per_arch[arch] = targets(arch, measured["model"]["family"], measured)
+        payload["load_average_after"] = load_average()
         payload["config"]["archs"] = list(payload["results"])  # the checkpoint's, with --checkpoint
+        if args.checkpoint:
+            payload["model"].update(next(iter(payload["results"].values()))["model"])
         payload["identical"] = all(r["identical"] for r in payload["results"].values())
         payload["targets"] = {
             "speedup_over_naive": SPEEDUP_TARGET, "vs_scoring_at_most": {**VS_SCORING_TARGET, "default": VS_SCORING_DEFAULT}, "per_arch": per_arch,
@@ -349,9 +344,7 @@ def main(argv=None) -> int:
         }
     finally:
         torch.set_num_threads(threads_before)
-    print(report(payload))
-    if args.json:
-        write_json(args.json, payload)
+    finish(payload, args.json, report(payload))
     if not payload["identical"]:
         print("error: the samplers drew different images from the same seed", file=sys.stderr)
         return 1

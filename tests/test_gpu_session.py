@@ -1,6 +1,7 @@
-"""scripts/gpu_train.sh / training.gpu_session without a GPU: the budget arithmetic, the CPU
+"""scripts/gpu_train.sh / bench.gpu_session without a GPU: the budget arithmetic, the CPU
 override, the time budget respected through --max-minutes, the hand-over under $OUT and the
-summary's before/after NLL, on tiny runs in temp dirs (never runs/long)."""
+summary's before/after NLL, on tiny runs in temp dirs (never runs/long); and pixelrnn imported
+from the checkout where the project is not installed, as on the GPU machine."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelrnn.training import gpu_session as gs
+from bench import gpu_children, gpu_session as gs
 from pixelrnn.training import train
 from pixelrnn.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -43,9 +44,9 @@ def test_plan_splits_the_budget_and_fits_the_call():
     assert gs.training_wall_s(8, 2, "sequential", 45) == 2 * (240 + 45)
 
 
-def test_default_budget_fits_the_device_call_with_tests_and_bench():
+def test_default_budget_fits_the_gpu_machines_call_with_tests_and_bench():
     """At the defaults, training at its full budget plus the tests' and the bench's timeouts, the
-    evaluations and the hand-over end inside the device tool's 600 s less the margin."""
+    evaluations and the hand-over end inside the GPU machine's 600 s per call, less the margin."""
     args = gs.parse_args(["--out", "x"])
     assert (args.budget_minutes, args.mode, args.call_limit_s) == (8.0, "concurrent", 600.0)
     used = (gs.PREFLIGHT_S + gs.EVAL_TIMEOUT + gs.training_wall_s(args.budget_minutes, 2, args.mode) + gs.AFTER_RESERVE
@@ -104,7 +105,7 @@ def test_unreadable_run_is_skipped_and_reported(tmp_path, monkeypatch):
 
 
 def test_run_whose_data_is_missing_is_not_trained(tmp_path):
-    """On the device the data travels only if carried: a run whose data does not load is named and skipped."""
+    """On the GPU machine the data is there only if carried: a run whose data does not load is named and skipped."""
     run = tiny_run(tmp_path / "run")
     ckpt = load_checkpoint(run / "last.pt")
     ckpt["data"] = {"name": "binarized-mnist", "data_dir": str(tmp_path / "not-carried")}
@@ -116,7 +117,7 @@ def test_run_whose_data_is_missing_is_not_trained(tmp_path):
     assert not gs.trainable(record)
 
 
-def test_hand_over_keeps_within_the_tools_file_limit(tmp_path):
+def test_hand_over_keeps_within_what_the_gpu_machine_hands_back(tmp_path):
     runs = []
     for k in range(4):
         ckpt = tmp_path / f"r{k}" / "last.pt"
@@ -179,6 +180,38 @@ def test_timeout_ends_the_whole_process_group(tmp_path):
     else:
         pytest.fail("the grandchild outlived the timeout")
     assert not gs.LIVE
+
+
+def test_pixelrnn_comes_from_the_checkout_where_the_project_is_not_installed(tmp_path):
+    """As on the GPU machine: a Python with torch but without this project installed, started in
+    the checkout's root (where pixelrnn/ alone holds none of the subpackages). The children's
+    sitecustomize makes pixelrnn.training the checkout's training/, for `-m` runs too, and the
+    machine's own sitecustomize still runs."""
+    import site
+
+    env = {**os.environ, "PYTHONPATH": ""}
+    env.pop("PYTHONHOME", None)
+    # -S: no site processing, so not the project's editable install; the site-packages (torch)
+    # are added by hand, and the hook's folder imported as site would import it.
+    packages = os.pathsep.join(site.getsitepackages())
+    code = ("import sys; sys.path += {packages!r}.split({sep!r}); {pre}"
+            "import pixelrnn.training.checkpoint as c; print(c.__file__)")
+
+    def run(pre: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-S", "-c", code.format(packages=packages, sep=os.pathsep, pre=pre)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    assert "No module named 'pixelrnn.training'" in run("").stderr  # the situation: not installed
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(gpu_children.SITE_HOOK.format(root=str(REPO)))
+    other = tmp_path / "other"  # a sitecustomize further along the path: the machine's own
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import sys; sys.machine_site_ran = True\n")
+    done = run(f"sys.path[:0] = [{str(hook)!r}, {str(other)!r}]; import sitecustomize; "
+               "assert getattr(sys, 'machine_site_ran', False); ")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(REPO / "training" / "checkpoint.py")
 
 
 def test_script_is_valid_bash():
