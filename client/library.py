@@ -41,74 +41,21 @@ import queue
 import random
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from pixelrnn.client.stream import close_stream, decode, sample_inputs, split_rows
+from pixelrnn.client.types import (ClientError, ModelInfo, OodScores, Row, Scores, ServerBusy, ServerGone,  # noqa: F401
+                                   model_info)
 from pixelrnn.runtime import protocol as p
 from pixelrnn.runtime import request
 
 DEFAULT_URL = "localhost:8001"
 ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)
 UINT64 = 2**64
-
-
-class ClientError(RuntimeError):
-    """The server could not be used or refused a request; str() is one line saying why."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever the server wrote
-
-
-class ServerGone(ClientError):
-    """The server cannot be reached or went away mid-stream: a restart may bring it back."""
-
-
-class ServerBusy(ClientError):
-    """The sampler is at its live-images budget and refused the sequence: try again later."""
-
-
-class Row(NamedTuple):
-    index: int  # the row within its stage
-    stage: int  # 0; multi-scale: 0 the small image, 1 the full one
-    pixels: np.ndarray  # uint8 (n, C, W_stage)
-    logprob: np.ndarray  # float32 (n,), log p of the row
-
-
-class Scores(NamedTuple):
-    nll_nats: np.ndarray  # float32 (N,), -log p(image) in nats
-    bits_per_dim: np.ndarray  # float32 (N,)
-    pixel_nll: np.ndarray | None = None  # float32 (N, C, H, W) nats of each sub-pixel, when asked for
-
-
-class OodScores(NamedTuple):
-    """NAME_ood's answer per image (runtime/protocol.py, runtime/ood.py): higher scores mean
-    more out of distribution; `ood` is the served verdict at the model's calibrated threshold."""
-    nll_nats: np.ndarray  # float32 (N,), -log p(x) under the model (marginal over classes)
-    background_nll_nats: np.ndarray  # float32 (N,), under the background model
-    llr: np.ndarray  # float32 (N,), nll_nats - background_nll_nats
-    complexity: np.ndarray  # float32 (N,), NLL in bits minus a lossless compression's bits
-    ood: np.ndarray  # bool (N,)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    shape: tuple[int, int, int]  # (C, H, W)
-    max_batch: int  # images per score request and per sampling sequence
-    conditional: bool  # takes LABELS
-    levels: int | None = None  # None: the server's config does not say
-    num_classes: int | None = None
-    stage_rows: tuple[int, ...] | None = None  # rows streamed per stage
-
-    @property
-    def rows(self) -> int | None:
-        """Rows one sequence streams (all stages), if known."""
-        return sum(self.stage_rows) if self.stage_rows else None
 
 
 def _message(e: Exception) -> str:
@@ -127,32 +74,6 @@ def _proxy_reset(e: InferenceServerException) -> bool:
     surely as when the connection drops (UNAVAILABLE), and another replica can take the stream
     up; the model's own errors come on the stream without a status, never as this."""
     return "INTERNAL" in str(e.status() or "") and "RST_STREAM" in _message(e)
-
-
-def model_info(name: str, config: dict) -> ModelInfo:
-    """ModelInfo from NAME_score's config (tritonclient's get_model_config(as_json=True)["config"])."""
-    inputs = {i["name"]: i for i in config.get("input", [])}
-    images = inputs.get(p.IMAGES)
-    dims = [int(d) for d in images.get("dims", [])] if images else []
-    if images is None or images.get("data_type") != "TYPE_UINT8" or len(dims) != 3 or min(dims) < 1:
-        raise ClientError(f"{p.score_model(name)} does not look like a PixelRNN scorer (no uint8 {p.IMAGES} C x H x W input)")
-    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-
-    def number(key: str) -> int | None:
-        try:
-            return int(params[key]) if key in params else None
-        except ValueError:
-            raise ClientError(f"{p.score_model(name)}: config parameter {key}={params[key]!r} is not a number") from None
-
-    stage_rows = None
-    if params.get("stage_rows"):
-        try:
-            stage_rows = tuple(int(r) for r in params["stage_rows"].split(","))
-        except ValueError:
-            raise ClientError(f"{p.score_model(name)}: config parameter stage_rows={params['stage_rows']!r} is not a list of rows") from None
-    return ModelInfo(name=name, shape=tuple(dims), max_batch=max(1, int(config.get("max_batch_size", 1))),
-                     conditional=p.LABELS in inputs, levels=number("levels"), num_classes=number("num_classes") or None,
-                     stage_rows=stage_rows)
 
 
 def assemble(rows: Iterable[Row], shape: tuple[int, int, int] | None = None) -> np.ndarray:

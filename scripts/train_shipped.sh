@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains (or, with RESUME=1, continues) the short PixelCNN run with the project's own command: 14
-# minutes, the shipped PixelCNN until session 8. Every shipped checkpoint now comes from a long run
+# minutes, the earlier shipped PixelCNN (until commit f94ca3a). Every shipped checkpoint now comes from a long run
 # (runs/long/, README "Long training runs"); this stays as the quick way to a usable PixelCNN.
 # One thread. The step count is sized so the cosine schedule ends within about MINUTES on this
 # CPU; MINUTES also hard-stops the run.
