@@ -1,4 +1,5 @@
-"""The shipped checkpoints' validation NLL, the figures of the README's checkpoint table.
+"""The shipped checkpoints' validation NLL: docs/measurements.md "Shipped checkpoints" and the
+README's table of shipped models quote it.
 
     python -m bench.checkpoints [--json bench/results/checkpoints.json] [CHECKPOINT ...]
 

@@ -3,7 +3,7 @@ architecture has them, else the reference sampler (training/sample.py, one full 
 sub-pixel). Both draw the same image from the same seed.
 
     python -m pixelrnn.export.sample --checkpoint runs/pixelcnn/best.pt --n 16 --out samples.png
-    python -m pixelrnn.export.sample --checkpoint ... --complete --split test --known-rows 14 --n 4 --k 3 --out completions.png
+    python -m pixelrnn.export.sample --checkpoint ... --complete --known-rows 14 --n 4 --k 3 --out completions.png
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=3, help="enlarge the PNG grid by this factor")
     p.add_argument("--complete", action="store_true", help="complete images of --split from --known-rows rows")
     add_data_arguments(p)
-    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"),
+                   help="the split --complete takes its images from (binarized MNIST's test split is held out)")
     p.add_argument("--known-rows", type=int, help="rows given to the model (default: half the image)")
     p.add_argument("--k", type=int, default=3, help="completions per example")
     p.add_argument("--sampler", choices=("auto", "cached", "reference"), default="auto",

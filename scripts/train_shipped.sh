@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains (or, with RESUME=1, continues) the short PixelCNN run with the project's own command: 14
 # minutes, the earlier shipped PixelCNN (until commit f94ca3a). Every shipped checkpoint now comes from a long run
-# (runs/long/, README "Long training runs"); this stays as the quick way to a usable PixelCNN.
+# (runs/long/, docs/measurements.md "Long training runs"); this stays as the quick way to a usable PixelCNN.
 # One thread. The step count is sized so the cosine schedule ends within about MINUTES on this
 # CPU; MINUTES also hard-stops the run.
 set -euo pipefail

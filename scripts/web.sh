@@ -10,7 +10,7 @@ LOG=${WEB_LOG_DIR:-runs/web}
 mkdir -p "$LOG"
 
 # The page's port first: a busy one fails now, not after the models have loaded.
-$PY -c "import sys; from web.__main__ import check_port; p = check_port('127.0.0.1', $WEB_PORT); p and sys.exit('error: ' + p)"
+$PY -c "import sys; from pixelrnn.web.__main__ import check_port; p = check_port('127.0.0.1', $WEB_PORT); p and sys.exit('error: ' + p)"
 source scripts/serve_background.sh
 start_server "$REPOSITORY" "$GRPC_PORT" "$HTTP_PORT" "$METRICS_PORT" "$LOG"
 # In the foreground: Ctrl-C stops the gateway, then the trap stops tritonserver.

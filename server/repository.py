@@ -110,7 +110,7 @@ def sample_config(manifest: dict, idle_s: float, max_sequences: int, params: dic
     ]
     return (
         f'name: "{p.sample_model(manifest["name"])}"\nbackend: "python"\n'
-        "# Batching happens across sequences inside the model (server/engine.py), not in Triton.\n"
+        "# Batching happens across sequences inside the model (the row engine, server/engine/), not in Triton.\n"
         "max_batch_size: 0\nmodel_transaction_policy { decoupled: true }\n"
         + _block("input", inputs) + _block("output", outputs)
         + "sequence_batching {\n"

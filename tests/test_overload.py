@@ -263,8 +263,9 @@ def test_the_budget_comes_from_the_manifests_state_shapes():
 
 
 def test_the_overload_bench_runs_and_reports_what_the_readme_quotes(tmp_path):
-    """bench.overload, bounded (2 flood sequences, 1 repeat): the fields the README and
-    tests/test_readme_figures.py read, and what must hold whatever the machine's load."""
+    """bench.overload, bounded (2 flood sequences, 1 repeat): the fields docs/measurements.md
+    quotes (bench/report, checked by tests/test_docs.py), and what must hold whatever the
+    machine's load."""
     from bench import overload
 
     out = tmp_path / "overload.json"

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.common import model_record, result, write_json
 from tests.deployment import BUSY_SLACK_S, Tiny, export_models, require, sampler_periods, serve, wait_for
 from tests import deployment
 
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Four columns keep every row cheap; dropped streams stop early, so rows are not the cost.
 CONFIG = dict(in_channels=1, height=2048, width=4, levels=4, num_classes=0, hidden=6, layers=1, kernel=3)
 MODEL = "tall_sample"
+WEIGHTS = "random initialisation, seed 0 (tests/test_reliability_streams.py, tests/deployment.Tiny)"
 IDLE_S = 1.5
 PERIODS = sampler_periods()  # the sampler's is_cancelled polling, metrics pushes and idle checks
 # A dropped client is seen freed on the metrics endpoint within one is_cancelled poll and one
@@ -63,7 +65,7 @@ def served(tmp_path_factory):
         # The sampler's metrics appear with its first push, a moment after the server is ready.
         metrics, up = wait_for(lambda: deployment.sampler_metrics(server, MODEL), lambda m: "live" in m, 10 + BUSY_SLACK_S)
         assert up, f"no pixelrnn_sampler_live_sequences for {MODEL} on {server.metrics_url}: {metrics}"
-        yield server, exported["tall"].model
+        yield server, exported["tall"]
 
 
 # -- what the server says ------------------------------------------------------------------------
@@ -258,8 +260,8 @@ def test_coalesced_rows_per_row_pacing_and_a_resume_from_coalesced_rows_give_the
     per row can be sent, so rows leave several to a response (ROW B x C x R x W); the image is the
     reference sampler's. ROWS_PER_RESPONSE 1 gives one row per response and the same image; a
     stream resumed from the first coalesced rows (KNOWN + the same seed) ends with it too."""
-    server, model = served
-    want = sample_cached(build_cell(model), 1, 77)
+    server, tall = served
+    want = sample_cached(build_cell(tall.model), 1, 77)
     got = {}
     for per_response in (None, 1):
         with SampleStream(server.grpc_url, timeout=60.0) as stream:
@@ -285,7 +287,7 @@ def test_coalesced_rows_per_row_pacing_and_a_resume_from_coalesced_rows_give_the
 
 
 def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served, tmp_path):
-    server, model = served
+    server, tall = served
     url = server.grpc_url
     t0 = time.monotonic()
     rss = {"start": rss_kb(server.process.pid)}
@@ -327,7 +329,7 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
     stream = open_stream(url, next(ids), 4321)
     image = np.stack([r.pixels for r in stream.take_rows(CONFIG["height"])], axis=2)
     assert stream.close(timeout=CLOSE_S)
-    np.testing.assert_array_equal(image, sample_cached(build_cell(model), 1, 4321))
+    np.testing.assert_array_equal(image, sample_cached(build_cell(tall.model), 1, 4321))
 
     total = {k: sum(v.values()) for k, v in rss.items()}
     halves_kb = [total["after_100"] - total["after_warmup_50"], total["after_200"] - total["after_100"]]
@@ -338,8 +340,12 @@ def test_200_abandoned_streams_free_every_sequence_and_memory_stays_flat(served,
                "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     path = tmp_path / "abandoned_streams_memory.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
-    if os.environ.get(RESULTS_ENV):  # the README's figures: PIXELRNN_WRITE_RESULTS=1 pytest -k 200_abandoned
-        (REPO / "bench" / "results" / "abandoned_streams.json").write_text(json.dumps(figures, indent=2) + "\n")
+    if os.environ.get(RESULTS_ENV):  # docs/measurements.md's figures: PIXELRNN_WRITE_RESULTS=1 pytest -k 200_abandoned
+        # The top level of every results file (bench/common.result): the benchmark, its model and
+        # the machine. The model is this module's tiny one, its checkpoint a temporary file.
+        model = {**model_record(tall.manifest), "checkpoint": None, "checkpoint_sha256": None, "checkpoint_step": None,
+                 "weights": WEIGHTS}
+        write_json(REPO / "bench" / "results" / "abandoned_streams.json", result("abandoned_streams", model, **figures))
     print(f"\nRSS tritonserver + stubs (MiB): {figures['rss_mib_total']}; per 100 streams: "
           f"{', '.join(f'{g / 1024:+.1f}' for g in halves_kb)} MiB; peak live {peak[0]}, "
           f"0 live {settled_s:.1f} s after the last drop; figures: {path}")

@@ -205,6 +205,11 @@ def test_cli_completion_grid(checkpoint_file, tmp_path, capsys):
     assert np.array_equal(arr[2:8, 18:24], done[0, 0] * 255)
 
 
+def test_completion_takes_the_validation_split_by_default():
+    """The test split stays held out unless asked for."""
+    assert sample.parse_args(["--checkpoint", "x.pt", "--complete"]).split == "valid"
+
+
 def test_cli_bad_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")

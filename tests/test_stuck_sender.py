@@ -1,4 +1,5 @@
-"""A response send that never returns (Triton 2.51's gRPC stream deadlock, README "Reliability"),
+"""A response send that never returns (Triton 2.51's gRPC stream deadlock: docs/reliability.md,
+"Cancelled and abandoned streams" and "A stuck replica"),
 injected in the engine (server/engine/outbox.py, "Stuck sends") as a sink whose send_rows blocks on an Event: the
 sender is found stuck after stuck_send_s, the other sequences on its thread get every row made
 and then a clear UNHEALTHY error (or, when their images were already made, the rest of their

@@ -15,7 +15,8 @@ left out of the figure with a one-line warning (it still gets its row in --json)
 
 Binary data is drawn in nats per image (the papers' unit), the rest in bits per dimension: one
 panel per unit present. Binarized-MNIST panels get the PixelRNN paper's test NLLs as reference
-lines (--no-paper to leave them out). --json writes the per-run table the README uses.
+lines (--no-paper to leave them out). --json writes the per-run table of docs/measurements.md,
+"Long training runs" (bench/results/long_runs.json).
 """
 from __future__ import annotations
 

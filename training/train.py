@@ -1,7 +1,7 @@
 """Train any registered architecture on a named data set.
 
     python -m pixelrnn.training.train --arch pixelcnn --data binarized-mnist --out runs/pixelcnn --epochs 10
-    torchrun --standalone --nproc_per_node=2 -m training.train ...   # DDP (gloo on CPU)
+    torchrun --standalone --nproc_per_node=2 -m pixelrnn.training.train ...   # DDP (gloo on CPU)
 
 Writes, from rank 0 only and always atomically: DIR/last.pt (every --checkpoint-every steps
 and when the run ends or stops), DIR/history.json with it (the run's record without weights:

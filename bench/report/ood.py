@@ -1,0 +1,31 @@
+"""The out-of-distribution section: bench/ood.py's detectors on full test splits."""
+from __future__ import annotations
+
+from bench.report.common import header, para, table
+
+NAMES = {"nll": "raw NLL", "complexity": "input complexity (Serra et al. 2020)", "llr": "likelihood ratio (Ren et al. 2019)"}
+
+
+def ood(d: dict) -> list[str]:
+    lines = header("Out-of-distribution detection", "ood.json", {**d, "model": None},
+                   "`python -m bench.ood --json bench/results/ood.json --roc docs/ood_roc.png`")
+    lines.append(para(
+        "Each pair: the images a model was trained on (in) against images of another data set (out), scored "
+        "by the model alone (raw NLL), by its NLL in bits minus a lossless compression's bits (input "
+        "complexity), and by its NLL minus a background model's (likelihood ratio; the background model is "
+        "trained on the same data with each sub-pixel replaced by a random level, or flipped, with "
+        "probability mu, fixed beforehand). Out-of-distribution is the positive class; AUROC 0.5 is chance, "
+        "below it the score ranks the wrong way. FPR at 95% TPR: the share of in-distribution images flagged "
+        "when 95% of the others are. A class-conditional model is scored by its marginal over the classes."))
+    for pair, r in d["results"].items():
+        lines.append(para(f"**{r['in']['data']}** ({r['in']['images']:,} images, mean NLL {r['in']['mean_nll_nats']:.1f} "
+                          f"nats) in, **{r['out']['data']}** ({r['out']['images']:,}, mean NLL "
+                          f"{r['out']['mean_nll_nats']:.1f}) out; model `{r['model']}`, background `{r['background']}`:"))
+        lines.append(table(["score", "AUROC", "AUPRC", "FPR at 95% TPR"],
+                           [[NAMES[s], f"{m['auroc']:.3f}", f"{m['auprc']:.3f}", f"{m['fpr_at_95_tpr']:.3f}"]
+                            for s, m in r["scores"].items()]))
+    targets = [f"{pair}: likelihood-ratio AUROC {r['scores']['llr']['auroc']:.3f}" for pair, r in d["results"].items()]
+    lines.append(para("Targets: likelihood ratio AUROC >= 0.99 for Fashion-MNIST vs MNIST, >= 0.95 on every pair. "
+                      "Measured: " + "; ".join(targets) + "."))
+    lines.append("![ROC curves of the three scores](ood_roc.png)")
+    return lines
