@@ -206,3 +206,15 @@ def test_the_module_imports_nothing_outside_runtime():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "math", "numpy", "pixelrnn.runtime.protocol"}, imported
+
+
+def test_score_images_takes_exactly_one_layout_and_the_models_levels():
+    from pixelrnn.runtime import protocol
+    from pixelrnn.runtime.request import score_images
+    hw = np.zeros((2, 3, 4), np.uint8)
+    assert score_images([(protocol.IMAGES_HW, hw)], 2).shape == (2, 1, 3, 4)
+    assert score_images([(protocol.IMAGES, hw[:, None])], 2).shape == (2, 1, 3, 4)
+    for given, why in (([], "got neither"), ([(protocol.IMAGES, hw[:, None]), (protocol.IMAGES_HW, hw)], "got both"),
+                       ([(protocol.IMAGES_HW, hw + 2)], r"IMAGES_HW values must be in \[0, 2\) \(the model's levels\), got 2")):
+        with pytest.raises(rq.RequestError, match=why):
+            score_images(given, 2)

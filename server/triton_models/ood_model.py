@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pixelrnn.runtime import ood  # noqa: E402
 from pixelrnn.runtime import protocol as p  # noqa: E402
+from pixelrnn.runtime.request import score_images  # noqa: E402
 
 
 class ScoringFailed(Exception):
@@ -39,14 +40,7 @@ class TritonPythonModel:
     def parse(self, request) -> np.ndarray:
         """-> images (N, C, H, W) uint8; raises ValueError (Triton checked dtype and shape)."""
         given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
-        if len(given) != 1:
-            raise ValueError(f"send the images as exactly one of {p.IMAGES} (N x C x H x W) or {p.IMAGES_HW} (N x H x W, grey "
-                             f"models), got {'both' if given else 'neither'}")
-        images = given[0].as_numpy()
-        images = images[:, None] if given[0].name() == p.IMAGES_HW else images
-        if images.size and int(images.max()) >= self.levels:
-            raise ValueError(f"{given[0].name()} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
-        return images
+        return score_images([(t.name(), t.as_numpy()) for t in given], self.levels)
 
     def nll(self, model: str, images: np.ndarray, label: int | None = None) -> np.ndarray:
         inputs = [pb_utils.Tensor(p.IMAGES, images)]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pixelrnn.runtime import protocol as p  # noqa: E402
 from pixelrnn.runtime.manifest import model_folder  # noqa: E402
+from pixelrnn.runtime.request import score_images  # noqa: E402
 from pixelrnn.runtime.runner import scorer  # noqa: E402
 
 
@@ -35,14 +36,7 @@ class TritonPythonModel:
         """-> (images (N, C, H, W) uint8, labels (N,) int64 or None); raises ValueError.
         Triton has already checked the dtype and the shape against config.pbtxt."""
         given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
-        if len(given) != 1:
-            raise ValueError(f"send the images as exactly one of {p.IMAGES} (N x C x H x W) or {p.IMAGES_HW} (N x H x W, grey "
-                             f"models), got {'both' if given else 'neither'}")
-        images, name = given[0].as_numpy(), given[0].name()
-        if name == p.IMAGES_HW:
-            images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-        if images.size and int(images.max()) >= self.levels:
-            raise ValueError(f"{name} values must be in [0, {self.levels}) (the model's levels), got {int(images.max())}")
+        images = score_images([(t.name(), t.as_numpy()) for t in given], self.levels)
         tensor = pb_utils.get_input_tensor_by_name(request, p.LABELS)
         if not self.num_classes:
             return images, None

@@ -24,7 +24,8 @@ import math
 
 import numpy as np
 
-from pixelrnn.runtime.protocol import BATCH_SIZE, KNOWN, LABELS, MAX_ROWS, ROWS_PER_RESPONSE, SEED, TEMPERATURE
+from pixelrnn.runtime.protocol import (BATCH_SIZE, IMAGES, IMAGES_HW, KNOWN, LABELS, MAX_ROWS, ROWS_PER_RESPONSE, SEED,
+                                       TEMPERATURE)
 
 # Below this a T > 0 makes logits / T overflow to inf (at 5e-324) or lose the softmax to
 # rounding: the row would be neither sampled nor greedy. 1e-6 is far from that and already
@@ -73,14 +74,19 @@ def _whole_array(value, name: str) -> np.ndarray:
     raise RequestError(f"{name} must be whole numbers, got {arr.dtype} {_shown(arr.reshape(-1)[:8].tolist())}")
 
 
-def check_batch(value, max_batch: int | None = None, name: str = BATCH_SIZE) -> int:
-    """Images in one sequence: 1 to `max_batch` (None: no upper bound here)."""
-    bound = f"in [1, {max_batch}]" if max_batch is not None else ">= 1"
+def _whole_in(value, low: int, high: int | None, name: str) -> int:
+    """A whole number in [low, high] (high None: no upper bound), or one line saying which rule failed."""
+    bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     if not _is_whole(value):
         raise RequestError(f"{name} must be a whole number {bound}, got {_shown(value)}")
-    if value < 1 or (max_batch is not None and value > max_batch):
+    if value < low or (high is not None and value > high):
         raise RequestError(f"{name} must be {bound}, got {_shown(value)}")
     return int(value)
+
+
+def check_batch(value, max_batch: int | None = None, name: str = BATCH_SIZE) -> int:
+    """Images in one sequence: 1 to `max_batch` (None: no upper bound here)."""
+    return _whole_in(value, 1, max_batch, name)
 
 
 def check_temperature(value, name: str = TEMPERATURE) -> float:
@@ -125,12 +131,7 @@ def check_labels(value, batch: int, num_classes: int | None, name: str = LABELS)
 
 def check_known_rows(value, height: int | None = None, name: str = "known_rows") -> int:
     """How many rows of each image are known: 0 to the image's `height` (None: not bounded here)."""
-    bound = f"in [0, {height}]" if height is not None else ">= 0"
-    if not _is_whole(value):
-        raise RequestError(f"{name} must be a whole number {bound}, got {_shown(value)}")
-    if value < 0 or (height is not None and value > height):
-        raise RequestError(f"{name} must be {bound}, got {_shown(value)}")
-    return int(value)
+    return _whole_in(value, 0, height, name)
 
 
 def check_known(value, batch: int, shape: tuple[int, int, int], levels: int | None, name: str = KNOWN) -> np.ndarray | None:
@@ -176,3 +177,18 @@ def check_rows_per_response(value, name: str = ROWS_PER_RESPONSE) -> int | None:
     if value < 1:
         raise RequestError(f"{name} must be >= 1 (1: one response per row), got {_shown(value)}")
     return int(value)
+
+
+def score_images(given: list[tuple[str, np.ndarray]], levels: int) -> np.ndarray:
+    """The images of a scoring request (NAME_score, NAME_ood) from the image inputs it carried,
+    as (name, array): exactly one of IMAGES (N x C x H x W) or IMAGES_HW (N x H x W, grey
+    models), values below `levels` -> uint8 (N, C, H, W). Triton has checked dtype and shape."""
+    if len(given) != 1:
+        raise RequestError(f"send the images as exactly one of {IMAGES} (N x C x H x W) or {IMAGES_HW} (N x H x W, grey "
+                           f"models), got {'both' if given else 'neither'}")
+    name, images = given[0]
+    if name == IMAGES_HW:
+        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
+    if images.size and int(images.max()) >= levels:
+        raise RequestError(f"{name} values must be in [0, {levels}) (the model's levels), got {int(images.max())}")
+    return images
