@@ -11,6 +11,7 @@ a figure can always be traced to the exact weights it was measured on.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,14 +37,33 @@ def describe(path: Path) -> dict:
     }
 
 
+def kept_entries(json_path: Path, paths: list[Path]) -> dict:
+    """The recorded entries still true of the files: every entry whose file still has its sha256,
+    except those of `paths` that changed (they are scored again) and of files that are gone."""
+    if not json_path.exists():
+        return {}
+    kept = {}
+    for stem, entry in json.loads(json_path.read_text())["results"].items():
+        file = ROOT / entry["file"]
+        if file.exists() and file_sha256(file) == entry["sha256"]:
+            kept[stem] = entry
+    return kept
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.checkpoints", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="*", help="default: checkpoints/*.pt")
     p.add_argument("--json", default="bench/results/checkpoints.json")
+    p.add_argument("--update", action="store_true",
+                   help="keep --json's entries for the other files (and for unchanged ones: same sha256), "
+                        "scoring only new or changed checkpoints")
     args = p.parse_args(argv)
     paths = [Path(c) for c in args.checkpoints] or sorted((ROOT / "checkpoints").glob("*.pt"))
-    results = {}
+    results = kept_entries(Path(args.json), paths) if args.update else {}
     for path in paths:
+        if path.stem in results:
+            print(f"{path.name}: unchanged, kept", file=sys.stderr)
+            continue
         print(f"{path.name} ...", file=sys.stderr, flush=True)
         results[path.stem] = describe(path)
         r = results[path.stem]

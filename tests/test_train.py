@@ -130,6 +130,53 @@ def test_resume_after_kill_equals_uninterrupted(full_run, tmp_path, monkeypatch)
     assert_same_weights(weights(tmp_path / "last.pt"), weights(full_run / "last.pt"))
 
 
+def test_weight_average_is_validated_kept_and_resumed(tmp_path):
+    """--ema: the averaged weights are scored beside the raw ones at every validation, best.pt
+    holds whichever scored best, and a stopped run resumes the average exactly."""
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert run_main(whole, "--ema", "0.5", "--lr", "0.01") == 0
+    ckpt = load_checkpoint(whole / "last.pt")
+    validations = [h for h in ckpt["history"] if "valid_nll_nats" in h]
+    assert validations and all("ema_valid_nll_nats" in h for h in validations)
+    assert ckpt["ema"]["n_averaged"] == STEPS and ckpt["ema"]["decay"] == 0.5
+    assert any(not torch.equal(ckpt["ema"]["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+    best_entry = min(validations, key=lambda h: min(h["valid_nll_nats"], h["ema_valid_nll_nats"]))
+    which = ckpt["metrics"]["best_weights"]
+    assert ckpt["metrics"]["best_nll_nats"] == best_entry["ema_valid_nll_nats" if which == "ema" else "valid_nll_nats"]
+    best = load_checkpoint(whole / "best.pt")
+    assert "ema" not in best  # only last.pt carries what --resume needs
+    # best.pt's weights score what the record says they scored
+    model, _ = load_model(whole / "best.pt")
+    spec = DataSpec(**ckpt["data"])
+    valid = torch.as_tensor(load(spec, "valid").images[:32]).long()
+    with torch.no_grad():
+        assert float(model.nll(valid).double().mean()) == pytest.approx(ckpt["metrics"]["best_nll_nats"], abs=1e-4)
+
+    assert run_main(halves, "--ema", "0.5", "--lr", "0.01", "--stop-at", "5") == 0
+    assert run_main(halves, "--resume") == 0  # --ema comes back from the checkpoint
+    resumed = load_checkpoint(halves / "last.pt")
+    assert resumed["ema"]["n_averaged"] == STEPS
+    assert_same_weights(resumed["ema"]["model"], ckpt["ema"]["model"])
+    assert_same_weights(resumed["model"], ckpt["model"])
+
+
+def test_init_from_starts_a_new_cycle_from_the_weights(full_run, tmp_path, capsys):
+    """--init-from: a fresh schedule and optimizer from another run's weights, architecture and data."""
+    out = tmp_path / "cycle"
+    assert train.main(["--init-from", str(full_run / "last.pt"), "--out", str(out), "--steps", "0",
+                       "--valid-images", "32", "--threads", "1"]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 0 and ckpt["arch"] == "pixelcnn" and ckpt["data"] == load_checkpoint(full_run / "last.pt")["data"]
+    assert_same_weights(ckpt["model"], weights(full_run / "last.pt"))
+    assert ckpt["train_args"]["init_from"] == str(full_run / "last.pt")
+    assert train.main(["--init-from", str(full_run / "last.pt"), "--arch", "row_lstm", "--out", str(tmp_path / "x"),
+                       "--steps", "1"]) == 2
+    assert "holds a pixelcnn model, not row_lstm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--init-from", str(full_run / "last.pt"), "--resume", "--out", str(out)])
+    assert "pass one of them" in capsys.readouterr().err
+
+
 def test_max_minutes_stops_with_checkpoint(tmp_path):
     assert run_main(tmp_path, "--max-minutes", "0") == 0
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1

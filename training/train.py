@@ -34,6 +34,7 @@ from tqdm import tqdm
 from pixelrnn.runtime.data_flags import add_data_arguments, data_spec_from_args, parse_key_values
 from pixelrnn.runtime.datasets import DataSpec, ImageSet, load
 from pixelrnn.training import distributions
+from pixelrnn.training.averaging import WeightAverage
 from pixelrnn.training.checkpoint import (CheckpointError, build_checkpoint_model, load_checkpoint, load_weights,
                                  remove_stale_temp_files, save_checkpoint)
 from pixelrnn.training.distributed import Dist, all_sum, distribute, setup_distributed
@@ -44,7 +45,7 @@ from pixelrnn.training.run_outputs import nll_units, plot_loss_curve, write_json
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
 # so `--out DIR --resume` alone continues the run it was, not one with default flags.
 RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "valid_every", "valid_images",
-                 "checkpoint_every", "log_every", "compile", "channels_last", "perturb", "weight_decay")
+                 "checkpoint_every", "log_every", "compile", "channels_last", "perturb", "weight_decay", "ema")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -64,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on perturbed images: each sub-pixel replaced by a uniformly random level (binary "
                         "images: flipped) with probability MU; the background model of a likelihood-ratio "
                         "out-of-distribution detector (Ren et al. 2019)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999), validate it beside the "
+                        "raw weights and keep whichever is better in best.pt (default 0: off)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run (fresh optimizer and schedule) from CKPT's weights, architecture and data: "
+                        "a second learning-rate cycle after a finished run")
     p.add_argument("--hidden", type=int, help="features per layer (arch field 'hidden')")
     p.add_argument("--layers", type=int, help="depth (arch field 'layers')")
     p.add_argument("--conditional", action="store_true", help="condition on the data's class labels")
@@ -88,10 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels-last (NHWC) memory format: faster for the Gated PixelCNN, slower for the PixelCNN")
     args = p.parse_args(argv)
-    if args.arch is None and not args.resume:
-        p.error("--arch is required (unless --resume)")
-    if args.data is None and not args.resume:
-        p.error("--data is required (unless --resume)")
+    if args.arch is None and not (args.resume or args.init_from):
+        p.error("--arch is required (unless --resume or --init-from)")
+    if args.data is None and not (args.resume or args.init_from):
+        p.error("--data is required (unless --resume or --init-from)")
     for name in ("batch_size", "valid_every", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -99,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--perturb must be in [0, 1), got {args.perturb}")
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.ema and not 0.0 < args.ema < 1.0:
+        p.error(f"--ema must be in (0, 1) (or 0 for off), got {args.ema}")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run; --resume continues one: pass one of them")
     # argparse fills in a default only for attributes the namespace lacks: what keeps the marker was not given.
     unset = object()
     given = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in RESUMED_FLAGS}))
@@ -251,17 +262,26 @@ def flush_train_loss(state: RunState, dist: Dist, dims: int) -> None:
     state.train_sum, state.train_steps = 0.0, 0
 
 
-def validate(model, valid: tuple, state: RunState, args, dist: Dist) -> bool:
-    """Score the validation subset, record it, and return whether it is the best so far."""
+def validate(model, valid: tuple, state: RunState, args, dist: Dist, average: WeightAverage | None = None) -> str | None:
+    """Score the validation subset with the raw weights (and the averaged ones, if any), record it,
+    and return which weights ("raw" or "ema") set a new best, or None."""
+    bits = lambda nats: float(distributions.nats_to_bits_per_dim(nats, model.dims))  # noqa: E731
     nats = mean_nll(model, valid[0], valid[1], args.batch_size, dist)
-    bpd = float(distributions.nats_to_bits_per_dim(nats, model.dims))
-    state.history.append({"step": state.step, "valid_nll_nats": nats, "valid_bits_per_dim": bpd})
+    entry = {"step": state.step, "valid_nll_nats": nats, "valid_bits_per_dim": bits(nats)}
+    scores = {"raw": nats}
+    if average is not None:
+        scores["ema"] = mean_nll(average.module, valid[0], valid[1], args.batch_size, dist)
+        entry.update(ema_valid_nll_nats=scores["ema"], ema_valid_bits_per_dim=bits(scores["ema"]))
+        state.metrics.update(ema_nll_nats=scores["ema"], ema_bits_per_dim=bits(scores["ema"]))
+    state.history.append(entry)
     state.timeline.append({"step": state.step, "hours": state.hours, "device": str(dist.device.type)})
-    best = nats < state.metrics.get("best_nll_nats", math.inf)
-    state.metrics.update(split="valid", nll_nats=nats, bits_per_dim=bpd, valid_images=len(valid[0]), step=state.step)
-    if best:
-        state.metrics.update(best_nll_nats=nats, best_bits_per_dim=bpd, best_step=state.step)
-    return best
+    state.metrics.update(split="valid", nll_nats=nats, bits_per_dim=bits(nats), valid_images=len(valid[0]), step=state.step)
+    which = min(scores, key=scores.get)
+    if scores[which] >= state.metrics.get("best_nll_nats", math.inf):
+        return None
+    state.metrics.update(best_nll_nats=scores[which], best_bits_per_dim=bits(scores[which]), best_step=state.step,
+                         best_weights=which)
+    return which
 
 
 def run_record(model, state: RunState, arch: str, spec: DataSpec, per_epoch: int, perturb: float = 0.0) -> dict:
@@ -273,14 +293,21 @@ def run_record(model, state: RunState, arch: str, spec: DataSpec, per_epoch: int
             "perturb": perturb}
 
 
-def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: DataSpec, args, per_epoch: int) -> None:
-    if path.name == "last.pt":  # written first: a crash between the two leaves the record behind, never ahead
+def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: DataSpec, args, per_epoch: int,
+             average: WeightAverage | None = None, weights: str = "raw") -> None:
+    """Write a checkpoint holding the raw weights, or the averaged ones with weights="ema" (best.pt
+    when they validated best); last.pt also carries the average so that --resume continues it."""
+    resumable = path.name == "last.pt"
+    if resumable:  # written first: a crash between the two leaves the record behind, never ahead
         write_json(path.parent / "history.json", run_record(model, state, arch, spec, per_epoch, getattr(args, "perturb", 0.0)))
+    source = average.module if weights == "ema" else model
+    extra = {"ema": average.state_dict()} if resumable and average is not None else {}
     save_checkpoint(path, {
+        **extra,
         "arch": arch,
         "config": dataclasses.asdict(model.config),
         "data": spec.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in source.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": state.step,
         "epoch": state.step / per_epoch,
@@ -357,13 +384,23 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = open_run(args, last)
     if ckpt:
         resume_flags(args, ckpt)
+    init = open_init(args) if not ckpt else None
 
-    # Data and model: a resumed run takes its architecture, config and data spec from the file.
-    spec = data_spec_from_args(args, base=ckpt["data"] if ckpt else None)
+    # Data and model: a resumed run (or one started from another's weights) takes its
+    # architecture, config and data spec from the file.
+    base = ckpt or (init[1] if init else None)
+    spec = data_spec_from_args(args, base=base["data"] if base else None)
     train_set, valid_set = load(spec, "train"), load(spec, "valid")
-    arch = ckpt["arch"] if ckpt else args.arch
+    arch = base["arch"] if base else args.arch
     torch.manual_seed(args.seed)
-    model = (build_checkpoint_model(last, ckpt) if ckpt else build_model(arch, model_fields(arch, args, train_set))).to(dist.device)
+    if ckpt:
+        model = build_checkpoint_model(last, ckpt)
+    elif init:
+        model = build_checkpoint_model(*init)
+        load_weights(init[0], model, init[1]["model"])
+    else:
+        model = build_model(arch, model_fields(arch, args, train_set))
+    model = model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer below gets these parameters
     images, labels = torch.as_tensor(train_set.images), check_data_fits(model, train_set)
@@ -378,10 +415,14 @@ def train(args: argparse.Namespace) -> dict:
     if args.compile:
         objective = torch.compile(objective)  # compiles at the first step; validation stays eager
     state = restore(ckpt, model, optimizer, last)
+    average = WeightAverage(model, args.ema) if getattr(args, "ema", 0.0) else None
+    if average is not None and ckpt and "ema" in ckpt:
+        average.load_state_dict(ckpt["ema"])  # else the average starts at the resumed weights
     per_epoch = steps_per_epoch(len(images), args.batch_size)
     total = total_steps(args, per_epoch)
     dims, levels = model.dims, model.config.levels
-    save = lambda path: save_run(path, model, optimizer, state, arch, spec, args, per_epoch)  # noqa: E731
+    save = lambda path, weights="raw": save_run(path, model, optimizer, state, arch, spec, args, per_epoch,  # noqa: E731
+                                                average, weights)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temp_files(last) + remove_stale_temp_files(out / "best.pt")
@@ -411,6 +452,8 @@ def train(args: argparse.Namespace) -> dict:
                 group["lr"] = lr
             tick = time.monotonic()
             nats = train_step(objective, optimizer, x, y, dims, args.grad_clip)
+            if average is not None:
+                average.update(model)
             state.hours += (time.monotonic() - tick) / 3600
             state.step += 1
             state.train_sum, state.train_steps = state.train_sum + nats, state.train_steps + 1
@@ -422,12 +465,11 @@ def train(args: argparse.Namespace) -> dict:
             if state.step % args.log_every == 0:
                 flush_train_loss(state, dist, dims)
             if state.step % args.valid_every == 0 or state.step == total or stopping:
-                best = validate(model, valid, state, args, dist)
+                best = validate(model, valid, state, args, dist, average)
                 validated_at = state.step
-                unit, value = nll_units(levels, state.metrics["nll_nats"], dims)
-                log(f"step {state.step}: valid {unit} {value:.4f}" + (" (best)" if best else ""))
+                log(validation_line(state, levels, dims, best))
                 if best and dist.is_main:
-                    save(out / "best.pt")
+                    save(out / "best.pt", best)
             if state.step % args.checkpoint_every == 0 or state.step == total or stopping:
                 flush_train_loss(state, dist, dims)  # a checkpoint carries every step's loss
                 if dist.is_main:
@@ -439,7 +481,7 @@ def train(args: argparse.Namespace) -> dict:
         bar.close()
 
     if validated_at != state.step:  # e.g. --resume with fewer --steps than the file already has
-        validate(model, valid, state, args, dist)
+        validate(model, valid, state, args, dist, average)
         if dist.is_main:
             save(last)
     metrics = {"arch": arch, "data": spec.to_dict(), "step": state.step, "total_steps": total,
@@ -449,6 +491,25 @@ def train(args: argparse.Namespace) -> dict:
         plot_loss_curve(state.history, out / "loss_curve.png", levels, dims)
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def validation_line(state: RunState, levels: int, dims: int, best: str | None) -> str:
+    unit, value = nll_units(levels, state.metrics["nll_nats"], dims)
+    line = f"step {state.step}: valid {unit} {value:.4f}"
+    if "ema_nll_nats" in state.metrics:
+        line += f", averaged {nll_units(levels, state.metrics['ema_nll_nats'], dims)[1]:.4f}"
+    return line + (f" (best: {best})" if best else "")
+
+
+def open_init(args) -> tuple[str, dict] | None:
+    """(path, checkpoint) that --init-from names, or None; its architecture is the run's."""
+    path = getattr(args, "init_from", None)
+    if not path:
+        return None
+    init = load_checkpoint(path)
+    if args.arch is not None and args.arch != init["arch"]:
+        raise ValueError(f"--init-from: {path} holds a {init['arch']} model, not {args.arch}")
+    return path, init
 
 
 def should_stop(args, step: int, started: float, dist: Dist) -> bool:
