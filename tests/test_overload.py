@@ -254,9 +254,9 @@ def test_give_back_memory_runs_on_this_libc():
 
 def test_the_budget_comes_from_the_manifests_state_shapes():
     manifest = json.loads((REPO / "model_repository" / "gated_pixelcnn_binarized_mnist_sample" / "1" / "manifest.json").read_text())
-    # Gated PixelCNN h32 x 8: the vertical stack's rows (the input's 1 x 2 x 28, then 7 layers of
-    # 32 x 2 x 28) and 8 layers' pre-activations 64 x 28, float32; canvas 28 x 28 int64
-    state = (1 * 2 * 28 + 7 * 32 * 2 * 28 + 8 * 64 * 28) * 4
+    # Gated PixelCNN h48 x 8: the vertical stack's rows (the input's 1 x 2 x 28, then 7 layers of
+    # 48 x 2 x 28) and 8 layers' pre-activations 96 x 28, float32; canvas 28 x 28 int64
+    state = (1 * 2 * 28 + 7 * 48 * 2 * 28 + 8 * 96 * 28) * 4
     assert admission.image_bytes(manifest) == 3 * state + 28 * 28 * 8
     assert admission.live_images_budget(manifest, 512) == 512 * 2**20 // (3 * state + 28 * 28 * 8)
     assert admission.live_images_budget(manifest, 0.001) == manifest["max_batch"]  # never below one full sequence
