@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         results[path.stem] = describe(path)
         r = results[path.stem]
         print(f"  {r['valid_nll_nats']:.2f} nats, {r['valid_bits_per_dim']:.4f} bits/dim on {r['valid_images']} images", file=sys.stderr)
+    results = dict(sorted(results.items()))  # one order whichever entries were kept
     write_json(args.json, result("checkpoints", split="valid", results=results))
     print(f"wrote {args.json}")
     return 0

@@ -37,7 +37,7 @@ def model_words(r: dict) -> str:
 def checkpoints(d: dict) -> list[str]:
     res = d["results"]
     rows = [[f"`{Path(r['file']).name}`", model_words(r), r["data"]["name"],
-             f"{r['step']:,} steps ({r['epoch']:.1f} epochs), {r['hours']:.1f} h", nll_text(r), paper_text(r)]
+             f"{r['step']:,} steps ({r['epoch']:.1f} epochs)" + (f", {r['hours']:.1f} h" if r.get("hours") is not None else ""), nll_text(r), paper_text(r)]
             for r in res.values()]
     binary = {n: r for n, r in res.items() if r["data"]["name"] == PAPER_DATA and not is_background(r)}
     best = min(binary.values(), key=lambda r: r["valid_nll_nats"]) if binary else None
