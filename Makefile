@@ -25,6 +25,7 @@ clean:
 # checkpoint into REPOSITORY (models NAME_score and NAME_sample, NAME = the architecture unless
 # given); `make serve` alone serves REPOSITORY as it is. `make serve REPLICAS=N`: N tritonserver
 # replicas (free ports) behind nginx, the gRPC load balancer, on GRPC_PORT (python -m pixelrnn.server.cluster).
+# CLUSTER_FLAGS: more of its flags, e.g. "--tls-cert DIR/server.pem --tls-key DIR/server.key --token-file DIR/token".
 REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -34,7 +35,7 @@ ifdef CHECKPOINT
 	$(PY) export/build_engine.py --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) $(if $(NAME),--name $(NAME))
 endif
 ifdef REPLICAS
-	$(PY) -m pixelrnn.server.cluster --replicas $(REPLICAS) --repository $(REPOSITORY) --port $(GRPC_PORT)
+	$(PY) -m pixelrnn.server.cluster --replicas $(REPLICAS) --repository $(REPOSITORY) --port $(GRPC_PORT) $(CLUSTER_FLAGS)
 else
 	$(PY) -m pixelrnn.server --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 endif

@@ -9,24 +9,29 @@ model needs only PixelClient. Like the rest of client/, this imports no torch.
 """
 from __future__ import annotations
 
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from pixelrnn.client.library import ClientError, ModelInfo, ServerGone, _is_unavailable, _message, model_info
+from pixelrnn.client.connection import (PLAIN, Credentials, error_message, is_unauthenticated, is_unavailable, refused,
+                                       unreachable)
+from pixelrnn.client.library import ClientError, ModelInfo, model_info
 from pixelrnn.runtime import protocol as p
 
 
-def served_models(url: str, timeout: float = 10.0) -> list[ModelInfo]:
+def served_models(url: str, timeout: float = 10.0, credentials: Credentials | None = None) -> list[ModelInfo]:
     """The ready PixelRNN models at `url`, sorted by name. ServerGone if the server cannot be
-    reached; a ready NAME_score that does not look like a PixelRNN scorer is left out."""
-    client = grpcclient.InferenceServerClient(url)
+    reached, Unauthenticated if it refuses the token; a ready NAME_score that does not look like
+    a PixelRNN scorer is left out. `credentials`: TLS and a token, as PixelClient takes them."""
+    credentials = credentials or PLAIN
+    client = credentials.connect(url)
     try:
         try:
             index = client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
         except InferenceServerException as e:
-            if _is_unavailable(e) or "Deadline" in _message(e):
-                raise ServerGone(f"cannot reach the Triton server at {url} ({_message(e)})") from None
-            raise ClientError(f"listing the models at {url}: {_message(e)}") from None
+            if is_unavailable(e) or "Deadline" in error_message(e):
+                raise unreachable(url, credentials, e) from None
+            if is_unauthenticated(e):
+                raise refused(url, credentials, e) from None
+            raise ClientError(f"listing the models at {url}: {error_message(e)}") from None
         ready = {m["name"] for m in index if m.get("state") == "READY"}
         found = []
         for name in sorted(ready):
@@ -39,8 +44,8 @@ def served_models(url: str, timeout: float = 10.0) -> list[ModelInfo]:
             except ClientError:
                 continue  # a model of another kind that happens to be named NAME_score
             except InferenceServerException as e:
-                if _is_unavailable(e):
-                    raise ServerGone(f"cannot reach the Triton server at {url} ({_message(e)})") from None
+                if is_unavailable(e):
+                    raise unreachable(url, credentials, e) from None
                 continue  # unloaded between the index and this call
         return found
     finally:

@@ -13,6 +13,11 @@ prints one line `error: ...` on stderr and exits with 2. With --retries N, sampl
 survive N losses of the server: each time the client waits for it (--retry-wait seconds at most)
 and resumes the images from the rows it already has, saying so on stderr; with the same seed the
 images are those of an uninterrupted run.
+
+Through a TLS proxy (`pixelrnn cluster --tls-cert ...`): --tls, --root-cert CA.pem (the CA that
+signed its certificate; implies --tls) and the bearer token from $PIXELRNN_TOKEN (or --token,
+which other users can see in the process list). A missing or wrong token is one line
+`error: UNAUTHENTICATED: ...`; the token is never printed.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pixelrnn.client.connection import TOKEN_ENV, Credentials, token_from
 from pixelrnn.client.library import DEFAULT_URL, ClientError, ModelInfo, PixelClient, assemble
 from pixelrnn.runtime.data_flags import add_data_arguments, data_spec_from_args
 from pixelrnn.runtime.datasets import load
@@ -170,6 +176,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address host:port (default {DEFAULT_URL})")
         sub.add_argument("--model", required=True, help="the deployment's model name (serves NAME_sample and NAME_score)")
         sub.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server on any one call or row")
+        sub.add_argument("--tls", action="store_true", help="gRPC over TLS (a proxy such as pixelrnn cluster --tls-cert)")
+        sub.add_argument("--root-cert", metavar="PEM", help="the CA certificate the server's is signed by (default: the "
+                         "system's trusted CAs; implies --tls)")
+        sub.add_argument("--token", help=f"bearer token to send (TLS only; default ${TOKEN_ENV} with --tls, which is "
+                         "better: a flag shows in the process list)")
         return sub
 
     def sampling(sub: argparse.ArgumentParser, n: int, what: str) -> None:
@@ -245,11 +256,18 @@ def cmd_ood(args, client: PixelClient) -> dict | None:
 COMMANDS = {"sample": cmd_sample, "complete": cmd_complete, "score": cmd_score, "ood": cmd_ood}
 
 
+def credentials(args) -> Credentials:
+    """TLS and the token from --tls, --root-cert, --token and $PIXELRNN_TOKEN."""
+    tls = args.tls or args.root_cert is not None
+    return Credentials(tls=tls, root_cert=args.root_cert, token=token_from(args.token, tls))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        with PixelClient(args.url, args.model, timeout=args.timeout, row_timeout=args.timeout) as client:
+        with PixelClient(args.url, args.model, timeout=args.timeout, row_timeout=args.timeout,
+                         credentials=credentials(args)) as client:
             result = COMMANDS[args.command](args, client)
     except (ClientError, ValueError, OSError) as e:  # runtime.datasets' DataError is a ValueError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

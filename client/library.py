@@ -9,11 +9,14 @@
     scores = client.score(images, per_pixel=True) # also .pixel_nll (16, C, H, W), sums to .nll_nats
     verdict = client.ood(images)                  # NAME_ood: .llr, .complexity, .ood (bool), ...
     images = client.sample_images(16, seed=0, retries=3)  # survives server restarts (resumes)
+    PixelClient("host:8443", model="NAME", credentials=Credentials(tls=True, root_cert="ca.pem", token=TOKEN))
 
 The same seed gives the images export.cells.sample_cached gives (for n <= the model's max batch;
 a larger n runs as several sequences, chunk k seeded seed + k). Everything that goes wrong,
 unreachable server, unknown model, bad input, an error from the model, comes out as a
-ClientError whose message is one line. The protocol is in runtime/protocol.py.
+ClientError whose message is one line; a call refused for a missing or wrong token is an
+Unauthenticated error (client/connection.py: TLS and the token). The protocol is in
+runtime/protocol.py.
 
 The server may send several rows in one response when it is busy (row coalescing); the client
 yields them one by one all the same. `sample(..., rows_per_response=1)` asks for one response
@@ -44,36 +47,21 @@ import time
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
-from pixelrnn.client.stream import close_stream, decode, sample_inputs, split_rows
-from pixelrnn.client.types import (ClientError, ModelInfo, OodScores, Row, Scores, ServerBusy, ServerGone,  # noqa: F401
-                                   model_info)
+# client.connection before tritonclient: it sets grpc's log level, which grpc reads as it loads.
+from pixelrnn.client.connection import PLAIN, Credentials, error_message, is_unauthenticated, is_unavailable, refused, unreachable
+import tritonclient.grpc as grpcclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from pixelrnn.client.stream import close_stream, decode, sample_inputs, split_rows  # noqa: E402
+from pixelrnn.client.types import (ClientError, ModelInfo, OodScores, Row, Scores, ServerBusy, ServerGone,  # noqa: E402, F401
+                                   Unauthenticated, model_info)
 from pixelrnn.runtime import protocol as p
 from pixelrnn.runtime import request
 
 DEFAULT_URL = "localhost:8001"
 ROW_OUTPUTS = (p.STAGE, p.ROW_INDEX, p.ROW, p.ROW_LOGPROB)
 UINT64 = 2**64
-
-
-def _message(e: Exception) -> str:
-    if isinstance(e, InferenceServerException):
-        return e.message() or str(e)
-    return str(e)
-
-
-def _is_unavailable(e: Exception) -> bool:
-    return isinstance(e, InferenceServerException) and ("UNAVAILABLE" in str(e.status() or "") or _proxy_reset(e))
-
-
-def _proxy_reset(e: InferenceServerException) -> bool:
-    """A gRPC proxy (nginx, python -m pixelrnn.server.cluster) whose replica died mid-stream resets the
-    client's stream: INTERNAL, "Received RST_STREAM with error code 2". The server is gone as
-    surely as when the connection drops (UNAVAILABLE), and another replica can take the stream
-    up; the model's own errors come on the stream without a status, never as this."""
-    return "INTERNAL" in str(e.status() or "") and "RST_STREAM" in _message(e)
 
 
 def assemble(rows: Iterable[Row], shape: tuple[int, int, int] | None = None) -> np.ndarray:
@@ -129,25 +117,34 @@ def _integers(what: str, values, low: int, high: int | None, note: str = "") -> 
 class PixelClient:
     """Client of NAME_sample and NAME_score on a Triton server at `url` (host:port, gRPC)."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = "", timeout: float = 60.0, row_timeout: float = 300.0):
+    def __init__(self, url: str = DEFAULT_URL, model: str = "", timeout: float = 60.0, row_timeout: float = 300.0, *,
+                 credentials: Credentials | None = None):
         """Reads the model's config: raises ClientError if the server is unreachable or does not
         serve both NAME_score and NAME_sample. `timeout` bounds each metadata/score call,
-        `row_timeout` the wait for any one streamed row."""
+        `row_timeout` the wait for any one streamed row. `credentials`: TLS and a bearer token
+        (client/connection.py; None: plain gRPC)."""
         if not model:
             raise ClientError("no model name given")
         self.url, self.model = url, model
         self.timeout, self.row_timeout = timeout, row_timeout
+        self.credentials = credentials or PLAIN
         try:
-            self._client = grpcclient.InferenceServerClient(url)
+            self._client = self._connect()
         except Exception as e:  # noqa: BLE001 - a malformed url fails here
-            raise ClientError(f"cannot use server address {url!r}: {_message(e)}") from None
+            raise ClientError(f"cannot use server address {url!r}: {error_message(e)}") from None
         self.info = self._read_info()
 
     # -- connection and metadata --------------------------------------------------------------
+    def _connect(self) -> grpcclient.InferenceServerClient:
+        """A new gRPC client of the server (its own channel) with this client's credentials."""
+        return self.credentials.connect(self.url)
+
     def _fail(self, e: Exception, doing: str) -> ClientError:
-        if _is_unavailable(e):
-            return ServerGone(f"cannot reach the Triton server at {self.url} ({_message(e)})")
-        message = _message(e)
+        if is_unavailable(e):
+            return unreachable(self.url, self.credentials, e)
+        if is_unauthenticated(e):
+            return refused(self.url, self.credentials, e)
+        message = error_message(e)
         if "unknown model" in message:
             return ClientError(f"model {self.model!r} is not served at {self.url} ({message})")
         return ClientError(f"{doing}: {message}")
@@ -287,12 +284,14 @@ class PixelClient:
         reconnects only after a backoff that grows with every failed attempt."""
         deadline = time.monotonic() + seconds
         while True:
-            probe = grpcclient.InferenceServerClient(self.url)
+            probe = self._connect()
             try:
                 if probe.is_model_ready(p.sample_model(self.model), client_timeout=min(2.0, seconds)):
                     return
-            except InferenceServerException:
-                pass  # not up yet
+            except InferenceServerException as e:
+                if is_unauthenticated(e):  # up, but it will not take this client's calls: waiting cannot help
+                    raise refused(self.url, self.credentials, e) from None
+                # else not up yet
             finally:
                 probe.close()
             if time.monotonic() >= deadline:
@@ -304,7 +303,7 @@ class PixelClient:
         """One gRPC stream, one sequence per chunk; yields each row once every chunk has sent it
         (a response may carry several rows of a chunk: split here, views into its arrays)."""
         responses = queue.SimpleQueue()
-        stream = grpcclient.InferenceServerClient(self.url)
+        stream = self._connect()
         finished = False
         try:
             stream.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -324,14 +323,14 @@ class PixelClient:
                 except queue.Empty:
                     raise ClientError(f"no row from {p.sample_model(self.model)} for {self.row_timeout:g} s") from None
                 if error is not None:
-                    if _message(error).startswith(p.OVERLOADED):  # nothing was sampled: the stream may start over
-                        raise ServerBusy(f"{p.sample_model(self.model)} is busy: {_message(error)}")
-                    if _message(error).startswith(p.UNHEALTHY):  # its sender got stuck (server/engine/scheduler.py): resume elsewhere
+                    if error_message(error).startswith(p.OVERLOADED):  # nothing was sampled: the stream may start over
+                        raise ServerBusy(f"{p.sample_model(self.model)} is busy: {error_message(error)}")
+                    if error_message(error).startswith(p.UNHEALTHY):  # its sender got stuck (server/engine/scheduler.py): resume elsewhere
                         raise ServerGone(f"{p.sample_model(self.model)} at {self.url} ended the stream after {yielded} rows: "
-                                         f"{_message(error)}")
-                    if yielded and _is_unavailable(error):  # the server died or restarted mid-stream
+                                         f"{error_message(error)}")
+                    if yielded and is_unavailable(error):  # the server died or restarted mid-stream
                         raise ServerGone(f"lost the connection to the Triton server at {self.url} after {yielded} rows "
-                                         f"({_message(error)})")
+                                         f"({error_message(error)})")
                     raise self._fail(error, f"{p.sample_model(self.model)} failed")
                 response = result.get_response()
                 if response.parameters["triton_final_response"].bool_param:
@@ -435,7 +434,7 @@ class PixelClient:
                 self._wait_ready(retry_wait_s)
                 # A fresh channel: the old one, after losing its server, reconnects only after a backoff.
                 self._client.close()
-                self._client = grpcclient.InferenceServerClient(self.url)
+                self._client = self._connect()
             parts.append({n: result.as_numpy(n) for n in names})
         return parts
 

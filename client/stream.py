@@ -32,6 +32,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
+from pixelrnn.client.connection import PLAIN, Credentials
 from pixelrnn.runtime import protocol as p
 
 # The inputs of NAME_sample and their Triton dtypes (runtime/protocol.py).
@@ -165,12 +166,13 @@ class SampleStream:
     read it, each wait bounded by `timeout` seconds unless a call gives its own."""
 
     def __init__(self, url: str, *, outputs: Iterable[str] | None = None, timeout: float = 60.0,
-                 channel_args: Iterable[tuple] | None = None):
+                 channel_args: Iterable[tuple] | None = None, credentials: Credentials | None = None):
         """`outputs`: the outputs every request asks for (None: all; fewer is less to send).
-        `channel_args`: gRPC channel options, e.g. OWN_CONNECTION."""
+        `channel_args`: gRPC channel options, e.g. OWN_CONNECTION. `credentials`: TLS and a
+        bearer token (client/connection.py; None: plain gRPC)."""
         self.url, self.timeout = url, timeout
         self.outputs = None if outputs is None else tuple(outputs)
-        self.client = grpcclient.InferenceServerClient(url, channel_args=None if channel_args is None else list(channel_args))
+        self.client = (credentials or PLAIN).connect(url, None if channel_args is None else list(channel_args))
         self._responses: queue.Queue = queue.Queue()
         self._held: deque[Response] = deque()  # read, with rows take_rows left for the next reader
         self._closed = False

@@ -21,6 +21,10 @@ class ServerGone(ClientError):
     """The server cannot be reached or went away mid-stream: a restart may bring it back."""
 
 
+class Unauthenticated(ClientError):
+    """The server (a proxy with a token: server/proxy.py) refused the call: no token, or another."""
+
+
 class ServerBusy(ClientError):
     """The sampler is at its live-images budget and refused the sequence: try again later."""
 

@@ -1,32 +1,31 @@
-"""N tritonserver replicas of one repository behind nginx as the L7 gRPC load balancer, on loopback:
+"""N tritonserver replicas of one repository behind nginx as the L7 gRPC load balancer:
 
     python -m pixelrnn.server.cluster --replicas 3 --repository model_repository [--port 8001]
+    python -m pixelrnn.server.cluster ... --tls-cert server.pem --tls-key server.key --token-file token [--listen 0.0.0.0]
 
     with Cluster("model_repository", replicas=3) as cluster:   # free ports unless given
         cluster.url                  # "127.0.0.1:PORT": the proxy, all a client needs to know
         cluster.replicas[k]          # server.launcher.TritonServer: grpc_url, metrics_url, ...
+    Cluster(..., tls=ProxyTls("server.pem", "server.key", token_file="token"))   # TLS and a bearer token
 
-Each replica is a server.launcher.TritonServer (free ports of its own, its own log). nginx runs
-in the foreground with the config server/deploy/nginx.conf.template renders (prefix, pid, logs
-and temp files under the run directory; no system service). A sampling stream is one HTTP/2
-stream, which nginx keeps on one replica, so a sequence stays where its state is; unary calls
-(scoring) spread over the replicas; a replica that refuses connections is left out for a while
-(passive failure detection, see the template). A supervisor thread restarts a replica that dies
+Each replica is a server.launcher.TritonServer (free ports of its own on loopback, its own log).
+nginx (server/proxy.py) runs in the foreground with the config server/deploy/nginx.conf.template
+renders (prefix, pid, logs and temp files under the run directory; no system service); with TLS
+and a token its port may face the network (--listen), and calls without the token are refused.
+A sampling stream is one HTTP/2 stream, which nginx keeps on one replica, so a sequence stays
+where its state is; unary calls (scoring) spread over the replicas; a replica that refuses
+connections is left out for a while (passive failure detection, see the template). A supervisor thread restarts a replica that dies
 on its own ports, so the proxy, which tries it again after fail_timeout, takes it back. A stuck
 replica is a dead one: a replica whose sampler reports a response send that does not return
 (pixelrnn_sampler_healthy 0 on its metrics page; server/engine/outbox.py, "Stuck sends") is killed
 with SIGKILL and restarted the same way, which cuts its streams so their clients resume elsewhere.
-SIGINT/SIGTERM stop nginx, then every replica. Proxy is nginx alone, over any replicas' gRPC
-ports (bench/cluster.py puts one over the first 1, 2, 3 replicas of one cluster).
+SIGINT/SIGTERM stop nginx, then every replica.
 """
 from __future__ import annotations
 
-import getpass
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,43 +35,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pixelrnn.server.launcher import HOST, START_ATTEMPTS, ServerError, TritonServer, check_port, free_port
+from pixelrnn.server.launcher import HOST, ServerError, TritonServer, check_port
+from pixelrnn.server.proxy import Proxy, ProxyTls, check_fail_timeout, check_listen, find_nginx
 
-TEMPLATE = Path(__file__).resolve().parent / "deploy" / "nginx.conf.template"
 SUPERVISE_S = 0.5  # how often the supervisor looks at the replicas
 HEALTH_S = 1.0  # how often it reads their metrics for a stuck sampler (an HTTP call per replica)
 HEALTH_METRIC = "pixelrnn_sampler_healthy"  # server/triton_models/sample_model.py SamplerMetrics
 SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_\S+")
-
-
-def find_nginx(path: str | Path | None = None) -> Path:
-    """The nginx binary: `path`, else $NGINX, else nginx on PATH or /usr/sbin (Debian's)."""
-    found = path or os.environ.get("NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
-    binary = Path(found)
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        raise ServerError(f"nginx not found at {binary}: run `make setup` (it installs Debian's nginx) or set NGINX")
-    return binary
-
-
-def render_config(run_dir: Path, port: int, grpc_ports: list[int], fail_timeout_s: int,
-                  template: Path = TEMPLATE) -> str:
-    """The nginx config for replicas on `grpc_ports`, listening on `port`."""
-    fail_timeout = f"{fail_timeout_s}s"
-    servers = "\n".join(f"        server {HOST}:{p} max_fails=1 fail_timeout={fail_timeout};" for p in grpc_ports)
-    fields = {"RUN_DIR": str(run_dir), "HOST": HOST, "PORT": str(port), "SERVERS": servers, "REPLICAS": str(len(grpc_ports)),
-              "FAIL_TIMEOUT": fail_timeout, "USER": getpass.getuser()}
-    text = template.read_text()
-    for key, value in fields.items():
-        text = text.replace("{{" + key + "}}", value)
-    left = re.findall(r"\{\{\w+\}\}", text)
-    if left:
-        raise ServerError(f"{template}: no value for {', '.join(sorted(set(left)))}")
-    return text
-
-
-def check_fail_timeout(seconds) -> None:
-    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:  # nginx's fail_timeout: whole seconds
-        raise ServerError(f"fail_timeout_s must be a whole number of seconds >= 1, got {seconds!r}")
 
 
 def stuck_models(metrics_url: str, timeout: float = 2.0) -> list[str]:
@@ -96,92 +65,17 @@ def _shm_regions(pid: int) -> set[str]:
         return set()
 
 
-class Proxy:
-    """nginx in the foreground, balancing gRPC over the replicas on `grpc_ports` (any tritonserver
-    gRPC endpoints on loopback), its config, pid, logs and temp files under `run_dir`."""
-
-    def __init__(self, grpc_ports: list[int], run_dir: str | Path, *, port: int | None = None, fail_timeout_s: int = 2,
-                 nginx: str | Path | None = None):
-        if not grpc_ports:
-            raise ServerError("a proxy needs at least one replica")
-        check_fail_timeout(fail_timeout_s)
-        self.grpc_ports, self.run_dir, self.port = list(grpc_ports), Path(run_dir), port
-        self.fail_timeout_s, self.binary = fail_timeout_s, nginx
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def start(self) -> "Proxy":
-        nginx = find_nginx(self.binary)
-        (self.run_dir / "temp").mkdir(parents=True, exist_ok=True)
-        picked = self.port is None
-        for attempt in range(1, START_ATTEMPTS + 1):
-            self.port = free_port() if picked else check_port(self.port, "proxy")
-            try:
-                return self._launch(nginx)
-            except ServerError as e:
-                # A free port found here can be taken before nginx binds it: pick another.
-                if not picked or "Address already in use" not in str(e) or attempt == START_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _launch(self, nginx: Path) -> "Proxy":
-        conf = self.run_dir / "nginx.conf"
-        conf.write_text(render_config(self.run_dir, self.port, self.grpc_ports, self.fail_timeout_s))
-        base = [str(nginx), "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.run_dir / "error.log")]
-        test = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
-        if test.returncode != 0:
-            raise ServerError(f"nginx refuses its config {conf}: {' '.join(test.stderr.split())}")
-        self.process = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)  # a Ctrl-C reaches us, and we stop it in order
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"nginx exited with code {self.process.returncode} at start-up: "
-                                  f"{self.errors() or 'no error logged'} (log: {self.run_dir / 'error.log'})")
-            try:
-                socket.create_connection((HOST, self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise ServerError(f"nginx did not accept connections on {self.url} within 30 s")
-
-    def errors(self) -> str:
-        """nginx's emergency and alert lines (why it stopped), from its error log."""
-        log = self.run_dir / "error.log"
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        return " | ".join(line for line in lines if "[emerg]" in line or "[alert]" in line)[-500:]
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGTERM): open streams are cut, and their clients resume elsewhere."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def __enter__(self) -> "Proxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 class Cluster:
     def __init__(self, repository: str | Path, replicas: int, *, port: int | None = None, run_dir: str | Path | None = None,
                  fail_timeout_s: int = 2, supervise: bool = True, startup_timeout: float = 120.0,
-                 nginx: str | Path | None = None, log=None):
+                 nginx: str | Path | None = None, log=None, tls: ProxyTls | None = None, listen: str = HOST):
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ServerError(f"replicas must be a whole number >= 1, got {replicas!r}")
-        check_fail_timeout(fail_timeout_s)  # now, not after the replicas' start-ups
+        check_fail_timeout(fail_timeout_s)  # these now, not after the replicas' start-ups
+        self.listen = check_listen(listen, tls)
+        if tls is not None:
+            tls.check()
+        self.tls = tls
         self.repository = Path(repository).resolve()
         self.count, self.port, self.fail_timeout_s = replicas, port, fail_timeout_s
         self.run_dir = Path(run_dir) if run_dir else None
@@ -199,7 +93,8 @@ class Cluster:
     # -- endpoints ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"{HOST}:{self.port}"
+        """The proxy's address for a client on this machine."""
+        return self.proxy.url if self.proxy is not None else f"{HOST}:{self.port}"
 
     @property
     def metrics_urls(self) -> list[str]:
@@ -222,7 +117,8 @@ class Cluster:
                 if f.exception() is not None:
                     raise f.exception()
             self.proxy = Proxy([r.ports["grpc"] for r in self.replicas], self.run_dir, port=self.port,
-                               fail_timeout_s=self.fail_timeout_s, nginx=self.nginx_binary).start()
+                               fail_timeout_s=self.fail_timeout_s, nginx=self.nginx_binary, tls=self.tls,
+                               listen=self.listen).start()
             self.port = self.proxy.port
         except BaseException:
             self.stop()
@@ -322,8 +218,9 @@ class Cluster:
 
 
 def describe(cluster: Cluster) -> str:
+    secured = "" if cluster.tls is None else " over TLS" + (", bearer token required" if cluster.tls.token_file else "")
     lines = [f"{cluster.count} tritonserver replicas behind nginx: models {', '.join(cluster.replicas[0].models)}",
-             f"  gRPC (the proxy; clients use this)  {cluster.url}"]
+             f"  gRPC (the proxy; clients use this)  {cluster.proxy.listen_url}{secured}"]
     for k, r in enumerate(cluster.replicas):
         lines.append(f"  replica {k}  gRPC {r.grpc_url}  HTTP {r.http_url}  metrics {r.metrics_url}  log {r.log_path}")
     lines.append(f"  nginx      config {cluster.run_dir / 'nginx.conf'}  access log {cluster.run_dir / 'access.log'}  "
@@ -339,6 +236,11 @@ def main(argv=None) -> int:
     parser.add_argument("--replicas", type=int, required=True, help="number of tritonserver replicas")
     parser.add_argument("--repository", required=True, help="model repository (export/build_engine.py --repository)")
     parser.add_argument("--port", type=int, default=8001, help="the proxy's gRPC port (replicas get free ports)")
+    parser.add_argument("--listen", default=HOST,
+                        help=f"the proxy's address (default {HOST}); beyond loopback only with TLS and a token")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: the proxy speaks gRPC over TLS (scripts/dev_certs.sh)")
+    parser.add_argument("--tls-key", help="the certificate's PEM private key")
+    parser.add_argument("--token-file", help="a file holding the bearer token every call must carry (needs TLS)")
     parser.add_argument("--run-dir", help="nginx config, logs and replica logs (default: a new temporary directory)")
     parser.add_argument("--fail-timeout-s", type=int, default=2,
                         help="how long the proxy leaves out a replica that refused a connection")
@@ -349,7 +251,7 @@ def main(argv=None) -> int:
     try:
         cluster = Cluster(args.repository, args.replicas, port=args.port, run_dir=args.run_dir,
                           fail_timeout_s=args.fail_timeout_s, supervise=not args.no_restart,
-                          startup_timeout=args.startup_timeout)
+                          startup_timeout=args.startup_timeout, tls=tls_arguments(args), listen=args.listen)
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -360,6 +262,17 @@ def main(argv=None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def tls_arguments(args) -> ProxyTls | None:
+    """ProxyTls from --tls-cert, --tls-key and --token-file; ServerError when they do not go together."""
+    if not (args.tls_cert or args.tls_key):
+        if args.token_file:
+            raise ServerError("--token-file needs --tls-cert and --tls-key: a token sent in plain text could be read on the way")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ServerError("TLS needs both --tls-cert and --tls-key")
+    return ProxyTls(args.tls_cert, args.tls_key, args.token_file)
 
 
 def _serve(cluster: Cluster, stopping: threading.Event, no_restart: bool) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from pixelrnn.server.cluster import HEALTH_S, Cluster, Proxy, find_nginx, render_config, stuck_models
+from pixelrnn.server.cluster import HEALTH_S, Cluster, stuck_models
+from pixelrnn.server.proxy import Proxy, find_nginx, render_config
 from pixelrnn.server.launcher import ServerError, check_port, free_port
 from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, kill_hard, missing, require, require_tritonserver,
                               sampler_metrics, sampler_periods, stop_group, wait_for)
@@ -153,14 +154,21 @@ def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schema():
     yaml = require("yaml")
     resources = [r for r in yaml.safe_load_all((REPO / "server" / "deploy" / "triton-replicas.yaml").read_text()) if r]
     kinds = sorted(r["kind"] for r in resources)
-    assert kinds == ["Deployment", "Service", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Service", "Service"]
     version = validator.latest_version()
     for resource in resources:
         validator.validate(resource, version, strict=True)
     deployment = next(r for r in resources if r["kind"] == "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container, proxy = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"].startswith("nvcr.io/nvidia/tritonserver:")  # the stock image
     assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    # Triton's plain-text gRPC and HTTP on the pod's loopback; the Service reaches the TLS sidecar only
+    # (its config runs on real nginx in tests/test_proxy_tls.py).
+    assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1"} <= set(container["args"])
+    assert [p["name"] for p in container["ports"]] == ["metrics"]
+    assert {"name": "proxy-secret", "mountPath": "/etc/pixelrnn/proxy", "readOnly": True} in proxy["volumeMounts"]
+    service = next(r for r in resources if r["kind"] == "Service" and r["metadata"]["name"] == "pixelrnn")
+    assert service["spec"]["ports"] == [{"name": "grpcs", "port": 8443, "targetPort": "grpcs"}]
     broken = {**deployment, "spec": {**deployment["spec"], "replicas": "three"}}
     with pytest.raises(validator.ValidationError):
         validator.validate(broken, version, strict=True)
