@@ -160,3 +160,25 @@ def test_default_is_every_long_run(runs, tmp_path, monkeypatch, capsys):
 def test_needs_an_output():
     with pytest.raises(SystemExit):
         curves.parse_args(["runs/x"])
+
+
+def test_a_new_cycle_continues_its_parents_curve_and_shows_the_average(runs, tmp_path):
+    """A run started with --init-from is drawn from its parent's hours on, labelled as a new
+    cycle, and an --ema run's averaged weights get their own points and table fields."""
+    binary, _ = runs
+    cycle = tmp_path / "cycle"
+    assert train.main(["--init-from", str(binary / "last.pt"), "--steps", "4", "--ema", "0.5", "--valid-every", "2",
+                       "--valid-images", "32", "--threads", "1", "--out", str(cycle)]) == 0
+    (cycle / "last.pt").unlink()  # a finished run keeps only its record; the parent's hours still count
+    run = curves.read_run(curves.find_record(str(cycle)))
+    parent_hours = load_checkpoint(binary / "last.pt")["hours"]
+    record = json.loads((cycle / "history.json").read_text())
+    assert record["init_from"] == str(binary / "last.pt")
+    assert [p[4] for p in run.points] == [2, 4]
+    assert run.points[0][0] == pytest.approx(parent_hours + record["timeline"][0]["hours"])
+    assert [round(h, 12) for h, _, _ in run.ema_points] == [round(p[0], 12) for p in run.points]
+    assert "new cycle from tiny_binary" in run.label
+    row = curves.table_row(run)
+    averaged = [h["ema_valid_nll_nats"] for h in record["history"] if "ema_valid_nll_nats" in h]
+    assert row["best_ema_valid_nll_nats"] == min(averaged) and row["init_from"] == str(binary / "last.pt")
+    assert curves.main(["--out", str(tmp_path / "c.png"), str(binary), str(cycle)]) == 0

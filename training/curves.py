@@ -50,6 +50,7 @@ class Run:
     hours_source: str = "timeline"  # timeline | estimated | none
     hours_per_step: float | None = None  # the estimate, for runs without a timeline
     untimed: int = 0  # validation entries the timeline does not cover
+    ema_points: list = field(default_factory=list)  # (hours, nats, bits/dim) of the averaged weights (--ema)
 
     @property
     def binary(self) -> bool:
@@ -65,7 +66,26 @@ class Run:
         # A background model (trained on perturbed images) is not a candidate model: say so.
         perturb = self.ckpt.get("perturb") or (self.ckpt.get("train_args") or {}).get("perturb")
         background = f", perturbed {perturb:g}" if perturb else ""
-        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{background}"
+        parent = init_from(self.ckpt)
+        cycle = f", new cycle from {Path(parent).parent.name}" if parent else ""
+        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{background}{cycle}"
+
+
+def init_from(record: dict) -> str | None:
+    """The checkpoint a run started from (training.train --init-from), if any."""
+    return record.get("init_from") or (record.get("train_args") or {}).get("init_from")
+
+
+def parent_hours(record: dict) -> float:
+    """Hours already spent on the weights a run started from: its curve continues that run's."""
+    parent = init_from(record)
+    if not parent:
+        return 0.0
+    try:
+        found, _ = load_record(find_record(str(Path(parent).parent)))
+    except CheckpointError:
+        return 0.0  # the parent's record is gone: the curve starts at 0
+    return float(found.get("hours") or 0.0) + parent_hours(found)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -126,8 +146,11 @@ def read_run(path: Path) -> Run:
     if timeline or ("timeline" in ckpt and not entries):  # the latter: a new run not validated yet
         # Entries without a timeline entry (validations from before timelines existed, in a run
         # resumed since) are left out, not guessed: main() warns about them.
-        run.points = [(timeline[h["step"]]["hours"], timeline[h["step"]]["device"], h["valid_nll_nats"],
+        start = parent_hours(ckpt)
+        run.points = [(start + timeline[h["step"]]["hours"], timeline[h["step"]]["device"], h["valid_nll_nats"],
                        h["valid_bits_per_dim"], h["step"]) for h in entries if h["step"] in timeline]
+        run.ema_points = [(start + timeline[h["step"]]["hours"], h["ema_valid_nll_nats"], h["ema_valid_bits_per_dim"])
+                          for h in entries if h["step"] in timeline and "ema_valid_nll_nats" in h]
         run.untimed = len(entries) - len(run.points)
     else:
         run.hours_per_step = estimated_hours_per_step(path, ckpt)
@@ -144,6 +167,8 @@ def table_row(run: Run) -> dict:
     ckpt, cfg = run.ckpt, run.ckpt["config"]
     entries = valid_entries(ckpt["history"])
     best = min(entries, key=lambda h: h["valid_nll_nats"]) if entries else None
+    averaged = [h for h in entries if "ema_valid_nll_nats" in h]
+    best_ema = min(averaged, key=lambda h: h["ema_valid_nll_nats"]) if averaged else None
     timeline = ckpt.get("timeline") or []
     hours = ckpt.get("hours")
     if hours is None and run.hours_per_step is not None:
@@ -174,6 +199,10 @@ def table_row(run: Run) -> dict:
         "best_valid_bits_per_dim": best["valid_bits_per_dim"] if best else None,
         "best_step": best["step"] if best else None,
         "last_valid_nll_nats": entries[-1]["valid_nll_nats"] if entries else None,
+        # --ema runs: the averaged weights' best (best.pt holds whichever of the two is better)
+        "best_ema_valid_nll_nats": best_ema["ema_valid_nll_nats"] if best_ema else None,
+        "best_ema_valid_bits_per_dim": best_ema["ema_valid_bits_per_dim"] if best_ema else None,
+        "init_from": init_from(ckpt),
         "valid_images": ckpt["metrics"].get("valid_images"),
     }
 
@@ -201,7 +230,11 @@ def plot(runs: list[Run], out: Path, paper: bool) -> None:
             for dev in {v[1] for v in values}:
                 pts = [(h, y) for h, d, y in values if d == dev]
                 ax.plot(*zip(*pts), color=colour, linestyle="none", marker=DEVICE_STYLE[dev]["marker"], markersize=4)
-            ax.plot([], [], color=colour, label=run.label + (" [hours estimated]" if run.hours_source == "estimated" else ""))
+            if run.ema_points:
+                ax.plot([h for h, _, _ in run.ema_points], [n if binary else b for _, n, b in run.ema_points],
+                        color=colour, linestyle="--", linewidth=0.9, alpha=0.8)
+            ax.plot([], [], color=colour, label=run.label + (" [hours estimated]" if run.hours_source == "estimated" else "")
+                    + (" (dashed: averaged weights)" if run.ema_points else ""))
         if paper and binary and any((r.ckpt["data"] or {}).get("name") == PAPER_DATA for r in drawn):
             for k, (model, nats) in enumerate(PAPER_NATS.items()):
                 # Named in the legend: the three lie within 2.1 nats, too close for labels on the lines.

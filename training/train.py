@@ -284,13 +284,14 @@ def validate(model, valid: tuple, state: RunState, args, dist: Dist, average: We
     return which
 
 
-def run_record(model, state: RunState, arch: str, spec: DataSpec, per_epoch: int, perturb: float = 0.0) -> dict:
+def run_record(model, state: RunState, arch: str, spec: DataSpec, per_epoch: int, perturb: float = 0.0,
+               init_from: str | None = None) -> dict:
     """What a run's curve and table need (training.curves), without weights: DIR/history.json,
     small enough to keep in the repository once the run's resumable state is gone."""
     return {"arch": arch, "config": dataclasses.asdict(model.config), "data": spec.to_dict(), "step": state.step,
             "epoch": state.step / per_epoch, "metrics": dict(state.metrics), "history": list(state.history),
             "hours": state.hours, "timeline": list(state.timeline), "params": sum(p.numel() for p in model.parameters()),
-            "perturb": perturb}
+            "perturb": perturb, "init_from": init_from}
 
 
 def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: DataSpec, args, per_epoch: int,
@@ -299,7 +300,8 @@ def save_run(path: Path, model, optimizer, state: RunState, arch: str, spec: Dat
     when they validated best); last.pt also carries the average so that --resume continues it."""
     resumable = path.name == "last.pt"
     if resumable:  # written first: a crash between the two leaves the record behind, never ahead
-        write_json(path.parent / "history.json", run_record(model, state, arch, spec, per_epoch, getattr(args, "perturb", 0.0)))
+        write_json(path.parent / "history.json", run_record(model, state, arch, spec, per_epoch, getattr(args, "perturb", 0.0),
+                                                             getattr(args, "init_from", None)))
     source = average.module if weights == "ema" else model
     extra = {"ema": average.state_dict()} if resumable and average is not None else {}
     save_checkpoint(path, {

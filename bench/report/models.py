@@ -79,7 +79,11 @@ def long_runs(runs) -> list[str]:
             return "none yet"
         value = (f"{r['best_valid_bits_per_dim']:.3f} bits/dim" if r["unit"] == "bits/dim"
                  else f"{r['best_valid_nll_nats']:.2f} nats")
-        return f"{value} (step {r['best_step']:,})"
+        text = f"{value} (step {r['best_step']:,})"
+        if r.get("best_ema_valid_nll_nats") is not None:  # an --ema run: its averaged weights too
+            text += (f"; averaged {r['best_ema_valid_bits_per_dim']:.3f} bits/dim" if r["unit"] == "bits/dim"
+                     else f"; averaged {r['best_ema_valid_nll_nats']:.2f} nats")
+        return text
 
     rows = [[f"`{r['name']}`", f"{ARCH.get(r['arch'], r['arch'])} h{r['hidden']} x {r['layers']} ({r['params']:,} params)",
              r["data"] + (f", {r['levels']} levels" if r["levels"] > 2 else ""),
@@ -97,7 +101,10 @@ def long_runs(runs) -> list[str]:
              f"Validation here is on a {' / '.join(f'{n:,}' for n in subset)}-image subset of the validation "
              "split, so it differs from the full-split figures of the shipped checkpoints; a shipped "
              "checkpoint is replaced only by one with a better full-split NLL. `scripts/gpu_train.sh` "
-             "continues the runs on a CUDA machine (see its header); the device column says where each ran."),
+             "continues the runs on a CUDA machine (see its header); the device column says where each ran. "
+             "A run started with `--init-from` is a new learning-rate cycle from a finished run's weights (its "
+             "curve continues the parent's hours); with `--ema` the exponential moving average of its weights "
+             "is validated too (dashed in the figure)."),
         "![validation NLL against hours of training](../bench/results/training_curves.png)",
         table(["run", "model", "data", "trained", "time, device", "steps/s", "best valid NLL (subset)"], rows),
     ]
