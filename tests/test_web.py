@@ -13,22 +13,36 @@ second), so little is left to timing: the progressive-drawing test throttles the
 network; Stop, leaving the page and closing a tab are done by the page's own script at its first
 row (the image must outlast only the cancel's way to the sampler, not WebDriver round trips); two
 tabs press Sample in one script call.
+
+One model ("fg") is exported with a background model, so it has an out-of-distribution detector
+(fg_ood) for the page's verdict; the others have none, which the page says. The gateway's limits
+(web/limits.py) are tried against the real sampler here and in depth in tests/test_web_limits.py.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from pixelrnn.export import build_engine
+from pixelrnn.runtime.images import nll_heatmap
+from pixelrnn.runtime.ood import Threshold
 from pixelrnn.server.launcher import free_port
+from pixelrnn.training.checkpoint import save_checkpoint
+from pixelrnn.training.models import build_model
 from tests.deployment import (BUSY_SLACK_S, REPO, Tiny, export_models, missing, require, sampler_metrics,
                               sampler_periods, serve, stop_group, wait_for)
+from tests.web_http import post_big, read_json, read_lines, request
 
 require("tritonclient.grpc")
 require("fastapi")
@@ -72,13 +86,40 @@ MODELS = [
     Tiny("long", "gated_pixelcnn", dict(in_channels=1, height=8192, width=4, levels=4, num_classes=0, hidden=6, layers=1, kernel=3),
          seed=0),
 ]
+# With a detector: fg_ood, from a background model, its threshold calibrated on the synthetic
+# data's validation split (as tests/test_ood_served.py builds it).
+DETECTED_DATA = {"name": "synthetic", "size": 6, "bits": 2, "count": 40}
+DETECTED = ("gated_pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, num_classes=3, hidden=6, layers=1, kernel=3))
+BACKGROUND = ("pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, hidden=6, layers=1))
 
 
 # -- fixtures: server, gateway, browser -------------------------------------------------------------
+def export_detected(root: Path, repository: Path) -> None:
+    """fg (class-conditional) with its background model: fg_score, fg_sample, fg_background_score, fg_ood."""
+    paths = {}
+    for name, (arch, config), seed in (("fg", DETECTED, 1), ("bg", BACKGROUND, 2)):
+        torch.manual_seed(seed)
+        paths[name] = root / f"{name}.pt"
+        save_checkpoint(paths[name], {"arch": arch, "config": dict(config), "model": build_model(arch, dict(config)).state_dict(),
+                                      "step": 1, "data": DETECTED_DATA})
+    code = build_engine.main(["--checkpoint", str(paths["fg"]), "--name", "fg", "--out", str(root / "fg_export"), "--tensorrt", "off",
+                              "--max-batch", "8", "--repository", str(repository), "--background", str(paths["bg"]),
+                              "--calibration-images", "0", "--ood-fpr", "0.1"])
+    assert code == 0
+
+
+def served_threshold(repository: Path) -> Threshold:
+    """fg_ood's threshold as the export wrote it into the config (a JSON string parameter)."""
+    text = (repository / "fg_ood" / "config.pbtxt").read_text()
+    raw = text.split('key: "threshold" value: { string_value: ')[1].split(" }")[0]
+    return Threshold.from_json(json.loads(json.loads(raw)))
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     models = export_models(root, MODELS, root / "repository")
+    export_detected(root, root / "repository")
     with serve(root / "repository", root / "triton.log") as server:
         yield server, models
 
@@ -94,8 +135,8 @@ def get(url: str, data: bytes | None = None, content_type: str = "application/js
 
 
 @pytest.fixture(scope="module")
-def gateway(deployed, tmp_path_factory):
-    """`python -m pixelrnn.web` for the module's server: its URL."""
+def gateway_process(deployed, tmp_path_factory):
+    """`python -m pixelrnn.web` for the module's server (default limits): (its URL, the process)."""
     server, _ = deployed
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
@@ -113,10 +154,15 @@ def gateway(deployed, tmp_path_factory):
     status, ok = wait_for(up, lambda s: s == 200 or (s is not None and process.poll() is not None), WAIT_S, 0.2)
     assert ok and status == 200, f"the gateway did not come up:\n{log.read_text()}"
     assert f"web page: http://localhost:{port}/" in log.read_text()
-    yield url
+    yield url, process
     stop_group(process)
     text = log.read_text()
     assert "Traceback" not in text, f"the gateway logged a traceback:\n{text}"
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_process):
+    return gateway_process[0]
 
 
 @pytest.fixture(scope="module")
@@ -345,16 +391,18 @@ def test_completion_keeps_the_drawn_rows_and_scores_the_drawing(deployed, gatewa
     assert message(browser) == ""
 
 
-# At the first row the page shows, the page itself does what a user would (a MutationObserver
-# on the progress line): press Stop, leave the page, or close its tab (a tab a script opened may
-# close itself). Driven from the test, the action would come after WebDriver round trips, which a
-# busy machine stretches past the sampler's whole image.
-AT_FIRST_ROW = """const action = arguments[0], progress = document.getElementById('progress');
+# At a row the page shows (the progress line matching a pattern), the page itself does what a
+# user would (a MutationObserver on the progress line): press Stop, leave the page, or close its
+# tab (a tab a script opened may close itself). Driven from the test, the action would come after
+# WebDriver round trips, which a busy machine stretches past the sampler's whole image. Every text
+# the line took is looked at: the page may handle several lines of the stream before the observer runs.
+AT_ROW = """const action = arguments[0], pattern = new RegExp(arguments[1]), progress = document.getElementById('progress');
 window.__acted = null;
-const seen = new MutationObserver(() => {
-  if (!/^row [1-9]/.test(progress.textContent)) return;
+const seen = new MutationObserver((records) => {
+  const hit = records.flatMap((r) => Array.from(r.addedNodes, (n) => n.textContent)).find((t) => pattern.test(t));
+  if (!hit) return;
   seen.disconnect();
-  window.__acted = progress.textContent;
+  window.__acted = hit;
   if (action === 'stop') document.getElementById('stop').click();
   else if (action === 'leave') location.assign('about:blank');
   else window.close();
@@ -364,7 +412,7 @@ seen.observe(progress, {childList: true, characterData: true, subtree: true});""
 
 def sample_and_act_at_first_row(driver, url, action: str) -> None:
     open_page(driver, url, "long", batch=8, seed=9)
-    driver.execute_script(AT_FIRST_ROW, action)
+    driver.execute_script(AT_ROW, action, "^row [1-9]")
     click(driver, "sample")
 
 
@@ -394,7 +442,7 @@ def test_stop_and_leaving_the_page_cancel_the_sequence(deployed, gateway, browse
     sample_and_act_at_first_row(browser, gateway, "stop")
     acted = wait_page(browser, "window.__acted", "Stop pressed at the first row")
     assert int(acted.split()[1]) < h, f"the page had the whole image before Stop: {acted!r}"
-    assert "stopped" in message(browser), (message(browser), progress(browser))
+    assert message(browser) == "stopped: the server cancelled the sequence", (message(browser), progress(browser))
     freed(1)
 
     sample_and_act_at_first_row(browser, gateway, "leave")  # the tab leaves the page: the browser drops the stream
@@ -414,6 +462,21 @@ def test_stop_and_leaving_the_page_cancel_the_sequence(deployed, gateway, browse
             browser.close()
         browser.switch_to.window(first)
     freed(3)
+
+
+def test_stop_after_the_last_row_does_not_claim_a_cancel(deployed, gateway, browser):
+    # Stop pressed once every row is on the page, before the scores' line: the sequence had
+    # completed on the server, and the page says so instead of "cancelled".
+    server, models = deployed
+    h = models["bin"].manifest["shape"][1]
+    before = sampler_events(server, "bin")
+    open_page(browser, gateway, "bin", batch=2, seed=8)
+    browser.execute_script(AT_ROW, "stop", f"^row {h} / {h}")
+    click(browser, "sample")
+    wait_page(browser, "window.__acted", "Stop pressed at the last row")
+    assert message(browser) == "stopped: the images were already complete; their scores were not waited for", message(browser)
+    after, ok = wait_for(lambda: sampler_events(server, "bin"), lambda m: m.get("completed", 0) > before.get("completed", 0), FREED_S)
+    assert ok and after.get("cancelled", 0) == before.get("cancelled", 0), (before, after)
 
 
 def test_tabs_sampling_at_once_share_the_samplers_cell_calls(deployed, gateway, browser):
@@ -450,6 +513,151 @@ def test_tabs_sampling_at_once_share_the_samplers_cell_calls(deployed, gateway, 
     assert ok and after["rows"] - before["rows"] == 2 * h, (before, after)
     assert after["calls"] - before["calls"] < 2 * h, f"no row step served both tabs: {before} -> {after}"
     assert after["cell_seconds"] > before["cell_seconds"], (before, after)  # pixelrnn_sampler_cell_seconds_total
+
+
+def heatmap_pixels(driver) -> np.ndarray:
+    h, w, data = driver.execute_script(READ, "#heatmap", 0, 0)[0]
+    return np.asarray(data, np.int64).reshape(h, w, 4)
+
+
+def test_score_draws_the_per_pixel_heatmap_and_the_detectors_verdict(deployed, gateway, browser, shots, tmp_path):
+    server, models = deployed
+    # A model with a detector: an uploaded picture, scored as class 1.
+    picture = np.zeros((12, 12), np.uint8)
+    picture[2:10, 3:5], picture[8:10, 3:10] = 255, 170  # an L in two greys
+    path = tmp_path / "l.png"
+    Image.fromarray(picture).save(path)
+    drawn = to_levels(path.read_bytes(), (1, 6, 6), 4)
+    open_page(browser, gateway, "fg", label=1)
+    browser.find_element(By.ID, "upload").send_keys(str(path))
+    wait_page(browser, "document.getElementById('draw').getContext('2d').getImageData(1, 1, 1, 1).data[0] > 0", "the upload drawn")
+    click(browser, "score")
+    wait_page(browser, "document.getElementById('verdict').dataset.verdict", "the verdict")
+    with PixelClient(server.grpc_url, "fg") as client:
+        scores = client.score(drawn[None], [1], per_pixel=True)
+        verdict = client.ood(drawn[None])
+    # The heatmap canvas holds runtime/images.py's colouring of the served per-pixel NLL (to
+    # rounding: JS rounds halves up, numpy to even).
+    shown = heatmap_pixels(browser)
+    want = nll_heatmap(scores.pixel_nll)[0]  # (H, W, 3)
+    assert np.all(shown[..., 3] == 255) and np.abs(shown[..., :3] - want).max() <= 1, (shown[..., 0], want[..., 0])
+    assert len(np.unique(want.reshape(-1, 3), axis=0)) > 3, "a flat heatmap proves nothing: pick another picture"
+    top = float(browser.execute_script("return document.getElementById('heatmap').dataset.top"))
+    assert top == pytest.approx(float(scores.pixel_nll[0].sum(0).max()), rel=1e-6)
+    assert float(browser.execute_script("return document.getElementById('draw-score').dataset.nll")) == pytest.approx(
+        float(scores.nll_nats[0]), rel=1e-6)
+    box = browser.execute_script("const d = document.getElementById('verdict'); return [{...d.dataset}, d.textContent]")
+    data, text = box
+    assert data["verdict"] == ("out" if verdict.ood[0] else "in"), (data, verdict)
+    for key, value in (("nll", verdict.nll_nats), ("backgroundNll", verdict.background_nll_nats), ("llr", verdict.llr),
+                       ("complexity", verdict.complexity)):
+        assert float(data[key]) == pytest.approx(float(value[0]), rel=1e-6), key
+    threshold = served_threshold(server.repository)
+    assert float(data["threshold"]) == pytest.approx(threshold.value, rel=1e-9)
+    for words in ("NLL under the model", "background model", "likelihood ratio", "complexity score", "threshold (llr)",
+                  f"{threshold.calibration_images} validation images", "fg_ood"):
+        assert words in text, (words, text)
+    assert message(browser) == ""
+    browser.save_screenshot(str(shots / "score_heatmap_verdict.png"))
+
+    # An edit makes them stale: they go.
+    draw_stroke(browser, [(0, 0), (0, 1)])
+    assert browser.execute_script("return document.getElementById('analysis').hidden")
+
+    # A model without a detector: the heatmap all the same, and the page says plainly there is no verdict.
+    open_page(browser, gateway, "bin")
+    draw_stroke(browser, [(1, 1), (1, 6)])
+    bin_drawn = canvas_levels(browser, "#draw", 2, 1)[0]
+    click(browser, "score")
+    wait_page(browser, "document.getElementById('verdict').dataset.verdict === 'none'", "the no-detector note")
+    text = browser.execute_script("return document.getElementById('verdict').textContent")
+    assert "'bin' has no out-of-distribution detector" in text and "bin_ood" in text, text
+    assert message(browser) == "", message(browser)  # not an error
+    with PixelClient(server.grpc_url, "bin") as client:
+        want = nll_heatmap(client.score(bin_drawn[None], per_pixel=True).pixel_nll)[0]
+    assert np.abs(heatmap_pixels(browser)[..., :3] - want).max() <= 1
+    browser.save_screenshot(str(shots / "score_no_detector.png"))
+
+    # The gateway itself: the same answers as JSON.
+    got, answer = get(f"{gateway}/api/ood", json.dumps({"model": "bin", "images": [bin_drawn.tolist()]}).encode())
+    assert got == 200 and answer["detector"] is None and "bin_ood" in answer["message"]
+    got, answer = get(f"{gateway}/api/ood", json.dumps({"model": "fg", "images": [drawn.tolist()]}).encode())
+    assert got == 200 and answer["detector"] == "fg_ood" and answer["ood"] == verdict.ood.tolist()
+    assert answer["threshold"] == {"score": threshold.score, "value": threshold.value,
+                                   "false_positive_rate": threshold.false_positive_rate,
+                                   "calibration_images": threshold.calibration_images}
+    got, answer = get(f"{gateway}/api/ood", json.dumps({"model": "fg", "images": [[[[9] * 6] * 6]]}).encode())
+    assert got == 400 and "levels" in answer["error"], answer
+
+
+def gateway_status(process) -> dict[str, int]:
+    """Threads and resident memory (bytes) of the gateway process, from /proc."""
+    text = Path(f"/proc/{process.pid}/status").read_text()
+    return {"threads": int(re.search(r"^Threads:\s+(\d+)", text, re.M).group(1)),
+            "rss": int(re.search(r"^VmRSS:\s+(\d+) kB", text, re.M).group(1)) * 1024}
+
+
+FLOOD = 300  # streams one address opens at once (as reported: 3,936 of 3,938 sampler images, 695 threads)
+PER_CLIENT, THREADS = 4, 8  # the gateway's defaults (web/limits.py)
+THREADS_PER_STREAM = 6  # measured 4-5 with gRPC's own pool counted in; the gateway idle: 3-4, with the flood: 25-28
+RSS_BOUND = 16 * 1024 * 1024  # measured +0-2 MiB on a 32 MB body; unbounded, +254 MB
+
+
+def test_one_address_flooding_streams_is_capped_and_another_still_samples(deployed, gateway_process):
+    server, models = deployed
+    url, process = gateway_process
+    port = int(url.rsplit(":", 1)[1])
+    long_n = 8
+    _, idle = wait_for(lambda: sampler_events(server, "long"), lambda m: m["live"] == 0, FREED_S)
+    assert idle
+    before, base = sampler_events(server, "long"), gateway_status(process)
+
+    async def scenario():
+        body = json.dumps({"model": "long", "n": long_n, "seed": 1}).encode()
+        flood = await asyncio.wait_for(asyncio.gather(*(request(port, "/api/sample", body) for _ in range(FLOOD))), WAIT_S)
+        statuses = [s for s, *_ in flood]
+        assert (statuses.count(200), statuses.count(429)) == (PER_CLIENT, FLOOD - PER_CLIENT), statuses
+        refused = next(f for f in flood if f[0] == 429)
+        assert refused[1]["retry-after"].isdigit() and "sample streams open" in (await read_json(refused[2], refused[1]))["error"]
+        during = gateway_status(process)
+        print(f"gateway threads: {base['threads']} idle, {during['threads']} with the flood")
+        assert during["threads"] <= base["threads"] + PER_CLIENT * THREADS_PER_STREAM + THREADS, (base, during)
+
+        # Another address: its 1-image sample streams to the end beside the flood's streams.
+        started = time.monotonic()
+        status, _, reader, writer = await request(port, "/api/sample", json.dumps({"model": "bin", "n": 1, "seed": 3}).encode(),
+                                                  source="127.0.0.2")
+        assert status == 200
+        lines = await asyncio.wait_for(read_lines(reader), WAIT_S)
+        print(f"another address's 1-image sample beside the flood: {time.monotonic() - started:.2f} s")
+        assert [x["type"] for x in lines] == ["start"] + ["row"] * models["bin"].manifest["shape"][1] + ["done"]
+        writer.close()
+        for *_, writer in flood:
+            writer.close()
+
+    asyncio.run(scenario())
+    # The sampler saw the flood's first few streams only, and freed them (metrics are pushed periodically: wait).
+    after, freed = wait_for(lambda: sampler_events(server, "long"),
+                            lambda m: m["live"] == 0 and m["started"] - before["started"] >= PER_CLIENT, FREED_S)
+    assert freed and after["started"] - before["started"] == PER_CLIENT, (before, after)
+    # ...and the slots came back: the same address samples again.
+    got = urllib.request.urlopen(urllib.request.Request(f"{url}/api/sample", data=json.dumps({"model": "bin", "n": 1}).encode(),
+                                                        headers={"Content-Type": "application/json"}), timeout=WAIT_S)
+    assert json.loads(got.read().decode().splitlines()[-1])["type"] == "done"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_32_mb_json_body_is_refused_and_the_gateway_stays_small(gateway_process, chunked):
+    url, process = gateway_process
+    port = int(url.rsplit(":", 1)[1])
+    size = 32 * 1000 * 1000
+    asyncio.run(asyncio.wait_for(post_big(port, "/api/score", size, chunked), WAIT_S))  # warm
+    before = gateway_status(process)["rss"]
+    status, answer, after = asyncio.run(asyncio.wait_for(post_big(port, "/api/score", size, chunked), WAIT_S))
+    grown = gateway_status(process)["rss"] - before
+    print(f"32 MB body ({'chunked' if chunked else 'declared'}): gateway RSS {grown / 2**20:+.1f} MiB")
+    assert status == 413 and ("at most 1 MiB" in answer["error"] or "larger than 1 MiB" in answer["error"]), answer
+    assert after == 200 and grown < RSS_BOUND
 
 
 def test_bad_input_gets_a_message_on_the_page_and_a_4xx_from_the_gateway(deployed, gateway, browser, tmp_path):

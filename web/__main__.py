@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
 
@@ -20,23 +22,59 @@ def check_port(host: str, port: int) -> str | None:
     return None
 
 
+def quiet_interrupt(signum, frame) -> None:  # noqa: ARG001
+    """Ctrl-C before uvicorn takes over its signals (during the imports, a second or two): exit
+    as uvicorn does on it, with no KeyboardInterrupt traceback out of whatever was importing.
+    At once: nothing is serving yet, and unwinding a half-done import of gRPC can hang at exit."""
+    sys.stdout.flush()
+    os._exit(130)
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGINT, quiet_interrupt)
+    try:
+        return serve(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)  # as it was for a caller in the same process (the console command, tests)
+
+
+def serve(argv) -> int:
+    from pixelrnn.web.limits import Limits  # here, not above: the less before main(), the less a Ctrl-C can catch unhandled
+
+    defaults = Limits()
     parser = argparse.ArgumentParser(prog="python -m pixelrnn.web", description="The live web page of a Triton-served PixelRNN model.")
     parser.add_argument("--triton", default="localhost:8001", help="the Triton server's gRPC address (host:port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds any one metadata or score call may take")
+    parser.add_argument("--check-port", action="store_true", help="only say whether --host:--port is free (exit 1 if not)")
+    limits = parser.add_argument_group("limits (one machine's defaults)")
+    limits.add_argument("--max-streams-per-client", type=int, default=defaults.streams_per_client,
+                        help=f"sample streams one client address may have open (default {defaults.streams_per_client})")
+    limits.add_argument("--max-streams", type=int, default=defaults.streams,
+                        help=f"sample streams open in all, each up to 16 images; keep streams x 16 below the sampler's "
+                             f"live-images budget (default {defaults.streams})")
+    limits.add_argument("--max-json-kib", type=int, default=defaults.json_bytes // 1024,
+                        help=f"largest JSON request body, KiB (default {defaults.json_bytes // 1024}); uploads: 2 MiB")
+    limits.add_argument("--threads", type=int, default=defaults.threads,
+                        help=f"blocking calls to Triton at once; the rest wait (default {defaults.threads})")
     args = parser.parse_args(argv)
+    try:
+        chosen = Limits(streams_per_client=args.max_streams_per_client, streams=args.max_streams,
+                        json_bytes=args.max_json_kib * 1024, threads=args.threads)
+    except ValueError as e:
+        parser.error(str(e))
     problem = check_port(args.host, args.port)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+    if problem or args.check_port:
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if problem else 0
 
     import uvicorn
 
     from pixelrnn.web.gateway import create_app
 
-    app = create_app(args.triton, timeout=args.timeout)
+    app = create_app(args.triton, timeout=args.timeout, limits=chosen)
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     print(f"web page: http://{shown}:{args.port}/  (Triton gRPC at {args.triton}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)

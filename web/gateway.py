@@ -1,59 +1,54 @@
 """The web gateway: a small HTTP app between the page (web/static/) and a Triton server, which it
-reaches only through the gRPC client (client.PixelClient, client.catalog).
+reaches only through the gRPC client (client.PixelClient, client.catalog; web/detector.py reads
+one config parameter the same way).
 
     GET  /                 the page
     GET  /api/models       the models the server serves (shape, levels, classes, stages)
     POST /api/sample       JSON {model, n, seed, temperature, label, image?, known_rows?}
                            -> NDJSON stream: start, one line per row as it arrives, done (scores)
-    POST /api/score        JSON {model, images, labels?} -> {nll, bpd}
+    POST /api/score        JSON {model, images, labels?, per_pixel?} -> {nll, bpd, pixel_nll?}
+    POST /api/ood          JSON {model, images} -> the detector's scores, verdicts and threshold,
+                           or {"detector": null, "message": why not} where the model has none
     POST /api/upload?model=NAME   PNG bytes -> {image}: the picture as the model's levels (C, H, W)
 
-Rows go out as newline-delimited JSON on one streamed HTTP response (the page reads it with
-fetch): a plain POST carries the drawn image of a completion, bad parameters get a 4xx before any
-row, and the page's Stop (or closing the tab) closes the connection. The server notices the
-closed connection, stops reading rows, and closing PixelClient's row generator cancels the Triton
-sequence (client.stream.close_stream), so the sampler frees it at once. Each request opens its own
-sequences; requests from several tabs meet in the sampler, which batches their row steps.
+Rows go out as newline-delimited JSON on one streamed HTTP response (web/streams.py; the page
+reads it with fetch): a plain POST carries the drawn image of a completion, bad parameters get a
+4xx before any row, and the page's Stop (or closing the tab) closes the connection, which cancels
+the Triton sequence. Each request opens its own sequences; requests from several tabs meet in the
+sampler, which batches their row steps.
 
-Errors are JSON {"error": one line} with a 4xx (bad input, unknown model) or 503 (no server);
-once rows flow, an error is a last NDJSON line {"type": "error", ...}.
+What one client may take is bounded (web/limits.py): open streams per address and in all (429
+with Retry-After past either), request bodies (413), and the threads making blocking calls.
+
+Errors are JSON {"error": one line} with a 4xx (bad input, unknown model, over a limit) or 503 (no
+server); once rows flow, an error is a last NDJSON line {"type": "error", ...}.
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import threading
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelrnn.client.catalog import served_models
-from pixelrnn.client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone, assemble
+from pixelrnn.client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone
 from pixelrnn.runtime import request
+from pixelrnn.runtime.protocol import detect_model
+from pixelrnn.web.detector import detector_threshold
+from pixelrnn.web.errors import GatewayError
+from pixelrnn.web.limits import BodyLimit, Limits, StreamSlots
+from pixelrnn.web.streams import RowStream
 from pixelrnn.web.uploads import MAX_BYTES, UploadError, to_levels
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_IMAGES = 16  # per sample / completion request: what a page shows at once
 MAX_SCORE_IMAGES = 64
-DRAIN_FACTOR = 8  # read_body: how much of an oversized body is read before answering
-log = logging.getLogger("web")
-
-
-class GatewayError(Exception):
-    """Answered as {"error": message} with `status`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, " ".join(str(message).split())
 
 
 class SampleRequest(BaseModel):
@@ -89,6 +84,13 @@ class ScoreRequest(BaseModel):
     model: str = Field(min_length=1)
     images: list = Field(min_length=1, max_length=MAX_SCORE_IMAGES)  # (N, C, H, W) levels
     labels: list[int] | None = None
+    per_pixel: bool = False  # also each sub-pixel's NLL (N, C, H, W): the page's heatmap
+
+
+class OodRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    images: list = Field(min_length=1, max_length=MAX_SCORE_IMAGES)  # (N, C, H, W) levels; no labels: p(x) is the marginal
 
 
 def describe(info: ModelInfo) -> dict[str, Any]:
@@ -109,12 +111,13 @@ def as_levels(value, what: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def line(obj: dict) -> bytes:
-    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+def unreachable(e: ServerGone) -> GatewayError:
+    return GatewayError(503, f"the Triton server is not reachable: {e}")
 
 
 class Gateway:
-    """What the routes share: the Triton address and how long a call to it may take."""
+    """What the routes share: the Triton address and how long a call to it may take. Every
+    method blocks (gRPC calls): the routes run them on the bounded thread pool."""
 
     def __init__(self, triton_url: str, timeout: float = 10.0):
         self.url, self.timeout = triton_url, timeout
@@ -123,7 +126,7 @@ class Gateway:
         try:
             return {m.name: m for m in served_models(self.url, timeout=self.timeout)}
         except ServerGone as e:
-            raise GatewayError(503, f"the Triton server is not reachable: {e}") from None
+            raise unreachable(e) from None
         except ClientError as e:
             raise GatewayError(502, str(e)) from None
 
@@ -135,11 +138,10 @@ class Gateway:
         try:
             return PixelClient(self.url, model, timeout=self.timeout)
         except ServerGone as e:
-            raise GatewayError(503, f"the Triton server is not reachable: {e}") from None
+            raise unreachable(e) from None
         except ClientError as e:
             raise GatewayError(502, str(e)) from None
 
-    # -- sampling and completion ----------------------------------------------------------------
     def open_sample(self, req: SampleRequest) -> tuple[PixelClient, Iterator[Row], np.ndarray | None, np.ndarray | None]:
         """Check the request and open the stream (no row asked for yet): (client, rows, labels, known)."""
         client = self.connect(req.model)
@@ -160,65 +162,40 @@ class Gateway:
             client.close()
             raise
 
-    async def stream(self, req: SampleRequest, client: PixelClient, rows: Iterator[Row], labels, known) -> AsyncIterator[bytes]:
-        """NDJSON lines of the sequence's rows as PixelClient yields them. A worker thread reads
-        the blocking row generator; leaving early (the browser went away: this generator is
-        cancelled) tells it to stop, and it closes the generator, which cancels the sequence."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:
-                pass  # the event loop is gone (the gateway is shutting down)
-
-        def produce() -> None:
-            received, start = [], time.monotonic()
-            try:
-                for row in rows:
-                    if stop.is_set():
-                        return
-                    received.append(row)
-                    put({"type": "row", "stage": row.stage, "index": row.index, "pixels": row.pixels.tolist()})
-                images = assemble(received, client.info.shape)
-                if known is not None and not np.array_equal(images[:, :, :req.known_rows], known[:, :, :req.known_rows]):
-                    raise ClientError("the server changed known rows")
-                seconds = time.monotonic() - start
-                scores = client.score(images, labels)
-                put({"type": "done", "rows": len(received), "seconds": round(seconds, 4),
-                     "nll": scores.nll_nats.tolist(), "bpd": scores.bits_per_dim.tolist(),
-                     "labels": None if labels is None else labels.tolist()})
-            except ClientError as e:
-                put({"type": "error", "message": str(e)})
-            except Exception as e:  # noqa: BLE001 - a bug must still end the page's stream with a line
-                log.exception("sampling failed")
-                put({"type": "error", "message": f"internal error: {type(e).__name__}: {e}"})
-            finally:
-                rows.close()  # unfinished: cancels the Triton sequence (client.stream.close_stream)
-                client.close()
-                put(None)
-
-        worker = threading.Thread(target=produce, name="web-sample", daemon=True)
-        worker.start()
-        try:
-            yield line({"type": "start", "model": describe(client.info), "n": req.n,
-                        "known_rows": req.known_rows, "labels": None if labels is None else labels.tolist()})
-            while (item := await queue.get()) is not None:
-                yield line(item)
-        finally:
-            stop.set()
-
-    # -- scoring and uploads ----------------------------------------------------------------------
     def score(self, req: ScoreRequest) -> dict:
         client = self.connect(req.model)
         try:
             images = as_levels(req.images, "images", 4)
-            scores = client.score(images, req.labels)
-            return {"nll": scores.nll_nats.tolist(), "bpd": scores.bits_per_dim.tolist()}
+            scores = client.score(images, req.labels, per_pixel=req.per_pixel)
+            out = {"nll": scores.nll_nats.tolist(), "bpd": scores.bits_per_dim.tolist()}
+            if req.per_pixel:
+                out["pixel_nll"] = scores.pixel_nll.tolist()  # (N, C, H, W) nats, summing to nll
+            return out
         except ServerGone as e:
-            raise GatewayError(503, f"the Triton server is not reachable: {e}") from None
+            raise unreachable(e) from None
+        except ClientError as e:
+            raise GatewayError(400, str(e)) from None
+        finally:
+            client.close()
+
+    def ood(self, req: OodRequest) -> dict:
+        """The detector's answer; a model without one is not an error, the page says so."""
+        client = self.connect(req.model)
+        try:
+            threshold = detector_threshold(self.url, req.model, self.timeout)
+            if threshold is None:
+                return {"detector": None, "message": f"model {req.model!r} has no out-of-distribution detector: the "
+                                                      f"server does not serve {detect_model(req.model)} (export the "
+                                                      f"model with --background to have one)"}
+            s = client.ood(as_levels(req.images, "images", 4))
+            return {"detector": detect_model(req.model), "nll": s.nll_nats.tolist(),
+                    "background_nll": s.background_nll_nats.tolist(), "llr": s.llr.tolist(),
+                    "complexity": s.complexity.tolist(), "ood": s.ood.tolist(),
+                    "threshold": {"score": threshold.score, "value": threshold.value,
+                                  "false_positive_rate": threshold.false_positive_rate,
+                                  "calibration_images": threshold.calibration_images}}
+        except ServerGone as e:
+            raise unreachable(e) from None
         except ClientError as e:
             raise GatewayError(400, str(e)) from None
         finally:
@@ -236,30 +213,6 @@ class Gateway:
             raise GatewayError(e.status, str(e)) from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) once it passes `limit` bytes.
-
-    An oversized body is still read (and dropped) up to DRAIN_FACTOR x limit before the answer:
-    a server that answers and closes while the client is still sending makes the client fail
-    with a broken pipe instead of showing the message (seen with urllib; browsers alike)."""
-    declared = request.headers.get("content-length")
-    too_big = bool(declared and declared.isdigit() and int(declared) > limit)
-    size, body = 0, bytearray()
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            too_big = True
-        if too_big:
-            if size > DRAIN_FACTOR * limit:
-                break
-            continue
-        body += chunk
-    if too_big:
-        shown = int(declared) if declared and declared.isdigit() else size
-        raise GatewayError(413, f"the upload is {shown / 1e6:.1f} MB; at most {limit / 1e6:.1f} MB is accepted")
-    return bytes(body)
-
-
 def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -269,14 +222,21 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def create_app(triton_url: str, timeout: float = 10.0) -> FastAPI:
+def create_app(triton_url: str, timeout: float = 10.0, limits: Limits = Limits()) -> FastAPI:
     gateway = Gateway(triton_url, timeout)
+    slots = StreamSlots(limits)
+    threads = anyio.CapacityLimiter(limits.threads)
     app = FastAPI(title="PixelRNN web gateway", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gateway = gateway
+    app.state.gateway, app.state.slots, app.state.threads = gateway, slots, threads
+    app.add_middleware(BodyLimit, default=limits.json_bytes, limits={"/api/upload": MAX_BYTES})
+
+    async def blocking(fn, *args):
+        """A blocking client call on the gateway's bounded threads (waits for one when all are busy)."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=threads)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError):  # noqa: ARG001
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):  # noqa: ARG001
@@ -288,23 +248,40 @@ def create_app(triton_url: str, timeout: float = 10.0) -> FastAPI:
 
     @app.get("/api/models")
     async def models():
-        found = await run_in_threadpool(gateway.models)
+        found = await blocking(gateway.models)
         return {"triton": triton_url, "models": [describe(m) for m in found.values()]}
 
     @app.post("/api/sample")
-    async def sample(req: SampleRequest):
-        client, rows, labels, known = await run_in_threadpool(gateway.open_sample, req)
-        return StreamingResponse(gateway.stream(req, client, rows, labels, known), media_type="application/x-ndjson",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    async def sample(req: SampleRequest, request: Request):
+        release = slots.take(request.client.host if request.client else "unknown")  # 429 before anything is opened
+        try:
+            client, rows, labels, known = await blocking(gateway.open_sample, req)
+        except BaseException:
+            release()
+            raise
+        start = {"type": "start", "model": describe(client.info), "n": req.n, "known_rows": req.known_rows,
+                 "labels": None if labels is None else labels.tolist()}
+        try:
+            stream = RowStream(start, client, rows, labels, known, req.known_rows, release)
+        except BaseException:  # no worker (no thread to be had): nothing else will close these
+            rows.close()
+            client.close()
+            release()
+            raise
+        return stream.response()
 
     @app.post("/api/score")
     async def score(req: ScoreRequest):
-        return await run_in_threadpool(gateway.score, req)
+        return await blocking(gateway.score, req)
+
+    @app.post("/api/ood")
+    async def ood(req: OodRequest):
+        return await blocking(gateway.ood, req)
 
     @app.post("/api/upload")
     async def upload(request: Request, model: str):
-        data = await read_body(request, MAX_BYTES)
-        return await run_in_threadpool(gateway.upload, model, data)
+        data = await request.body()  # at most MAX_BYTES: BodyLimit refuses more
+        return await blocking(gateway.upload, model, data)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

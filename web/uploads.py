@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pixelrnn.runtime.images import from_display
+from pixelrnn.web.limits import mib
 
 MAX_BYTES = 2 * 1024 * 1024  # a PNG of a small picture is far below; more is a mistake or abuse
 MAX_PIXELS = 4096 * 4096  # decompression-bomb guard: PIL's own limit only warns below 2x its value
@@ -32,7 +33,7 @@ class UploadError(ValueError):
 def to_levels(data: bytes, shape: tuple[int, int, int], levels: int) -> np.ndarray:
     """PNG bytes -> uint8 levels (C, H, W) for a model of this shape and number of levels."""
     if len(data) > MAX_BYTES:
-        raise UploadError(f"the upload is {len(data) / 1e6:.1f} MB; at most {MAX_BYTES / 1e6:.1f} MB is accepted", 413)
+        raise UploadError(f"the upload is {mib(len(data))}; at most {mib(MAX_BYTES)} is accepted", 413)
     if not data:
         raise UploadError("the upload is empty: choose a PNG file")
     if not data.startswith(PNG_SIGNATURE):

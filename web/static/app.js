@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: {}, model: null, running: null, drawn: null, retry: null };
+const state = { models: {}, model: null, running: null, drawn: null, edits: 0, retry: null };
 
 // -- messages and the server's model list ----------------------------------------------------
 function say(text, kind = "info") {
@@ -110,17 +110,21 @@ function figure(canvas, caption = "") {
 }
 
 // -- sampling and completion: one stream at a time ----------------------------------------------
-function setRunning(controller) {
-  state.running = controller;
-  $("stop").disabled = !controller;
-  for (const id of ["sample", "complete"]) $(id).disabled = !!controller;
+// state.running: { controller, received, total } of the stream in flight (rows received of total).
+function setRunning(running) {
+  state.running = running;
+  $("stop").disabled = !running;
+  for (const id of ["sample", "complete"]) $(id).disabled = !!running;
 }
 
 function stop() {
-  if (!state.running) return;
-  state.running.abort();  // closes the connection: the gateway cancels the Triton sequence
+  const running = state.running;
+  if (!running) return;
+  running.controller.abort();  // closes the connection: the gateway cancels the Triton sequence, if still running
   setRunning(null);
-  say("stopped: the server cancelled the sequence");
+  // With every row here the sequence had already completed on the server: only its scores were dropped.
+  say(running.received < running.total ? "stopped: the server cancelled the sequence"
+    : "stopped: the images were already complete; their scores were not waited for");
   $("progress").textContent += " (stopped)";
 }
 
@@ -141,8 +145,9 @@ async function run(params, target) {
   stop();
   say("");
   const controller = new AbortController();
-  setRunning(controller);
   const total = m.stage_rows.reduce((a, b) => a + b, 0);
+  const running = { controller, received: 0, total };
+  setRunning(running);
   const canvases = [];
   let received = 0, started = performance.now();
   $("bar").max = total; $("bar").value = 0;
@@ -179,7 +184,7 @@ async function run(params, target) {
           started = performance.now();
         } else if (msg.type === "row") {
           msg.pixels.forEach((px, i) => drawRow(canvases[i], m, msg.stage, msg.index, px));
-          received++;
+          running.received = ++received;
           const seconds = (performance.now() - started) / 1000;
           const stage = m.stage_rows.length > 1 ? ` (scale ${msg.stage + 1} of ${m.stage_rows.length})` : "";
           $("bar").value = received;
@@ -204,7 +209,7 @@ async function run(params, target) {
       $("progress").textContent += " (failed)";
     }
   } finally {
-    if (state.running === controller) setRunning(null);
+    if (state.running === running) setRunning(null);
   }
 }
 
@@ -226,7 +231,17 @@ function resetDrawing() {
   old.replaceWith(canvas);
   bindDrawing(canvas);
   renderDrawing();
-  $("draw-score").textContent = "";
+  drawingChanged();
+}
+
+// The score, heatmap and verdict describe the drawing they were made for: an edit clears them.
+function drawingChanged() {
+  state.edits++;  // an answer to a score asked before this edit is dropped
+  const out = $("draw-score");
+  out.textContent = "";
+  delete out.dataset.nll;
+  delete out.dataset.bpd;
+  $("analysis").hidden = true;
 }
 
 function renderDrawing() {
@@ -264,6 +279,7 @@ function bindDrawing(canvas) {
     for (let i = 0; i <= steps; i++) paint(Math.round(x0 + (x - x0) * i / steps), Math.round(y0 + (y - y0) * i / steps), erase);
     last = [x, y];
     renderDrawing();
+    drawingChanged();
   };
   canvas.addEventListener("pointerdown", (e) => { last = null; canvas.setPointerCapture(e.pointerId); stroke(e); });
   canvas.addEventListener("pointermove", (e) => { if (e.buttons) stroke(e); });
@@ -282,6 +298,7 @@ async function upload() {
     if (!response.ok) throw new Error(`upload refused: ${await errorOf(response)}`);
     state.drawn = (await response.json()).image;
     renderDrawing();
+    drawingChanged();
   } catch (e) {
     say(e.message, "error");
   } finally {
@@ -289,24 +306,97 @@ async function upload() {
   }
 }
 
+async function postJson(path, body) {
+  const response = await fetch(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(await errorOf(response));
+  return response.json();
+}
+
+// Score: the drawing's NLL and its per-pixel map, then the detector's verdict (or why there is none).
 async function score() {
-  const m = state.model;
-  const body = { model: m.name, images: [state.drawn] };
+  const m = state.model, images = [state.drawn], edits = state.edits;
+  const body = { model: m.name, images, per_pixel: true };
   if (m.conditional) body.labels = [numberField("label")];
   say("");
+  showVerdict({ detector: null, message: "" });
   try {
-    const response = await fetch("/api/score", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
-    if (!response.ok) throw new Error(await errorOf(response));
-    const { nll, bpd } = await response.json();
+    const { nll, bpd, pixel_nll } = await postJson("/api/score", body);
+    if (state.edits !== edits || state.model !== m) return;
     const out = $("draw-score");
     out.dataset.nll = nll[0];
     out.dataset.bpd = bpd[0];
     out.textContent = `drawing: ${nll[0].toFixed(2)} nats · ${bpd[0].toFixed(4)} bits/dim`;
+    showHeatmap(m, pixel_nll[0]);
+    $("analysis").hidden = false;
+    const verdict = await postJson("/api/ood", { model: m.name, images });
+    if (state.edits === edits && state.model === m) showVerdict(verdict, m);
   } catch (e) {
     say(e.message, "error");
   }
+}
+
+// The per-pixel NLL (C, H, W) as runtime/images.py nll_heatmap draws it: summed over channels, on
+// a black-red-yellow-white ramp from 0 to the image's largest value, one canvas pixel per pixel.
+function showHeatmap(m, pixelNll) {
+  const [c, h, w] = m.shape;
+  const heat = Array.from({ length: h }, (_, y) => Array.from({ length: w }, (_, x) => {
+    let sum = 0;
+    for (let k = 0; k < c; k++) sum += pixelNll[k][y][x];
+    return sum;
+  }));
+  const top = heat.flat().reduce((a, b) => Math.max(a, b), 0) || 1;
+  const img = new ImageData(w, h);
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    const t = Math.min(Math.max(heat[y][x] / top, 0), 1) * 3, o = 4 * (y * w + x);  // a third of the ramp per primary
+    for (let k = 0; k < 3; k++) img.data[o + k] = Math.round(Math.min(Math.max(t - k, 0), 1) * 255);
+    img.data[o + 3] = 255;
+  }
+  const canvas = newCanvas(m);
+  canvas.id = "heatmap";
+  canvas.dataset.top = top;
+  canvas.getContext("2d").putImageData(img, 0, 0);
+  $("heatmap").replaceWith(canvas);
+  $("heat-scale").textContent = `where the model was surprised:\nblack 0 … white ${top.toFixed(2)} nats`;
+}
+
+function showVerdict(v, m) {
+  const box = $("verdict");
+  box.replaceChildren();
+  for (const key of Object.keys(box.dataset)) delete box.dataset[key];
+  if (!v.detector) {
+    if (v.message) box.dataset.verdict = "none";
+    box.className = "muted";
+    box.textContent = v.message;
+    return;
+  }
+  const t = v.threshold, out = v.ood[0];
+  Object.assign(box.dataset, { verdict: out ? "out" : "in", nll: v.nll[0], backgroundNll: v.background_nll[0],
+    llr: v.llr[0], complexity: v.complexity[0], threshold: t.value });
+  box.className = out ? "out" : "in";
+  const head = document.createElement("p");
+  head.className = "verdict";
+  head.textContent = out ? "out of distribution: unlike the model's training data" : "in distribution: like the model's training data";
+  const rows = [
+    // A class-conditional model's detector scores p(x) summed over the classes, not the chosen class's.
+    [m.conditional ? "NLL under the model, any class" : "NLL under the model", `${v.nll[0].toFixed(2)} nats`],
+    ["NLL under the background model", `${v.background_nll[0].toFixed(2)} nats`],
+    ["likelihood ratio (the difference)", v.llr[0].toFixed(2)],
+    ["complexity score", `${v.complexity[0].toFixed(1)} bits`],
+    [`threshold (${t.score})`, `${t.value.toFixed(2)}: ${(100 * t.false_positive_rate).toFixed(0)}% of ` +
+      `${t.calibration_images} validation images score above it`],
+  ];
+  const table = document.createElement("table");
+  for (const [name, value] of rows) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = name;
+    tr.insertCell().textContent = value;
+  }
+  const from = document.createElement("p");
+  from.className = "muted";
+  from.textContent = `from ${v.detector}: out of distribution when the ${t.score} is above the threshold`;
+  box.append(head, table, from);
 }
 
 $("model").addEventListener("change", selectModel);
