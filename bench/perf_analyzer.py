@@ -9,9 +9,12 @@ perf_analyzer is the binary the pinned tritonclient wheel ships (.venv/bin/perf_
 links libb64.so.0d (Debian's libb64-0d) and libcudart.so.12 (PyPI's nvidia-cuda-runtime-cu12,
 whose lib/ folder this wrapper puts on LD_LIBRARY_PATH); `make setup` installs both.
 
-Request data: the repository's NAME_score/perf_analyzer_input.json and
-NAME_sample/perf_analyzer_input.json (written by server/repository.py; random data would be
-refused: values must lie within the model's levels). What perf_analyzer 2.51 needs for the
+Request data. The scorer needs no file: --input-data zero, all-zero images (and class 0), valid
+at any number of levels. perf_analyzer sends every input a model declares, and the scorer
+declares IMAGES (+ LABELS) only; its default random data is one fixed pseudo-random byte
+pattern, pixel values up to 255, which only a 256-level model accepts (any other answers
+"IMAGES values must be in [0, levels)"). The sampler takes NAME_sample/perf_analyzer_input.json
+of the repository (written by server/repository.py). What perf_analyzer 2.51 needs for the
 sampler, a decoupled (streaming) stateful model:
   -i grpc --streaming --async   decoupled models only run over a gRPC stream
   --sequence-length 1 --sequence-length-variation 0
@@ -60,7 +63,8 @@ from pathlib import Path
 from bench.common import PROJECT_ROOT, machine_info, model_record, shown, write_json
 from pixelrnn.runtime import protocol as p
 
-PERF_INPUT = "perf_analyzer_input.json"  # server/repository.py writes it into both model folders
+PERF_INPUT = "perf_analyzer_input.json"  # the sampler's request data, server/repository.py writes it
+SCORE_DATA = "zero"  # the scorer's: perf_analyzer's all-zero images (module notes)
 STABILITY_PERCENTAGE = 1000
 
 
@@ -148,7 +152,7 @@ def failures(url: str, model: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- one measurement
 
-def command(binary: Path, url: str, model: str, input_data: Path, args, sampler: bool) -> list[str]:
+def command(binary: Path, url: str, model: str, input_data: Path | str, args, sampler: bool) -> list[str]:
     common = ["-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_data),
               "--measurement-mode", "time_windows", "-p", str(args.window_ms), "--max-trials", str(args.windows),
               "--stability-percentage", str(STABILITY_PERCENTAGE)]
@@ -180,8 +184,8 @@ def stream_figures(export: dict, rows: int) -> dict:
     }
 
 
-def measure(binary: Path, env: dict, url: str, model: str, input_data: Path, args, sampler: bool, rows: int) -> dict:
-    if not input_data.is_file():
+def measure(binary: Path, env: dict, url: str, model: str, input_data: Path | str, args, sampler: bool, rows: int) -> dict:
+    if isinstance(input_data, Path) and not input_data.is_file():
         raise PerfError(f"no perf_analyzer input data at {input_data} (server/repository.py writes it; "
                         "rewrite the repository with this version)")
     with tempfile.TemporaryDirectory(prefix="perf_analyzer-") as tmp:
@@ -198,7 +202,8 @@ def measure(binary: Path, env: dict, url: str, model: str, input_data: Path, arg
         failed_after, ok_after = failures(url, model)
         out = (result.stdout + result.stderr).strip()
         row = next(csv.DictReader(report.open()), None) if report.is_file() else None
-        shown_argv = ["perf_analyzer" if a == str(binary) else shown(a) if a == str(input_data) else a for a in argv]
+        data = shown(input_data) if isinstance(input_data, Path) else input_data
+        shown_argv = ["perf_analyzer" if a == str(binary) else data if a == str(input_data) else a for a in argv]
         figures = {"command": " ".join(shown_argv),
                    "seconds": round(seconds, 2), "perf_analyzer_exit": result.returncode,
                    "server_failed_requests": failed_after - failed_before,
@@ -237,8 +242,8 @@ def run(args) -> dict:
     repository = Path(args.repository)
     results = {}
     for key, model, sampler in (("score", score, False), ("sample", sample, True)):
-        results[key] = measure(binary, env, args.url, model, repository / model / PERF_INPUT, args, sampler,
-                               server["rows_per_image"])
+        results[key] = measure(binary, env, args.url, model, repository / model / PERF_INPUT if sampler else SCORE_DATA,
+                               args, sampler, server["rows_per_image"])
     # The served model as the repository describes it (its manifest), where the repository has it.
     manifest_path = repository / sample / "1" / "manifest.json"
     model = (model_record(json.loads(manifest_path.read_text()), folder=manifest_path.parent) if manifest_path.is_file()
@@ -250,7 +255,7 @@ def run(args) -> dict:
                    "measurement_mode": "time_windows", "window_ms": args.window_ms, "windows": args.windows,
                    "stability_percentage": STABILITY_PERCENTAGE, "score_batch": args.score_batch,
                    "score_concurrency": args.score_concurrency, "sample_concurrency": args.sample_concurrency,
-                   "input_data": f"{{model}}/{PERF_INPUT} of the repository"},
+                   "input_data": {"score": SCORE_DATA, "sample": f"{{model}}/{PERF_INPUT} of the repository"}},
         "perf_analyzer": version,
         "server": {**server, "url": args.url},
         "machine": machine_info(libraries=False),  # this process only drives perf_analyzer
@@ -284,7 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", required=True, help="the Triton server's gRPC endpoint, HOST:PORT")
     parser.add_argument("--model", required=True, help="the export's NAME (models NAME_score and NAME_sample)")
     parser.add_argument("--repository", default=str(PROJECT_ROOT / "model_repository"),
-                        help="the served repository, for NAME_*/perf_analyzer_input.json (default: model_repository/)")
+                        help="the served repository, for NAME_sample/perf_analyzer_input.json (default: model_repository/)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer -p: one measurement window")
     parser.add_argument("--windows", type=int, default=3, help="windows per measurement (perf_analyzer --max-trials; at least 3)")

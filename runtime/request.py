@@ -24,8 +24,7 @@ import math
 
 import numpy as np
 
-from pixelrnn.runtime.protocol import (BATCH_SIZE, IMAGES, IMAGES_HW, KNOWN, LABELS, MAX_ROWS, ROWS_PER_RESPONSE, SEED,
-                                       TEMPERATURE)
+from pixelrnn.runtime.protocol import BATCH_SIZE, IMAGES, KNOWN, LABELS, MAX_ROWS, ROWS_PER_RESPONSE, SEED, TEMPERATURE
 
 # Below this a T > 0 makes logits / T overflow to inf (at 5e-324) or lose the softmax to
 # rounding: the row would be neither sampled nor greedy. 1e-6 is far from that and already
@@ -179,16 +178,13 @@ def check_rows_per_response(value, name: str = ROWS_PER_RESPONSE) -> int | None:
     return int(value)
 
 
-def score_images(given: list[tuple[str, np.ndarray]], levels: int) -> np.ndarray:
-    """The images of a scoring request (NAME_score, NAME_ood) from the image inputs it carried,
-    as (name, array): exactly one of IMAGES (N x C x H x W) or IMAGES_HW (N x H x W, grey
-    models), values below `levels` -> uint8 (N, C, H, W). Triton has checked dtype and shape."""
-    if len(given) != 1:
-        raise RequestError(f"send the images as exactly one of {IMAGES} (N x C x H x W) or {IMAGES_HW} (N x H x W, grey "
-                           f"models), got {'both' if given else 'neither'}")
-    name, images = given[0]
-    if name == IMAGES_HW:
-        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
+def score_images(images: np.ndarray | None, levels: int) -> np.ndarray:
+    """The IMAGES of a scoring request (NAME_score, NAME_ood), uint8 (N, C, H, W), checked to be
+    there and to lie below the model's `levels`. Triton has checked the dtype and the shape
+    against the config, but it checks required inputs by their count only: a class-conditional
+    scorer's request with LABELS alone reaches the model without images (None)."""
+    if images is None:
+        raise RequestError(f"send the images as {IMAGES} (uint8 N x C x H x W)")
     if images.size and int(images.max()) >= levels:
-        raise RequestError(f"{name} values must be in [0, {levels}) (the model's levels), got {int(images.max())}")
+        raise RequestError(f"{IMAGES} values must be in [0, {levels}) (the model's levels), got {int(images.max())}")
     return images

@@ -26,9 +26,7 @@ TEMPLATE = TEMPLATES / "ood_model.py"
 def detector_config(manifest: dict, background: dict, threshold: Threshold, max_queue_delay_us: int = 2000) -> str:
     c, h, w = manifest["shape"]
     max_batch = min(int(manifest["max_batch"]), int(background["max_batch"]))  # one request per scorer call
-    inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w])]
-    if c == 1:
-        inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w], optional=True), _io(p.IMAGES_HW, "TYPE_UINT8", [h, w], optional=True)]
+    inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w])]  # one layout, required, as NAME_score (server/repository.py)
     outputs = [_io(n, "TYPE_FP32", [1]) for n in (p.NLL_NATS, p.BACKGROUND_NLL_NATS, p.LLR, p.COMPLEXITY)]
     outputs.append(_io(p.OOD, "TYPE_BOOL", [1]))
     params = {"foreground_model": p.score_model(manifest["name"]), "background_model": p.score_model(background["name"]),

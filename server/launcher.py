@@ -13,9 +13,20 @@ manifest.json, or a config.pbtxt Triton cannot parse; the traceback stays in the
 The models' Python (the backend stub) is the project venv: its bin/ goes first on PATH (the stub
 takes sys.prefix from the first python3 there) and LD_LIBRARY_PATH gets the venv's base
 interpreter's LIBDIR, so the stub's libpython matches the venv's standard library.
+
+Nothing of a server outlives its end (server/reaper.py): each server gets a unique shared-memory
+prefix, and whenever tritonserver is seen gone (stop(), wait(), running()), the backend stubs it
+left are killed and its regions in /dev/shm removed. It leaves them when its stop gives up
+("Exit timeout expired": a sequence a client left open counts as a request in flight until its
+idle timeout, and a model a client's open gRPC stream holds never unloads) or when it is killed.
+A watchdog process (server/reaper.py run as a script) does the same when the launcher process
+itself ends without stopping its server, SIGKILL included. stop() is bounded: Triton 2.51 never
+exits while a client holds a gRPC stream open, so it is killed once its models are unloaded or
+it gave up on them.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,10 +34,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from pixelrnn.server import reaper
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRITON_HOME = PROJECT_ROOT / ".triton" / "pytriton" / "tritonserver"
@@ -38,6 +52,25 @@ BIND_FAILED = re.compile(r"failed to start (GRPC|HTTP|Metrics) service: .*alread
 # Start-ups tried when a free port picked here was taken by another process before tritonserver
 # bound it (free_port releases the port it found: a race on a busy machine, not an error).
 START_ATTEMPTS = 3
+# tritonserver --exit-timeout-secs: how long its stop waits for requests in flight and for its models
+# to unload. Past it, it gives up ("failed to stop server: ... Exit timeout expired") and exits.
+EXIT_TIMEOUT_S = 10
+# Once its models are unloaded (or it gave up on them), tritonserver stops its endpoints and exits
+# within about a second, unless a client holds a gRPC stream open: Triton 2.51's gRPC shutdown then
+# waits for that client for ever (a stream that carried requests also holds up the unload until the
+# exit timeout). Past this grace the launcher kills it: nothing is left to finish.
+EXIT_GRACE_S = 3.0
+SHUTDOWN_GAVE_UP = "failed to stop server"
+
+
+def shutdown_state(log_since_stop: str, models: list[str]) -> str | None:
+    """From tritonserver's log since the stop: "unloaded" (every model unloaded), "gave up" (its exit
+    timeout expired), or None (still stopping)."""
+    if SHUTDOWN_GAVE_UP in log_since_stop:
+        return "gave up"
+    if all(f"successfully unloaded '{m}'" in log_since_stop for m in models):
+        return "unloaded"
+    return None
 
 
 class ServerError(RuntimeError):
@@ -141,6 +174,13 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
         self.models: list[str] = []
+        self.shm_prefix: str | None = None  # of the server started last (server/reaper.py)
+        self.leftovers: dict[str, list] | None = None  # what its end found left behind: reaper.end_server's answer
+        # How the last stop() ended: "exited" (by itself), else why the launcher killed it: "unloaded"
+        # (its models were, the exit hung on a client), "gave up" (on unloading), "timeout" (neither).
+        self.stopped: str | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._ending = threading.Lock()  # the cluster's supervisor and its owner may both see the server gone
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
@@ -166,6 +206,8 @@ class TritonServer:
         self.models = model_names(self.repository)
         if not self.models:
             raise ServerError(f"model repository {self.repository} holds no model (no */config.pbtxt)")
+        if any("shm-region-prefix-name" in a for a in self.extra_args):
+            raise ServerError("the Python backend's shm-region-prefix-name is the launcher's to set (server/reaper.py)")
         picked = [what for what, port in self.ports.items() if port is None]  # free ports chosen here
         env = python_env(self.venv)
         if self.log_path is None:
@@ -174,15 +216,18 @@ class TritonServer:
             self.log_path = Path(name)
         for attempt in range(1, START_ATTEMPTS + 1):
             self._choose_ports()
+            self.shm_prefix, self.leftovers = reaper.unique_prefix(), None
             args = [
                 str(binary), f"--model-repository={self.repository}",
                 f"--backend-directory={binary.parent.parent / 'backends'}",
                 f"--http-address={HOST}", f"--http-port={self.ports['http']}",
                 f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
                 f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
-                "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10",
+                "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 *self.extra_args,
             ]
+            self._watch()  # before the server exists: the launcher may be killed at any moment
             with open(self.log_path, "wb") as log:
                 # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
                 self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -261,27 +306,102 @@ class TritonServer:
         return f"{headline}; {detail}\n(full log: {self.log_path})"
 
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        if self.process is None:
+            return False
+        if self.process.poll() is None:
+            return True
+        self._end()
+        return False
 
     def signal(self, signum: int) -> None:
         if self.running():
             self.process.send_signal(signum)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait for a clean exit (it unloads the models), SIGKILL after `timeout`."""
+        """SIGTERM and wait for the exit: tritonserver lets the requests in flight finish and
+        unloads the models. SIGKILL EXIT_GRACE_S after it has unloaded them or given up on them
+        without exiting (a client's open gRPC stream), or after `timeout`; `stopped` says which.
+        Then whatever of the server is left is ended (module notes)."""
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.process.send_signal(signal.SIGTERM)  # a second one is ignored: its stop goes on
+            self.stopped = self._await_exit(start, timeout)
+            if self.stopped != "exited":
                 os.killpg(self.process.pid, signal.SIGKILL)  # the server and its backend stubs
                 self.process.wait()
+                reaper.note(str(self.log_path), f"[pixelrnn] killed tritonserver (SIGKILL): {self.why_killed()}")
+        self._end()
         return self.process.returncode
 
+    def _await_exit(self, log_start: int, timeout: float) -> str:
+        deadline, state, since = time.monotonic() + timeout, None, 0.0
+        while True:
+            try:
+                self.process.wait(0.1)
+                return "exited"
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if state is None:
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_start)
+                    state, since = shutdown_state(log.read().decode(errors="replace"), self.models), now
+            elif now - since > EXIT_GRACE_S:
+                return state
+            if now > deadline:
+                return "timeout"
+
+    def why_killed(self) -> str:
+        return {"unloaded": f"it unloaded its models but had not exited {EXIT_GRACE_S:g} s later (a client holds a gRPC "
+                            "stream open: Triton 2.51 waits for it)",
+                "gave up": f"its exit timeout expired before its models unloaded (one still finishing, or held by a "
+                           f"client's open gRPC stream) and it had not exited {EXIT_GRACE_S:g} s later",
+                "timeout": "it was still stopping at the launcher's stop timeout"}.get(self.stopped, "")
+
     def wait(self) -> int:
-        return self.process.wait()
+        code = self.process.wait()
+        self._end()
+        return code
+
+    # -- what a server leaves (server/reaper.py) ----------------------------------------------
+    def _watch(self) -> None:
+        """Have the watchdog end this server should the launcher process end first."""
+        if self._watchdog is None:
+            script = Path(reaper.__file__)
+            # Its own session: a Ctrl-C or a kill of the launcher's process group must not reach it.
+            self._watchdog = subprocess.Popen([sys.executable, "-I", "-S", str(script)], stdin=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self._tell(watch=self.shm_prefix, log=str(self.log_path))
+
+    def _tell(self, **message) -> None:
+        try:
+            self._watchdog.stdin.write(json.dumps(message).encode() + b"\n")
+            self._watchdog.stdin.flush()
+        except OSError:  # the watchdog is gone (killed): stop() still cleans up
+            pass
+
+    def _end(self) -> None:
+        """Once tritonserver has exited: kill the backend stubs it left, remove their regions."""
+        with self._ending:
+            if self.shm_prefix is None or self.leftovers is not None:
+                return
+            self.leftovers = reaper.end_server(self.shm_prefix)
+            if self.leftovers["killed"] or self.leftovers["removed"]:
+                reaper.note(str(self.log_path), f"[pixelrnn] tritonserver exited (code {self.process.returncode}) "
+                                                f"leaving some of it behind: {reaper.describe(self.leftovers)}")
+            if self._watchdog is not None:
+                self._tell(done=self.shm_prefix)
+                try:
+                    self._watchdog.stdin.close()
+                    self._watchdog.wait(10)
+                except OSError:  # it is gone already
+                    pass
+                except subprocess.TimeoutExpired:
+                    self._watchdog.kill()
+                    self._watchdog.wait()
+                self._watchdog = None
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -310,24 +430,32 @@ def main(argv=None) -> int:
 
     server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                           log_path=args.log, startup_timeout=args.startup_timeout)
-    stopping = []
+    stopping, ready = [], []
 
-    def forward(signum, frame):  # noqa: ARG001
+    def note(signum, frame):  # noqa: ARG001
         stopping.append(signum)
-        server.signal(signal.SIGTERM)  # Triton's clean shutdown: unload models, then exit
+        if not ready:  # still starting: end the start-up (start() reports the exit)
+            server.signal(signal.SIGTERM)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
+        signal.signal(signum, note)
     try:
         server.start()
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    ready.append(True)
     print(describe(server), flush=True)
-    code = server.wait()
+    while not stopping and server.running():
+        time.sleep(0.1)
     if stopping:
-        print(f"tritonserver stopped (exit code {code})", flush=True)
-        return 0 if code == 0 else code
+        code = server.stop()  # Triton's clean shutdown (unload the models, then exit), bounded
+        if server.stopped == "exited":
+            print(f"tritonserver stopped (exit code {code})", flush=True)
+            return 0 if code == 0 else code
+        print(f"tritonserver stopped: {server.why_killed()}; killed", flush=True)
+        return 0 if server.stopped == "unloaded" else 1
+    code = server.process.returncode
     print(f"error: tritonserver exited unexpectedly with code {code}; last lines of its log:\n  "
           + "\n  ".join(server.log().strip().splitlines()[-15:]), file=sys.stderr)
     return code or 1

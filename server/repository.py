@@ -5,8 +5,10 @@
     REPOSITORY/NAME_score/1/              model.py, runtime/, scorer.onnx, manifest.json
     REPOSITORY/NAME_sample/config.pbtxt   streaming, stateful row sampler
     REPOSITORY/NAME_sample/1/             model.py, runtime/, the cell(s) (+ condition.onnx), manifest.json
-    REPOSITORY/NAME_*/perf_analyzer_input.json   request data for Triton's perf_analyzer
-                                          (--input-data; python -m bench.perf_analyzer uses it)
+    REPOSITORY/NAME_sample/perf_analyzer_input.json
+                                          the sampler's request data for Triton's perf_analyzer
+                                          (--input-data; python -m bench.perf_analyzer uses it;
+                                          the scorer needs none: --input-data zero)
 
 Both models run in Triton's Python backend (the wheel's server has no onnxruntime backend),
 which calls onnxruntime. A repository is self-contained: model.py (from server/triton_models/)
@@ -18,7 +20,7 @@ protocol is in runtime/protocol.py.
 To (re)write a repository from an export folder with other settings than build_engine's:
     python -m pixelrnn.server.repository --export build/export/NAME --repository DIR [--sequence-idle-s S]
         [--max-sequences N] [--max-queue-delay-us U] [--score-instances N] [--onnx-threads N]
-        [--sender-threads N] [--coalesce-ms MS] [--sampler-memory-mb MB] [--max-live-images N]
+        [--engine-workers N] [--sender-threads N] [--coalesce-ms MS] [--sampler-memory-mb MB] [--max-live-images N]
         [--stuck-send-s S] [--admission-queue N --admission-wait-ms MS]
 
 Overload: the sampler admits sequences while their images fit its live-images budget
@@ -40,7 +42,7 @@ import sys
 from pathlib import Path
 
 from pixelrnn.server.engine.admission import DEFAULT_MEMORY_MB
-from pixelrnn.server.engine import STUCK_SEND_S
+from pixelrnn.server.engine import MAX_WORKERS, STUCK_SEND_S
 from pixelrnn.runtime.manifest import MANIFEST
 from pixelrnn.runtime import protocol as p
 
@@ -70,9 +72,9 @@ def _parameters(params: dict[str, str]) -> str:
 def score_config(manifest: dict, max_queue_delay_us: int, instances: int, params: dict) -> str:
     c, h, w = manifest["shape"]
     max_batch = int(manifest["max_batch"])
+    # One image layout, required: generic clients (perf_analyzer, which sends every declared input)
+    # then make valid requests; two exclusive optional layouts made every such request a conflict.
     inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w])]
-    if c == 1:  # grey images also as N x H x W; model.py asks for exactly one of the two
-        inputs = [_io(p.IMAGES, "TYPE_UINT8", [c, h, w], optional=True), _io(p.IMAGES_HW, "TYPE_UINT8", [h, w], optional=True)]
     if manifest["num_classes"]:
         inputs.append(_io(p.LABELS, "TYPE_INT64", [1], optional=True))  # optional: model.py explains a missing one
     preferred = [b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [max_batch]
@@ -133,29 +135,23 @@ PERF_INPUT = "perf_analyzer_input.json"
 PERF_STREAMS = 4  # sampler: data streams (seeds 0..3), which perf_analyzer takes in turn per new sequence
 
 
-def perf_analyzer_inputs(manifest: dict) -> dict[str, dict]:
-    """perf_analyzer's --input-data for each model ({model name: JSON document}): random data is
-    no use here (image values must lie in [0, levels), class ids in [0, num_classes), and the
-    two image inputs of a grey scorer are exclusive), and the sampler needs a START request.
+def perf_analyzer_input(manifest: dict) -> dict:
+    """perf_analyzer's --input-data for NAME_sample (a JSON document): its own data is no use
+    there, as every sequence needs a START request. The scorer needs no file: perf_analyzer's
+    --input-data zero sends all-zero images (and class 0), valid at any number of levels.
 
-    NAME_score: one all-zero image (valid at any number of levels) as IMAGES (+ LABELS 0);
-      perf_analyzer's -b sets how many go in a request.
-    NAME_sample: sequences of one request each, with sequence start and end set by
-      perf_analyzer: BATCH_SIZE 1, TEMPERATURE 1, SEED 0..3 (+ LABELS 0), so every request
-      streams a whole image, row by row, then its final response; ROWS_PER_RESPONSE 1, as
-      perf_analyzer counts responses (its response throughput is then rows per second)."""
-    c, h, w = manifest["shape"]
+    Sequences of one request each, with sequence start and end set by perf_analyzer:
+    BATCH_SIZE 1, TEMPERATURE 1, SEED 0..3 (+ LABELS 0), so every request streams a whole image,
+    row by row, then its final response; ROWS_PER_RESPONSE 1, as perf_analyzer counts responses
+    (its response throughput is then rows per second)."""
     conditional = bool(manifest["num_classes"])
-    score = {p.IMAGES: [0] * (c * h * w)}
-    if conditional:
-        score[p.LABELS] = [0]
     streams = []
     for seed in range(PERF_STREAMS):
         start = {p.BATCH_SIZE: [1], p.TEMPERATURE: [1.0], p.SEED: [seed], p.ROWS_PER_RESPONSE: [1]}
         if conditional:  # LABELS has a variable dimension: its shape goes with it
             start[p.LABELS] = {"content": [0], "shape": [1]}
         streams.append([start])
-    return {p.score_model(manifest["name"]): {"data": [score]}, p.sample_model(manifest["name"]): {"data": streams}}
+    return {"data": streams}
 
 
 def _files(manifest: dict, names: list[str]) -> list[str]:
@@ -170,12 +166,16 @@ def stage_rows(manifest: dict) -> list[int]:
 
 def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str | Path, *, sequence_idle_s: float = 60.0,
                      max_sequences: int = 1024, max_queue_delay_us: int = 2000, score_instances: int = 1,
-                     onnx_threads: int = 1, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS,
+                     onnx_threads: int = 1, engine_workers: int = 0, sender_threads: int = 2, coalesce_ms: float = COALESCE_MS,
                      sampler_memory_mb: float = DEFAULT_MEMORY_MB, max_live_images: int = 0,
                      stuck_send_s: float = STUCK_SEND_S, admission_queue: int = 0, admission_wait_ms: float = 0.0,
                      sampler: bool = True) -> list[Path]:
     """Write (or overwrite) NAME_score and NAME_sample (sampler=False: NAME_score alone) under
     repository_dir; returns their folders.
+    engine_workers: the sampler's engine workers, each a thread with its own cell session and
+    sequences (server/engine/scheduler.py); 0: one per core the sampler process may use when it
+    loads but one (left to the response path), at least 1, at most MAX_WORKERS (a repository does
+    not fix the size of the machine that serves it).
     coalesce_ms: the sampler's row coalescing window (server/engine/outbox.py; 0: rows only share a
     response when they waited for a busy sender). sampler_memory_mb / max_live_images: the
     sampler's live-images budget (module notes; max_live_images 0: from sampler_memory_mb).
@@ -187,8 +187,8 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     name = manifest["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"model name {name!r} is not a plain identifier")
-    if sequence_idle_s <= 0 or max_sequences < 1 or sender_threads < 0:
-        raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1 and sender_threads >= 0")
+    if sequence_idle_s <= 0 or max_sequences < 1 or sender_threads < 0 or engine_workers < 0:
+        raise ValueError("sequence_idle_s must be > 0, max_sequences >= 1, sender_threads >= 0 and engine_workers >= 0")
     if not 0 <= coalesce_ms <= 1000:
         raise ValueError(f"coalesce_ms must be in [0, 1000], got {coalesce_ms}")
     if not sampler_memory_mb > 0 or max_live_images < 0:
@@ -206,7 +206,8 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
               # Published so clients can validate input and lay out streamed rows before sending.
               "levels": str(manifest["levels"]), "num_classes": str(manifest["num_classes"]),
               "stage_rows": ",".join(str(rows) for rows in stage_rows(manifest))}
-    sample_params = {**params, "sender_threads": str(sender_threads), "coalesce_ms": f"{coalesce_ms:g}",
+    sample_params = {**params, "engine_workers": str(engine_workers), "sender_threads": str(sender_threads),
+                     "coalesce_ms": f"{coalesce_ms:g}",
                      # The budget itself is the model's to derive (log line, metrics): editing
                      # sampler_memory_mb here changes it with nothing else to keep in step.
                      "sampler_memory_mb": f"{sampler_memory_mb:g}", "max_live_images": str(max_live_images),
@@ -221,7 +222,6 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
     if missing:
         raise FileNotFoundError(f"{onnx_dir}: missing exported files {missing} (run export/build_engine.py)")
 
-    perf_inputs = perf_analyzer_inputs(manifest)
     repository_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for model, (template, files, config) in models.items():
@@ -230,7 +230,8 @@ def write_repository(manifest: dict, onnx_dir: str | Path, repository_dir: str |
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / VERSION).mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(config)
-        (tmp / PERF_INPUT).write_text(json.dumps(perf_inputs[model]) + "\n")
+        if model == p.sample_model(name):
+            (tmp / PERF_INPUT).write_text(json.dumps(perf_analyzer_input(manifest)) + "\n")
         shutil.copyfile(TEMPLATES / template, tmp / VERSION / "model.py")
         copy_modules(TEMPLATES / template, tmp / VERSION)
         for f in files:
@@ -306,7 +307,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="scorer: how long to wait to fill a batch")
     parser.add_argument("--score-instances", type=int, default=1)
     parser.add_argument("--onnx-threads", type=int, default=1, help="onnxruntime threads per graph")
-    parser.add_argument("--sender-threads", type=int, default=2, help="sampler: threads sending streamed rows (0: the engine's own)")
+    parser.add_argument("--engine-workers", type=int, default=0,
+                        help="sampler: engine worker threads, each with its own cell session and sequences, on a core "
+                             f"of its own (0: one per core the sampler may use when it loads but one, at most {MAX_WORKERS})")
+    parser.add_argument("--sender-threads", type=int, default=2,
+                        help="sampler: threads sending streamed rows, per engine worker (0: the worker's own)")
     parser.add_argument("--coalesce-ms", type=float, default=COALESCE_MS,
                         help="sampler: a sequence's rows may wait this long after its last response to share the next "
                              f"(first rows never wait; 0: off; default {COALESCE_MS:g})")
@@ -327,7 +332,8 @@ def main(argv=None) -> int:
         written = write_repository(manifest, args.export, args.repository, sequence_idle_s=args.sequence_idle_s,
                                    max_sequences=args.max_sequences, max_queue_delay_us=args.max_queue_delay_us,
                                    score_instances=args.score_instances, onnx_threads=args.onnx_threads,
-                                   sender_threads=args.sender_threads, coalesce_ms=args.coalesce_ms,
+                                   engine_workers=args.engine_workers, sender_threads=args.sender_threads,
+                                   coalesce_ms=args.coalesce_ms,
                                    sampler_memory_mb=args.sampler_memory_mb, max_live_images=args.max_live_images,
                                    stuck_send_s=args.stuck_send_s, admission_queue=args.admission_queue,
                                    admission_wait_ms=args.admission_wait_ms)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
 
 from pixelrnn.export import build_engine
 from pixelrnn.runtime import ood
@@ -17,6 +18,7 @@ from pixelrnn.training.ood import image_nll
 from tests.deployment import require, serve
 
 grpc = require("tritonclient.grpc")
+model_config_pb2 = require("tritonclient.grpc.model_config_pb2")
 DATA = {"name": "synthetic", "size": 6, "bits": 2, "count": 40}
 FOREGROUND = ("gated_pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, num_classes=3, hidden=6, layers=1, kernel=3))
 BACKGROUND = ("pixelcnn", dict(in_channels=1, height=6, width=6, levels=4, hidden=6, layers=1))
@@ -46,6 +48,9 @@ def test_the_repository_holds_the_background_scorer_and_the_detector(exported):
         "fg_background_score", "fg_ood", "fg_sample", "fg_score"]
     carried = {str(f.relative_to(repo / "fg_ood" / "1")) for f in (repo / "fg_ood" / "1").rglob("*.py")}
     assert "pixelrnn/runtime/ood.py" in carried and not any("server/engine" in f for f in carried)
+    # Grey images too in the one layout, required, as the scorers take them.
+    config = text_format.Parse((repo / "fg_ood" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [(p.IMAGES, [1, 6, 6], False)]
 
 
 def served_threshold(repo) -> ood.Threshold:
@@ -82,6 +87,10 @@ def test_served_scores_equal_the_in_process_ones(exported, tmp_path):
         bad.set_data_from_numpy(np.full((1, 1, 6, 6), 4, np.uint8))
         with pytest.raises(Exception, match=r"IMAGES values must be in \[0, 4\)"):
             client.infer(p.detect_model("fg"), [bad])
+        hw = grpc.InferInput("IMAGES_HW", [1, 6, 6], "UINT8")  # grey images as N x H x W: no such input
+        hw.set_data_from_numpy(np.zeros((1, 6, 6), np.uint8))
+        with pytest.raises(Exception, match=r"unexpected inference input 'IMAGES_HW' for model 'fg_ood'"):
+            client.infer(p.detect_model("fg"), [hw])
         again = client.infer(p.detect_model("fg"), [request])  # the server goes on serving
         assert np.array_equal(again.as_numpy(p.OOD)[:, 0], got[p.OOD])
     assert np.allclose(got[p.NLL_NATS], want["nll"], atol=1e-3)

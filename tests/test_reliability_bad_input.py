@@ -167,6 +167,9 @@ def assert_samples_correctly(stream: SampleStream, m: Model):
 
 # -- the scorer: one bad request per case, for both models --------------------------------------
 
+HW = "IMAGES_HW"  # N x H x W images under a name of their own: an input no model has
+
+
 def hw(m, n=2):
     return np.zeros((n, m.h, m.w), np.uint8)
 
@@ -197,13 +200,14 @@ SCORE_CASES = {  # id: (models, request changes, message pattern)
                                                            **({"LABELS": (np.zeros((MAX_BATCH + 1, 1), np.int64), "INT64")} if m.classes else {})),
                                rf"batch-size must be <= {MAX_BATCH}"),
     "unknown input": ("both", lambda m: good_score(m, FOO=(np.zeros((2, 1), np.int32), "INT32")), r"'FOO'"),
-    "no images": ("both", lambda m: good_score(m, IMAGES=None), r"IMAGES|0 inputs"),
-    "grey layout on a colour model": ("rgb", lambda m: good_score(m, IMAGES_HW=(hw(m), "UINT8")), r"input\(s\) \[.*'IMAGES_HW'"),  # Triton's words
-    "both layouts": ("bin", lambda m: good_score(m, IMAGES_HW=(hw(m), "UINT8")), r"exactly one of IMAGES .*IMAGES_HW.*got both"),
-    "grey layout value 2": ("bin", lambda m: good_score(m, IMAGES=None, IMAGES_HW=(hw(m) + 2, "UINT8")), r"IMAGES_HW values must be in \[0, 2\).*got 2"),
-    "grey layout wrong width": ("bin", lambda m: good_score(m, IMAGES=None, IMAGES_HW=(np.zeros((2, m.h, m.w + 1), np.uint8), "UINT8")),
-                                SHAPE.format(name="IMAGES_HW")),
-    "labels to an unconditional model": ("bin", lambda m: good_score(m, LABELS=(np.zeros((2, 1), np.int64), "INT64")), r"unexpected inference input 'LABELS'"),
+    # Triton checks required inputs by their count: LABELS alone (rgb) reaches the model.
+    "no images": ("both", lambda m: good_score(m, IMAGES=None), r"send the images as IMAGES|0 inputs"),
+    # One image layout: N x H x W images under a name of their own are an unknown input (Triton's words).
+    "N x H x W images": ("both", lambda m: good_score(m, IMAGES=None, IMAGES_HW=(hw(m), "UINT8")), r"unexpected inference input 'IMAGES_HW'"),
+    "N x H x W images beside IMAGES": ("both", lambda m: good_score(m, IMAGES_HW=(hw(m), "UINT8")),
+                                       r"but got \d inputs .*Got input\(s\) \[.*'IMAGES_HW'"),  # one input too many
+    "labels to an unconditional model": ("bin", lambda m: good_score(m, LABELS=(np.zeros((2, 1), np.int64), "INT64")),
+                                         r"expected 1 inputs but got 2 .*Got input\(s\) \[.*'LABELS'"),  # one input too many
     "no labels": ("rgb", lambda m: good_score(m, LABELS=None), r"class-conditional: send LABELS"),
     "unknown class label": ("rgb", lambda m: good_score(m, LABELS=(np.array([[0], [2]]), "INT64")), r"LABELS must be in \[0, 2\), got \[0, 2\]"),
     "negative label": ("rgb", lambda m: good_score(m, LABELS=(np.array([[-1], [0]]), "INT64")), r"LABELS must be in \[0, 2\), got \[-1, 0\]"),
@@ -455,12 +459,11 @@ def first(spec):
 
 def score_is_valid(m: Model, tensors: dict) -> bool:
     """Whether the scorer must accept this request (the protocol, server/protocol.py)."""
-    allowed = {p.IMAGES} | ({p.IMAGES_HW} if m.c == 1 else set()) | ({p.LABELS} if m.classes else set())
-    layouts = [n for n in (p.IMAGES, p.IMAGES_HW) if n in tensors]
-    if set(tensors) - allowed or len(layouts) != 1:
+    allowed = {p.IMAGES} | ({p.LABELS} if m.classes else set())
+    if set(tensors) - allowed or p.IMAGES not in tensors:
         return False
-    images, _ = tensors[layouts[0]]
-    if not right(tensors[layouts[0]], "UINT8", (None, m.c, m.h, m.w) if layouts[0] == p.IMAGES else (None, m.h, m.w)):
+    images, _ = tensors[p.IMAGES]
+    if not right(tensors[p.IMAGES], "UINT8", (None, m.c, m.h, m.w)):
         return False
     if not 1 <= images.shape[0] <= MAX_BATCH or images.max() >= m.levels:
         return False
@@ -479,7 +482,7 @@ NO_INPUTS = "request has 0 inputs"  # no input at all: Triton's words
 
 def names_one(message: str, culprits: set[str]) -> bool:
     """Whether the message names one of the culprits: an input name as a whole word (IMAGES is
-    not named by IMAGES_HW), or one of the phrases above."""
+    not named by IMAGES_HW, an unknown input the fuzz sends), or one of the phrases above."""
     return any(re.search(re.escape(c) if c in (BATCH, CORRELATION, NO_INPUTS) else rf"\b{re.escape(c)}\b", message) for c in culprits)
 
 
@@ -487,28 +490,27 @@ def score_culprits(m: Model, tensors: dict) -> set[str]:
     """What is wrong with a scoring request (the protocol, runtime/protocol.py): every input at
     fault (missing ones too), BATCH for a batch over the maximum; empty for a valid request.
     A request wrong in several ways may be refused for any of them."""
-    allowed = {p.IMAGES} | ({p.IMAGES_HW} if m.c == 1 else set()) | ({p.LABELS} if m.classes else set())
-    culprits = set(tensors) - allowed
+    allowed = {p.IMAGES} | ({p.LABELS} if m.classes else set())
+    culprits = set(tensors) - allowed  # unknown inputs: FOO, IMAGES_HW (N x H x W images), LABELS to an unconditional model
     # Triton takes every input's first dimension as the batch and checks it first: over the
     # maximum, or not the same in every input (then it names any one of them).
     if any(v.ndim and v.shape[0] > MAX_BATCH for v, _ in tensors.values()):
         culprits.add(BATCH)
     if len({v.shape[0] for v, _ in tensors.values() if v.ndim}) > 1:
         culprits |= {n for n, (v, _) in tensors.items() if v.ndim}
-    layouts = [n for n in (p.IMAGES, p.IMAGES_HW) if n in tensors]
-    if len(layouts) != 1:
-        culprits |= set(layouts) or {p.IMAGES}  # both sent, or IMAGES missing
+    if p.IMAGES not in tensors:
+        culprits.add(p.IMAGES)
     if not tensors:
         culprits.add(NO_INPUTS)
     batches = set()
-    for layout in layouts:
-        if not right(tensors[layout], "UINT8", (None, m.c, m.h, m.w) if layout == p.IMAGES else (None, m.h, m.w)):
-            culprits.add(layout)
-            continue
-        images = tensors[layout][0]
-        batches.add(images.shape[0])
-        if images.shape[0] == 0 or (images.size and images.max() >= m.levels):
-            culprits.add(layout)
+    if p.IMAGES in tensors:
+        if not right(tensors[p.IMAGES], "UINT8", (None, m.c, m.h, m.w)):
+            culprits.add(p.IMAGES)
+        else:
+            images = tensors[p.IMAGES][0]
+            batches.add(images.shape[0])
+            if images.shape[0] == 0 or (images.size and images.max() >= m.levels):
+                culprits.add(p.IMAGES)
     if m.classes:
         if p.LABELS not in tensors or not right(tensors[p.LABELS], "INT64", (None, 1)):
             culprits.add(p.LABELS)
@@ -517,7 +519,7 @@ def score_culprits(m: Model, tensors: dict) -> set[str]:
             if labels.shape[0] == 0 or (labels.size and (labels.min() < 0 or labels.max() >= m.classes)):
                 culprits.add(p.LABELS)
             if batches and labels.shape[0] not in batches:  # one label per image
-                culprits |= {p.LABELS, *layouts}
+                culprits |= {p.LABELS, p.IMAGES}
     return culprits
 
 
@@ -530,7 +532,7 @@ N_SCORE_FUZZ, N_SAMPLE_FUZZ = 1250, 1250
 
 
 def score_table(m: Model) -> dict:
-    return {p.IMAGES: ("UINT8", (None, m.c, m.h, m.w), (0, m.levels)), p.IMAGES_HW: ("UINT8", (None, m.h, m.w), (0, m.levels)),
+    return {p.IMAGES: ("UINT8", (None, m.c, m.h, m.w), (0, m.levels)), HW: ("UINT8", (None, m.h, m.w), (0, m.levels)),
             p.LABELS: ("INT64", (None, 1), (0, max(m.classes, 1))), "FOO": ("INT32", (None,), (0, 2))}
 
 
@@ -538,10 +540,10 @@ def score_table(m: Model) -> dict:
 def score_request(draw, m: Model):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     images = rng.integers(0, m.levels, (draw(st.integers(1, MAX_BATCH)), m.c, m.h, m.w)).astype(np.uint8)
-    tensors = {p.IMAGES_HW: (images[:, 0], "UINT8")} if m.c == 1 and draw(st.booleans()) else {p.IMAGES: (images, "UINT8")}
+    tensors = {p.IMAGES: (images, "UINT8")}
     if m.classes:
         tensors[p.LABELS] = (rng.integers(0, m.classes, (len(images), 1)), "INT64")
-    return draw(mutated(tensors, score_table(m), ["FOO", p.IMAGES, p.IMAGES_HW, p.LABELS]))
+    return draw(mutated(tensors, score_table(m), ["FOO", HW, p.IMAGES, p.LABELS]))
 
 
 def test_fuzz_score(deployed, scorer):
@@ -567,7 +569,7 @@ def test_fuzz_score(deployed, scorer):
             return
         counts["scored"] += 1
         assert valid, "an invalid request was scored"
-        images = tensors[p.IMAGES][0] if p.IMAGES in tensors else tensors[p.IMAGES_HW][0][:, None]
+        images = tensors[p.IMAGES][0]
         assert nll.shape == (len(images), 1) and np.all(np.isfinite(nll)) and np.all(nll >= 0)
         labels = torch.from_numpy(tensors[p.LABELS][0][:, 0]) if m.classes else None
         with torch.no_grad():

@@ -208,13 +208,12 @@ def test_the_module_imports_nothing_outside_runtime():
     assert imported <= {"__future__", "math", "numpy", "pixelrnn.runtime.protocol"}, imported
 
 
-def test_score_images_takes_exactly_one_layout_and_the_models_levels():
-    from pixelrnn.runtime import protocol
+def test_score_images_takes_images_within_the_models_levels():
     from pixelrnn.runtime.request import score_images
-    hw = np.zeros((2, 3, 4), np.uint8)
-    assert score_images([(protocol.IMAGES_HW, hw)], 2).shape == (2, 1, 3, 4)
-    assert score_images([(protocol.IMAGES, hw[:, None])], 2).shape == (2, 1, 3, 4)
-    for given, why in (([], "got neither"), ([(protocol.IMAGES, hw[:, None]), (protocol.IMAGES_HW, hw)], "got both"),
-                       ([(protocol.IMAGES_HW, hw + 2)], r"IMAGES_HW values must be in \[0, 2\) \(the model's levels\), got 2")):
+    images = np.ones((2, 1, 3, 4), np.uint8)
+    assert score_images(images, 2) is images
+    assert score_images(np.zeros((0, 1, 3, 4), np.uint8), 2).shape == (0, 1, 3, 4)
+    for given, why in ((None, r"^send the images as IMAGES \(uint8 N x C x H x W\)$"),
+                       (images + 1, r"^IMAGES values must be in \[0, 2\) \(the model's levels\), got 2$")):
         with pytest.raises(rq.RequestError, match=why):
             score_images(given, 2)

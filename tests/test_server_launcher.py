@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pixelrnn.server.launcher import ServerError, TritonServer, find_tritonserver, load_failures
+from tests.deployment import require
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,26 +98,31 @@ def test_a_model_that_fails_to_load_is_named(tmp_path):
     assert "fine:" not in message and not server.running() and time.monotonic() - t0 < 30
 
 
-@pytest.mark.triton
-@pytest.mark.skipif(not have_server(), reason="tritonserver not installed (make setup)")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_cli_serves_until_a_signal_and_stops_cleanly(tmp_path, signum):
-    model(tmp_path, "echo")
+def start_cli(repository: Path) -> tuple[subprocess.Popen, list[int], str]:
+    """`python -m pixelrnn.server` on free ports (gRPC, HTTP, metrics), once it says it is ready."""
     ports = []
     for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    cli = subprocess.Popen([sys.executable, "-m", "pixelrnn.server", "--repository", str(tmp_path), "--grpc-port", str(ports[0]),
-                            "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(tmp_path / "log")],
+    cli = subprocess.Popen([sys.executable, "-m", "pixelrnn.server", "--repository", str(repository), "--grpc-port", str(ports[0]),
+                            "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(repository / "log")],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in cli.stdout:
+        lines.append(line)
+        if line.strip().startswith("log"):
+            break
+    return cli, ports, "".join(lines)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not have_server(), reason="tritonserver not installed (make setup)")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_serves_until_a_signal_and_stops_cleanly(tmp_path, signum):
+    model(tmp_path, "echo")
+    cli, ports, text = start_cli(tmp_path)
     try:
-        lines = []
-        for line in cli.stdout:
-            lines.append(line)
-            if line.strip().startswith("log"):
-                break
-        text = "".join(lines)
         assert "tritonserver ready: models echo" in text, text + cli.stderr.read()
         assert f"127.0.0.1:{ports[0]}" in text and f"http://127.0.0.1:{ports[1]}" in text and f"127.0.0.1:{ports[2]}/metrics" in text
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/models/echo/ready", timeout=5) as r:
@@ -129,6 +135,34 @@ def test_cli_serves_until_a_signal_and_stops_cleanly(tmp_path, signum):
     assert cli.returncode == 0, err
     assert "tritonserver stopped (exit code 0)" in out
     with pytest.raises(OSError):  # the server is gone with it
+        urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/live", timeout=2)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not have_server(), reason="tritonserver not installed (make setup)")
+def test_cli_stops_although_a_client_holds_a_stream_open(tmp_path):
+    """Triton 2.51 does not exit while a client holds a gRPC stream open: the launcher kills it
+    once its models are unloaded, and the stop still counts as clean."""
+    grpcclient = require("tritonclient.grpc")
+    model(tmp_path, "echo")
+    cli, ports, text = start_cli(tmp_path)
+    client = None
+    try:
+        assert "tritonserver ready: models echo" in text, text + cli.stderr.read()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        client.start_stream(callback=lambda result, error: None)
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        if client is not None:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+    assert cli.returncode == 0, out + err
+    assert "tritonserver stopped: it unloaded its models but had not exited" in out and out.rstrip().endswith("; killed")
+    assert "[pixelrnn] killed tritonserver (SIGKILL)" in (tmp_path / "log").read_text()
+    with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/live", timeout=2)
 
 

@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 
 from pixelrnn.runtime import protocol as p
-from pixelrnn.server.repository import TEMPLATES, module_file, served_modules, write_repository
+from pixelrnn.server.repository import PERF_INPUT, TEMPLATES, module_file, served_modules, write_repository
 
 from tests.deployment import require  # noqa: E402
 
@@ -44,6 +44,8 @@ def test_score_and_sample_models_are_written(tmp_path):
     score, sample = tmp_path / "repo" / "tiny_score", tmp_path / "repo" / "tiny_sample"
     assert sorted(f.name for f in (score / "1").iterdir()) == ["manifest.json", "model.py", "pixelrnn", "scorer.onnx"]
     assert sorted(f.name for f in (sample / "1").iterdir()) == ["cell.onnx", "manifest.json", "model.py", "pixelrnn"]
+    # perf_analyzer's request data: the sampler's only (the scorer takes --input-data zero).
+    assert (sample / PERF_INPUT).is_file() and not (score / PERF_INPUT).exists()
     for model, glue in ((score, "score_model.py"), (sample, "sample_model.py")):  # the modules the glue imports, byte for byte
         carried = {str(f.relative_to(model / "1")): f.read_bytes() for f in (model / "1" / "pixelrnn").rglob("*.py")}
         want = {str(Path(*name.split(".")) / "__init__.py") if module_file(name).name == "__init__.py"
@@ -84,8 +86,8 @@ def test_unconditional_and_multiscale_models(tmp_path):
     assert sorted(f.name for f in (sample / "1").iterdir()) == ["big_cell.onnx", "condition.onnx", "manifest.json", "model.py", "pixelrnn", "small_cell.onnx"]
     assert p.LABELS not in {i.name for i in config(sample / "config.pbtxt").input}
     score_inputs = config(tmp_path / "repo" / "ms_score" / "config.pbtxt").input
-    assert [i.name for i in score_inputs] == [p.IMAGES, p.IMAGES_HW]  # grey: N x C x H x W or N x H x W
-    assert all(i.optional for i in score_inputs) and list(score_inputs[1].dims) == [8, 8]
+    # Grey images too in the one layout, required: perf_analyzer sends every declared input.
+    assert [(i.name, list(i.dims), i.optional) for i in score_inputs] == [(p.IMAGES, [1, 8, 8], False)]
 
 
 def test_rewriting_replaces_the_old_models(tmp_path):

@@ -135,18 +135,26 @@ def test_concurrent_score_requests_are_batched_and_answered_each(deployed, score
     assert requests == 12 and executions < 12  # the dynamic batcher merged some requests
 
 
-def test_grey_images_score_the_same_as_n_h_w_and_exactly_one_layout_is_accepted(deployed, scorer):
+def test_images_have_one_layout_and_an_n_h_w_input_is_unknown(deployed, scorer):
+    """Grey images go as IMAGES, N x 1 x H x W, like any others; N x H x W ones under a name of
+    their own (IMAGES_HW) get Triton's one line naming the input the model does not have."""
     manifest = deployed[1]["ms"].manifest
     images = np.random.default_rng(5).integers(0, manifest["levels"], (3, *manifest["shape"])).astype(np.uint8)  # (3, 1, H, W)
-    nchw = scorer.infer("ms_score", [tensor(p.IMAGES, images, "UINT8")], client_timeout=WAIT_S).as_numpy(p.NLL_NATS)
-    nhw = scorer.infer("ms_score", [tensor(p.IMAGES_HW, images[:, 0], "UINT8")], client_timeout=WAIT_S).as_numpy(p.NLL_NATS)
-    np.testing.assert_array_equal(nhw, nchw)
-    with pytest.raises(InferenceServerException, match="exactly one of IMAGES .* got both"):
-        scorer.infer("ms_score", [tensor(p.IMAGES, images, "UINT8"), tensor(p.IMAGES_HW, images[:, 0], "UINT8")], client_timeout=WAIT_S)
+    assert scorer.infer("ms_score", [tensor(p.IMAGES, images, "UINT8")], client_timeout=WAIT_S).as_numpy(p.NLL_NATS).shape == (3, 1)
+    hw = tensor("IMAGES_HW", images[:, 0], "UINT8")
+    with pytest.raises(InferenceServerException, match="unexpected inference input 'IMAGES_HW' for model 'ms_score'"):
+        scorer.infer("ms_score", [hw], client_timeout=WAIT_S)
+    with pytest.raises(InferenceServerException, match=r"expected 1 inputs but got 2 .*'IMAGES_HW'"):  # beside IMAGES
+        scorer.infer("ms_score", [tensor(p.IMAGES, images, "UINT8"), hw], client_timeout=WAIT_S)
     with pytest.raises(InferenceServerException, match="0 inputs"):  # Triton's own check, before the model's
         scorer.infer("ms_score", [], client_timeout=WAIT_S)
-    with pytest.raises(InferenceServerException, match="IMAGES_HW"):  # a colour model has no N x H x W layout
-        scorer.infer("gated_score", [tensor(p.IMAGES_HW, images[:, 0], "UINT8")], client_timeout=WAIT_S)
+    labels = tensor(p.LABELS, np.zeros((3, 1), np.int64), "INT64")
+    with pytest.raises(InferenceServerException, match="unexpected inference input 'IMAGES_HW' for model 'gated_score'"):
+        scorer.infer("gated_score", [hw, labels], client_timeout=WAIT_S)
+    # Triton checks required inputs by their count, and LABELS is optional in the config: LABELS
+    # alone reaches the model, which names the images it lacks.
+    with pytest.raises(InferenceServerException, match=r"send the images as IMAGES \(uint8 N x C x H x W\)"):
+        scorer.infer("gated_score", [labels], client_timeout=WAIT_S)
 
 
 def exec_counts(server, model):

@@ -19,6 +19,7 @@ returns.
     traffic.py      coalescing under load, the load bench, replicas behind nginx
     reliability.py  abandoned streams, overload
     ood.py          out-of-distribution detection
+    workers.py      the sampler's engine workers, and the scorer's instances and threads
 
 Standard library only, so it runs wherever the JSON files are.
 """
@@ -36,6 +37,7 @@ from bench.report.models import checkpoints, long_runs, nll_text, paper_text, tr
 from bench.report.reliability import abandoned_streams, overload
 from bench.report.traffic import cluster, load_16_streams, load_run
 from bench.report.triton import deployment, perf_analyzer, serving, serving_gated_pixelcnn, serving_no_window
+from bench.report.workers import engine_workers
 
 __all__ = ["MACHINE_KEYS", "MACHINE_OPTIONAL", "OUT", "RESULTS", "SECTIONS", "load", "main", "nll_text",
            "paper_text", "render", "served_models", "slug"]
@@ -47,6 +49,7 @@ SECTIONS: dict[str, Callable] = {
     "sampling.json": sampling, "cell_graphs.json": cell_graphs, "deployment.json": deployment,
     "perf_analyzer.json": perf_analyzer, "serving.json": serving, "serving_no_window.json": serving_no_window,
     "serving_gated_pixelcnn.json": serving_gated_pixelcnn, "engine_batching.json": engine_batching,
+    "engine_workers.json": engine_workers,
     "load_16_streams.json": load_16_streams, "load.json": load_run, "abandoned_streams.json": abandoned_streams,
     "overload.json": overload, "cluster.json": cluster, "ood.json": ood,
 }

@@ -33,10 +33,15 @@ def perf_analyzer(d: dict) -> list[str]:
              f"p50 {st['first_row_latency_us']['p50'] / 1000:.1f} ms, p99 {st['first_row_latency_us']['p99'] / 1000:.0f} ms",
              p["errors"]]]
     c = d["config"]
+    # As the record ran: its input_data is per model where the scorer ran on --input-data zero, else one file per model folder.
+    data = ("(the scorer with all-zero images, `--input-data zero`, valid at any number of levels; the sampler with "
+            "the request data its model folder ships, `NAME_sample/perf_analyzer_input.json`)"
+            if isinstance(c.get("input_data"), dict) else
+            "with the request data each model folder ships (`NAME_*/perf_analyzer_input.json`)")
     return header("Triton's perf_analyzer", "perf_analyzer.json", d,
                   "`python -m bench.perf_analyzer --url HOST:PORT --model NAME --json bench/results/perf_analyzer.json`") + [
         para(f"Triton's own load generator (version {d['perf_analyzer']}, from the pinned `tritonclient` wheel) "
-             f"measures both models with the request data each model folder ships (`NAME_*/perf_analyzer_input.json`): "
+             f"measures both models {data}: "
              f"{c['windows']} windows of {c['window_ms'] / 1000:g} s per model; the streaming sampler runs as a "
              "decoupled sequence model over a gRPC stream, each sequence one START request that streams a whole "
              "image. The commands, as run:"),

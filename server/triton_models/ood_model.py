@@ -39,8 +39,8 @@ class TritonPythonModel:
 
     def parse(self, request) -> np.ndarray:
         """-> images (N, C, H, W) uint8; raises ValueError (Triton checked dtype and shape)."""
-        given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
-        return score_images([(t.name(), t.as_numpy()) for t in given], self.levels)
+        sent = pb_utils.get_input_tensor_by_name(request, p.IMAGES)
+        return score_images(None if sent is None else sent.as_numpy(), self.levels)
 
     def nll(self, model: str, images: np.ndarray, label: int | None = None) -> np.ndarray:
         inputs = [pb_utils.Tensor(p.IMAGES, images)]

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pixelrnn  # noqa: E402
 from pixelrnn.runtime import protocol as p  # noqa: E402
-from pixelrnn.server.engine import DEFAULT_MEMORY_MB, STUCK_SEND_S, Engine, Overloaded, live_images_budget  # noqa: E402
+from pixelrnn.server.engine import (DEFAULT_MEMORY_MB, STUCK_SEND_S, Engine, Overloaded, default_workers,  # noqa: E402
+                                    live_images_budget)
 from pixelrnn.runtime.manifest import model_folder  # noqa: E402
 from pixelrnn.runtime.rowloop import SampleSpec  # noqa: E402
 from pixelrnn.runtime.runner import OnnxRunner  # noqa: E402
@@ -99,7 +100,12 @@ class SamplerMetrics:
     overloaded: STARTs refused for the budget, at once or when their wait ran out; started:
     sequences opened; refused: bad or conflicting requests; stuck_sends: sender
     threads found stuck; stuck: sequences ended for it).
-    A thread of its own pushes changes, so the engine never waits on the round trips."""
+    A thread of its own pushes changes, so the engine never waits on the round trips.
+
+    Every metric moves by increments, the gauges too (by their change since the last push): in
+    Triton 2.51 Metric.set waits for the server's answer holding the GIL, increment releases it.
+    A set that a server shutting down never answers froze the whole stub, finalize included, and
+    the stub outlived tritonserver."""
 
     def __init__(self, engine, model: str):
         self.engine = engine
@@ -126,7 +132,7 @@ class SamplerMetrics:
         self.counters = {k: events.Metric(labels={"model": model, "event": k}) for k in engine.stats()
                          if k not in self.gauges and k != "cell_seconds"}
         self.counters["cell_seconds"] = cells.Metric(labels={"model": model})
-        self._sent = {k: 0 for k in self.counters}
+        self._sent = {k: 0 for k in (*self.gauges, *self.counters)}  # a new metric starts at 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler-metrics", daemon=True)
         self._thread.start()
@@ -136,20 +142,25 @@ class SamplerMetrics:
             try:
                 self.push()
             except Exception as e:  # noqa: BLE001 - metrics must never take the sampler down
-                pb_utils.Logger.log_warn(f"sampler metrics: {type(e).__name__}: {e}")
+                if not self._stop.is_set():  # a server shutting down may refuse the last push: nothing to report
+                    pb_utils.Logger.log_warn(f"sampler metrics: {type(e).__name__}: {e}")
 
     def push(self) -> None:
         stats = self.engine.stats()
-        for k, gauge in self.gauges.items():
-            gauge.set(stats[k])
-        for k, metric in self.counters.items():
-            if stats[k] > self._sent[k]:
-                metric.increment(stats[k] - self._sent[k])
-                self._sent[k] = stats[k]
+        for metrics, signed in ((self.gauges, True), (self.counters, False)):
+            for k, metric in metrics.items():
+                change = stats[k] - self._sent[k]
+                if self._stop.is_set():  # no call to the server once stop() began
+                    return
+                if change > 0 or (signed and change):
+                    metric.increment(change)
+                    self._sent[k] = stats[k]
 
     def stop(self) -> None:
+        """No metric call starts after this. One under way gets a moment to finish, no more: the
+        server may never answer it (its thread is a daemon and waits without the GIL)."""
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(METRICS_PERIOD_S)
 
 
 def one_value(request, name: str, kind: type, default=None):
@@ -171,7 +182,12 @@ class TritonPythonModel:
     def initialize(self, args):
         model = model_folder(args)
         config, params, manifest = model.config, model.params, model.manifest
-        runner = OnnxRunner.from_manifest(manifest, model.folder, threads=int(params.get("onnx_threads", "1")))
+        # Engine workers (server/engine/): each runs its sequences' cell calls on a session of its own,
+        # on its own core (onnxruntime releases the GIL while a session runs); 0: the usable cores but one.
+        workers = int(params.get("engine_workers", "0")) or default_workers()
+        runners = [OnnxRunner.from_manifest(manifest, model.folder, threads=int(params.get("onnx_threads", "1")))
+                   for _ in range(workers)]
+        runner = runners[0]
         # Triton forgets idle sequences without telling the model: expire ours on the same clock.
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         # Sender threads: each response is a round trip to the server; several overlap them with
@@ -188,13 +204,14 @@ class TritonPythonModel:
             manifest, float(params.get("sampler_memory_mb", DEFAULT_MEMORY_MB)))
         # Admission queue (server/engine/, Overload): STARTs that do not fit wait this long, this many at most (0: none).
         queue_starts, wait_ms = int(params.get("admission_queue", "0")), float(params.get("admission_wait_ms", "0"))
-        self.engine = Engine(runner, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders,
+        self.engine = Engine(runners, max_batch=int(manifest["max_batch"]), idle_timeout=idle_us / 1e6, senders=senders,
                              linger=linger_ms / 1e3, max_images=budget, stuck_send_s=stuck_send_s, max_waiting=queue_starts,
                              wait_s=wait_ms / 1e3)
         self.engine.start_worker()
         self.metrics = SamplerMetrics(self.engine, args["model_name"])
         pb_utils.Logger.log_info(f"{args['model_name']}: {manifest['arch']} {manifest['shape']} levels {manifest['levels']}, "
-                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {senders} sender threads, "
+                                 f"stages {[s.name for s in runner.stages]}, idle timeout {idle_us / 1e6:g} s, {workers} engine workers "
+                                 f"with {senders} sender threads each, "
                                  f"coalescing window {linger_ms:g} ms, live-images budget {budget}, admission queue {queue_starts} "
                                  f"(wait {wait_ms:g} ms), stuck-send bound {stuck_send_s:g} s, "
                                  f"pixelrnn from {Path(pixelrnn.__file__).parent}")
@@ -243,5 +260,8 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        # Metrics first: no call to the server starts once the model is going away. The engine's
+        # stop is bounded well inside tritonserver's exit timeout (--exit-timeout-secs, 10 s in
+        # server/launcher.py), past which tritonserver exits without waiting for this stub.
         self.metrics.stop()
-        self.engine.stop()
+        self.engine.stop(timeout=5.0)

@@ -35,8 +35,8 @@ class TritonPythonModel:
     def parse(self, request):
         """-> (images (N, C, H, W) uint8, labels (N,) int64 or None); raises ValueError.
         Triton has already checked the dtype and the shape against config.pbtxt."""
-        given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in (p.IMAGES, p.IMAGES_HW)) if t is not None]
-        images = score_images([(t.name(), t.as_numpy()) for t in given], self.levels)
+        sent = pb_utils.get_input_tensor_by_name(request, p.IMAGES)
+        images = score_images(None if sent is None else sent.as_numpy(), self.levels)
         tensor = pb_utils.get_input_tensor_by_name(request, p.LABELS)
         if not self.num_classes:
             return images, None

@@ -1,9 +1,9 @@
 """What clients send to and get from the two Triton models of an exported checkpoint NAME.
 
 NAME_score (Python backend, dynamic batching, max_batch_size = the export's max_batch):
-    in   IMAGES        uint8 N x C x H x W, values in [0, levels)
-         IMAGES_HW     uint8 N x H x W, grey models only, instead of IMAGES (Triton fixes an
-                       input's rank, so the two layouts are two inputs; send exactly one)
+    in   IMAGES        uint8 N x C x H x W, values in [0, levels) (grey models too: C = 1; one
+                       layout, so generic clients such as perf_analyzer, which send every
+                       declared input, make valid requests)
          LABELS        int64 N x 1, class-conditional models only (required there)
     out  NLL_NATS      float32 N x 1, -log p(image) in nats
          BITS_PER_DIM  float32 N x 1, NLL_NATS / (C * H * W * ln 2)
@@ -14,8 +14,8 @@ NAME_score (Python backend, dynamic batching, max_batch_size = the export's max_
 NAME_ood (Python backend, dynamic batching; only where the model was exported with a
 background model): out-of-distribution scores, composed over NAME_score and the background's
 scorer BACKGROUND_score by business-logic scripting (runtime/ood.py says what each means).
-    in   IMAGES / IMAGES_HW as NAME_score (no LABELS: a class-conditional model is scored by
-                       its marginal p(x) over the classes)
+    in   IMAGES        as NAME_score (no LABELS: a class-conditional model is scored by its
+                       marginal p(x) over the classes)
     out  NLL_NATS      float32 N x 1, -log p(x) under the model
          BACKGROUND_NLL_NATS  float32 N x 1, -log p(x) under the background model
          LLR           float32 N x 1, NLL_NATS - BACKGROUND_NLL_NATS (higher: more out of distribution)
@@ -89,7 +89,6 @@ SAMPLE_SUFFIX = "_sample"
 DETECT_SUFFIX = "_ood"
 
 IMAGES, LABELS, NLL_NATS, BITS_PER_DIM, PIXEL_NLL = tn.IMAGES, tn.LABELS, tn.NLL_NATS, tn.BITS_PER_DIM, tn.PIXEL_NLL
-IMAGES_HW = "IMAGES_HW"
 
 BATCH_SIZE = "BATCH_SIZE"
 TEMPERATURE = tn.TEMPERATURE
