@@ -354,3 +354,23 @@ def test_a_killed_replica_is_unavailable_through_the_proxy(deployed, certs):
             client.score(np.zeros((1, 1, 6, 4), np.uint8))
         with pytest.raises(ServerGone, match=UNAVAILABLE_MESSAGE):
             list(client.sample(1, seed=0))
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_the_web_gateway_reaches_models_through_the_tls_proxy(deployed, certs):
+    """The page's gateway (python -m pixelrnn.web --tls --root-cert ... --token ...) lists and
+    scores through the proxy with the token; without it the proxy refuses it."""
+    from pixelrnn.web.gateway import Gateway, GatewayError, ScoreRequest
+
+    cluster, model = deployed
+    images = np.random.default_rng(1).integers(0, 2, (2, 1, 6, 4)).astype(np.uint8)
+    with torch.no_grad():
+        want = model.nll(torch.from_numpy(images).long()).numpy()
+    gateway = Gateway(cluster.url, timeout=10.0, credentials=creds(certs))
+    assert MODEL in gateway.models()
+    scored = gateway.score(ScoreRequest(model=MODEL, images=images.tolist()))
+    np.testing.assert_allclose(scored["nll"], want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(GatewayError) as refused:
+        Gateway(cluster.url, timeout=10.0, credentials=creds(certs, token=None)).models()
+    assert "UNAUTHENTICATED" in refused.value.message and (certs / "token").read_text() not in refused.value.message

@@ -78,3 +78,15 @@ def test_ctrl_c_ends_the_gateway_quietly_while_it_imports_and_while_it_serves():
         code, output = interrupted(when)
         assert "Traceback" not in output and code == 130, f"SIGINT while {when}: exit code {code}\n{output}"
         assert ("web page:" in output) == (when == "serving"), f"SIGINT while {when}:\n{output}"
+
+
+def test_credential_flags_are_checked_before_anything_is_served(tmp_path, capsys, monkeypatch):
+    """--token needs TLS and --root-cert a readable PEM: one line each, and the token unseen."""
+    monkeypatch.delenv("PIXELRNN_TOKEN", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--token", "s3cret-token", "--check-port"])
+    err = capsys.readouterr().err
+    assert "over TLS only" in err and "s3cret-token" not in err
+    with pytest.raises(SystemExit):
+        main(["--root-cert", str(tmp_path / "missing.pem"), "--check-port"])
+    assert "cannot read the root certificate" in capsys.readouterr().err

@@ -47,6 +47,9 @@ def serve(argv) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds any one metadata or score call may take")
+    parser.add_argument("--tls", action="store_true", help="speak gRPC over TLS to --triton (a proxy: pixelrnn cluster --tls-cert ...)")
+    parser.add_argument("--root-cert", help="PEM of the CA that signed the server's certificate (implies --tls)")
+    parser.add_argument("--token", help="bearer token for the proxy (default: $PIXELRNN_TOKEN with --tls); never printed")
     parser.add_argument("--check-port", action="store_true", help="only say whether --host:--port is free (exit 1 if not)")
     limits = parser.add_argument_group("limits (one machine's defaults)")
     limits.add_argument("--max-streams-per-client", type=int, default=defaults.streams_per_client,
@@ -64,6 +67,14 @@ def serve(argv) -> int:
                         json_bytes=args.max_json_kib * 1024, threads=args.threads)
     except ValueError as e:
         parser.error(str(e))
+    from pixelrnn.client.connection import Credentials, token_from
+    from pixelrnn.client.types import ClientError
+
+    try:  # read the certificate and check the token now, before the page is served
+        tls = args.tls or args.root_cert is not None
+        credentials = Credentials(tls=tls, root_cert=args.root_cert, token=token_from(args.token, tls))
+    except ClientError as e:
+        parser.error(str(e))
     problem = check_port(args.host, args.port)
     if problem or args.check_port:
         if problem:
@@ -74,9 +85,9 @@ def serve(argv) -> int:
 
     from pixelrnn.web.gateway import create_app
 
-    app = create_app(args.triton, timeout=args.timeout, limits=chosen)
+    app = create_app(args.triton, timeout=args.timeout, limits=chosen, credentials=credentials)
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-    print(f"web page: http://{shown}:{args.port}/  (Triton gRPC at {args.triton}; Ctrl-C stops)", flush=True)
+    print(f"web page: http://{shown}:{args.port}/  (Triton gRPC at {args.triton}, {credentials.describe()}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
     return 0
 

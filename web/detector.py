@@ -8,15 +8,16 @@ import json
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from pixelrnn.client.connection import PLAIN, Credentials
 from pixelrnn.client.library import ClientError, ServerGone
 from pixelrnn.runtime import protocol as p
 from pixelrnn.runtime.ood import Threshold
 
 
-def detector_threshold(url: str, model: str, timeout: float = 10.0) -> Threshold | None:
+def detector_threshold(url: str, model: str, timeout: float = 10.0, credentials: Credentials = PLAIN) -> Threshold | None:
     """NAME_ood's threshold, or None when the server does not serve a ready NAME_ood."""
     name = p.detect_model(model)
-    client = grpcclient.InferenceServerClient(url)
+    client: grpcclient.InferenceServerClient = credentials.connect(url)
     try:
         try:
             if not client.is_model_ready(name, client_timeout=timeout):

@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelrnn.client.catalog import served_models
+from pixelrnn.client.connection import PLAIN, Credentials
 from pixelrnn.client.library import ClientError, ModelInfo, PixelClient, Row, ServerGone
 from pixelrnn.runtime import request
 from pixelrnn.runtime.protocol import detect_model
@@ -119,12 +120,12 @@ class Gateway:
     """What the routes share: the Triton address and how long a call to it may take. Every
     method blocks (gRPC calls): the routes run them on the bounded thread pool."""
 
-    def __init__(self, triton_url: str, timeout: float = 10.0):
-        self.url, self.timeout = triton_url, timeout
+    def __init__(self, triton_url: str, timeout: float = 10.0, credentials: Credentials = PLAIN):
+        self.url, self.timeout, self.credentials = triton_url, timeout, credentials
 
     def models(self) -> dict[str, ModelInfo]:
         try:
-            return {m.name: m for m in served_models(self.url, timeout=self.timeout)}
+            return {m.name: m for m in served_models(self.url, timeout=self.timeout, credentials=self.credentials)}
         except ServerGone as e:
             raise unreachable(e) from None
         except ClientError as e:
@@ -136,7 +137,7 @@ class Gateway:
         if model not in known:
             raise GatewayError(404, f"unknown model {model!r}; the server serves: {', '.join(known) or 'none'}")
         try:
-            return PixelClient(self.url, model, timeout=self.timeout)
+            return PixelClient(self.url, model, timeout=self.timeout, credentials=self.credentials)
         except ServerGone as e:
             raise unreachable(e) from None
         except ClientError as e:
@@ -182,7 +183,7 @@ class Gateway:
         """The detector's answer; a model without one is not an error, the page says so."""
         client = self.connect(req.model)
         try:
-            threshold = detector_threshold(self.url, req.model, self.timeout)
+            threshold = detector_threshold(self.url, req.model, self.timeout, self.credentials)
             if threshold is None:
                 return {"detector": None, "message": f"model {req.model!r} has no out-of-distribution detector: the "
                                                       f"server does not serve {detect_model(req.model)} (export the "
@@ -222,8 +223,8 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def create_app(triton_url: str, timeout: float = 10.0, limits: Limits = Limits()) -> FastAPI:
-    gateway = Gateway(triton_url, timeout)
+def create_app(triton_url: str, timeout: float = 10.0, limits: Limits = Limits(), credentials: Credentials = PLAIN) -> FastAPI:
+    gateway = Gateway(triton_url, timeout, credentials)
     slots = StreamSlots(limits)
     threads = anyio.CapacityLimiter(limits.threads)
     app = FastAPI(title="PixelRNN web gateway", docs_url=None, redoc_url=None, openapi_url=None)
