@@ -345,19 +345,6 @@ def test_a_client_without_tls_or_without_the_ca_is_told_what_is_wrong(deployed, 
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_a_killed_replica_is_unavailable_through_the_proxy(deployed, certs):
-    """Runs last in the module: the replica is killed and not restarted (supervise=False)."""
-    cluster, _ = deployed
-    with PixelClient(cluster.url, model=MODEL, timeout=20, credentials=creds(certs)) as client:
-        kill_hard(cluster.replicas[0])
-        with pytest.raises(ServerGone, match=UNAVAILABLE_MESSAGE):
-            client.score(np.zeros((1, 1, 6, 4), np.uint8))
-        with pytest.raises(ServerGone, match=UNAVAILABLE_MESSAGE):
-            list(client.sample(1, seed=0))
-
-
-@pytest.mark.triton
-@pytest.mark.slow
 def test_the_web_gateway_reaches_models_through_the_tls_proxy(deployed, certs):
     """The page's gateway (python -m pixelrnn.web --tls --root-cert ... --token ...) lists and
     scores through the proxy with the token; without it the proxy refuses it."""
@@ -374,3 +361,16 @@ def test_the_web_gateway_reaches_models_through_the_tls_proxy(deployed, certs):
     with pytest.raises(GatewayError) as refused:
         Gateway(cluster.url, timeout=10.0, credentials=creds(certs, token=None)).models()
     assert "UNAUTHENTICATED" in refused.value.message and (certs / "token").read_text() not in refused.value.message
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_a_killed_replica_is_unavailable_through_the_proxy(deployed, certs):
+    """Runs last in the module: the replica is killed and not restarted (supervise=False)."""
+    cluster, _ = deployed
+    with PixelClient(cluster.url, model=MODEL, timeout=20, credentials=creds(certs)) as client:
+        kill_hard(cluster.replicas[0])
+        with pytest.raises(ServerGone, match=UNAVAILABLE_MESSAGE):
+            client.score(np.zeros((1, 1, 6, 4), np.uint8))
+        with pytest.raises(ServerGone, match=UNAVAILABLE_MESSAGE):
+            list(client.sample(1, seed=0))
