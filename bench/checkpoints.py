@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import PROJECT_ROOT as ROOT, result, write_json
+from bench.common import PROJECT_ROOT as ROOT, result, shown, write_json
 from pixelrnn.runtime.manifest import file_sha256
 from pixelrnn.training import evaluate
 from pixelrnn.training.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ def describe(path: Path) -> dict:
                               limit=None, batch_size=256, threads=None)
     score = evaluate.run(args)
     return {
-        "file": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+        "file": shown(path),
         "sha256": file_sha256(path), "arch": ckpt["arch"],
         "size": {k: cfg[k] for k in ("hidden", "layers", "kernel", "num_classes", "levels") if k in cfg},
         "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "hours": ckpt.get("hours"),

@@ -72,7 +72,7 @@ unless said otherwise; what each may hold is runtime/request.py's (one rule per 
   and pixelrnn_sampler_events_total{event=admitted|queued|overloaded}.
   The live sequences go on; when more images want rows than one cell call takes, each call
   goes to the least served sequences counted in image-rows, so a small sequence is not held
-  back by big ones (server/engine/scheduler.py).
+  back by big ones (server/engine/worker.py).
   Stuck sends: a response send that has not returned for the config's stuck_send_s seconds
   (default 10; 0: off) marks the sampler unhealthy (metrics endpoint:
   pixelrnn_sampler_healthy 0, pixelrnn_sampler_events_total{event="stuck_sends"}); the other

@@ -2,7 +2,7 @@
 imports, by server/repository.py).
 
 Streaming (decoupled) and stateful: requests only validate and queue work for the row engine
-(server/engine/), whose worker thread advances all active sequences together and streams
+(server/engine/), whose worker threads advance their active sequences together and stream
 each sequence's rows through its own response sender, the rows that waited together in one
 response. Protocol: runtime/protocol.py. A START over the live-images budget (server/engine/admission.py,
 the config's max_live_images / sampler_memory_mb) is answered at once with an UNAVAILABLE error
