@@ -19,6 +19,7 @@ from bench.common import PROJECT_ROOT as ROOT, result, shown, write_json
 from pixelrnn.runtime.manifest import file_sha256
 from pixelrnn.training import evaluate
 from pixelrnn.training.checkpoint import load_checkpoint
+from pixelrnn.training.curves import init_from, parent_hours
 
 
 def describe(path: Path) -> dict:
@@ -32,6 +33,9 @@ def describe(path: Path) -> dict:
         "sha256": file_sha256(path), "arch": ckpt["arch"],
         "size": {k: cfg[k] for k in ("hidden", "layers", "kernel", "num_classes", "levels") if k in cfg},
         "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "hours": ckpt.get("hours"),
+        # A new cycle (train --init-from) continues other weights: the run it started from and the
+        # hours behind those weights, so the table does not show the last cycle as all of it.
+        "init_from": init_from(ckpt), "parent_hours": parent_hours(ckpt) if init_from(ckpt) else None,
         "valid_nll_nats": score["nll_nats"], "valid_bits_per_dim": score["bits_per_dim"],
         "valid_images": score["n_images"], "data": score["data"],
     }

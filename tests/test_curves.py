@@ -149,9 +149,11 @@ def test_default_is_every_long_run(runs, tmp_path, monkeypatch, capsys):
     for run in runs:
         (tmp_path / "runs" / "long" / run.name).mkdir(parents=True)
         shutil.copy(run / "last.pt", tmp_path / "runs" / "long" / run.name / "last.pt")
+    (tmp_path / "runs" / "long" / "just_started").mkdir()  # no record written yet: left out, said so
     monkeypatch.chdir(tmp_path)
     assert curves.main(["--json", "t.json"]) == 0
     assert [r["name"] for r in json.loads((tmp_path / "t.json").read_text())] == ["tiny_binary", "tiny_multi"]
+    assert "just_started: no run record yet; left out" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "runs")
     assert curves.main(["--json", "t.json"]) == 2
     assert capsys.readouterr().err.strip() == f"error: no checkpoints given and none match {curves.DEFAULT_GLOB}"

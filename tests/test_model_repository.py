@@ -26,7 +26,7 @@ def files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_checked_in_repository_is_what_the_writer_produces_now(tmp_path):
     # A stale copy would serve old glue, runtime or weights. Regenerate with:
-    #   python export/build_engine.py --checkpoint checkpoints/NAME.pt --name NAME --repository model_repository
+    #   python export/build_engine.py --checkpoint checkpoints/NAME.pt --name NAME --repository model_repository --tensorrt off
     fresh = tmp_path / "repository"
     assert build_engine.main(["--checkpoint", str(CHECKPOINT), "--name", NAME, "--out", str(tmp_path / "export"),
                               "--repository", str(fresh), "--tensorrt", "off"]) == 0

@@ -177,6 +177,26 @@ def test_init_from_starts_a_new_cycle_from_the_weights(full_run, tmp_path, capsy
     assert "pass one of them" in capsys.readouterr().err
 
 
+def test_ship_keeps_the_weights_and_record_without_the_resume_state(full_run, tmp_path, capsys):
+    """pixelrnn.training.ship: same weights and record, no optimizer/average/rng, smaller; a damaged
+    source is one line and writes nothing."""
+    from pixelrnn.training import ship
+
+    target = tmp_path / "shipped.pt"
+    assert ship.main([str(full_run / "last.pt"), str(target)]) == 0
+    source, shipped = load_checkpoint(full_run / "last.pt"), load_checkpoint(target)
+    assert_same_weights(shipped["model"], source["model"])
+    assert shipped["optimizer"] is None and "rng" not in shipped and "ema" not in shipped
+    assert {k: shipped[k] for k in ("arch", "config", "data", "step", "metrics", "history", "train_args")} == \
+        {k: source[k] for k in ("arch", "config", "data", "step", "metrics", "history", "train_args")}
+    assert target.stat().st_size < (full_run / "last.pt").stat().st_size
+    load_model(target)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((full_run / "last.pt").read_bytes()[:-10])
+    assert ship.main([str(damaged), str(tmp_path / "never.pt")]) == 2
+    assert "damaged.pt" in capsys.readouterr().err and not (tmp_path / "never.pt").exists()
+
+
 def test_max_minutes_stops_with_checkpoint(tmp_path):
     assert run_main(tmp_path, "--max-minutes", "0") == 0
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class Run:
         return self.ckpt["config"].get("levels") == 2
 
     @property
+    def perturb(self) -> float:
+        """The noise a background model was trained on (training.train --perturb); 0 for a model."""
+        return self.ckpt.get("perturb") or (self.ckpt.get("train_args") or {}).get("perturb") or 0.0
+
+    @property
     def label(self) -> str:
         cfg, data = self.ckpt["config"], self.ckpt["data"] or {}
         n = self.params
@@ -64,11 +70,12 @@ class Run:
         size = f"h{cfg.get('hidden')}x{cfg.get('layers')}, {count} params"
         bits = "" if self.binary else f" {data.get('bits')}-bit"
         # A background model (trained on perturbed images) is not a candidate model: say so.
-        perturb = self.ckpt.get("perturb") or (self.ckpt.get("train_args") or {}).get("perturb")
-        background = f", perturbed {perturb:g}" if perturb else ""
+        background = f", perturbed {self.perturb:g}" if self.perturb else ""
         parent = init_from(self.ckpt)
         cycle = f", new cycle from {Path(parent).parent.name}" if parent else ""
-        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{background}{cycle}"
+        epochs = self.ckpt.get("epoch")
+        length = f", {epochs:.3g} epochs" if epochs else ""  # tells apart runs of one size
+        return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{length}{background}{cycle}"
 
 
 def init_from(record: dict) -> str | None:
@@ -209,6 +216,21 @@ def table_row(run: Run) -> dict:
 
 # ---------------------------------------------------------------------------- drawing
 
+def focus(ax, drawn: list[Run], binary: bool, lows: list[float]) -> None:
+    """Show where the runs go: each run's first two validations (untrained weights, far higher) may
+    leave the top of the panel; the rest and the reference lines stay in it."""
+    value = (lambda p: p[2]) if binary else (lambda p: p[3])
+    ys = [value(p) for r in drawn for p in r.points]
+    if not ys:
+        return
+    bottom = min(ys + lows)
+    top = max(value(r.points[min(2, len(r.points) - 1)]) for r in drawn if r.points)
+    if top <= bottom:
+        top = max(ys)
+    margin = 0.05 * max(top - bottom, 1e-3 * abs(top) or 1e-3)
+    ax.set_ylim(bottom - margin, top + margin)
+
+
 def plot(runs: list[Run], out: Path, paper: bool) -> None:
     import matplotlib
 
@@ -216,11 +238,18 @@ def plot(runs: list[Run], out: Path, paper: bool) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    panels = [binary for binary in (True, False) if any(r.binary == binary for r in runs)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.8), squeeze=False)
+    # Columns by unit (binary: nats per image; else bits/dim), rows: models, then background models
+    # (trained on perturbed images: tens of nats worse, they would flatten the models' curves).
+    columns = [binary for binary in (True, False) if any(r.binary == binary for r in runs)]
+    rows = [background for background in (False, True) if any(bool(r.perturb) == background for r in runs)]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(7.5 * len(columns), 6.2 * len(rows)), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, binary in zip(axes[0], panels):
-        drawn = [r for r in runs if r.binary == binary]
+    for (i, background), (j, binary) in itertools.product(enumerate(rows), enumerate(columns)):
+        ax = axes[i][j]
+        drawn = [r for r in runs if r.binary == binary and bool(r.perturb) == background]
+        if not drawn:
+            ax.set_axis_off()
+            continue
         for k, run in enumerate(drawn):
             colour = colours[k % len(colours)]
             values = [(h, dev, nats if binary else bpd) for h, dev, nats, bpd, _ in run.points]
@@ -235,23 +264,27 @@ def plot(runs: list[Run], out: Path, paper: bool) -> None:
                         color=colour, linestyle="--", linewidth=0.9, alpha=0.8)
             ax.plot([], [], color=colour, label=run.label + (" [hours estimated]" if run.hours_source == "estimated" else "")
                     + (" (dashed: averaged weights)" if run.ema_points else ""))
-        if paper and binary and any((r.ckpt["data"] or {}).get("name") == PAPER_DATA for r in drawn):
+        lows = []
+        if paper and binary and not background and any((r.ckpt["data"] or {}).get("name") == PAPER_DATA for r in drawn):
             for k, (model, nats) in enumerate(PAPER_NATS.items()):
                 # Named in the legend: the three lie within 2.1 nats, too close for labels on the lines.
                 ax.axhline(nats, color="grey", linewidth=0.8, linestyle=(0, (1 + 3 * k, 2)),
                            label=f"paper {model}: {nats:.2f} (test)")
+                lows.append(nats)
+        focus(ax, drawn, binary, lows)
         ax.set_xlim(left=0)
         ax.set_xlabel("hours of training")
         ax.set_ylabel("valid NLL (nats per image)" if binary else "valid NLL (bits/dim)")
-        ax.set_title("binary data" if binary else "multi-level data", fontsize=10)
+        ax.set_title(("binary data" if binary else "multi-level data") + (", background models" if background else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3)
         devices = sorted({p[1] for r in drawn for p in r.points})
         handles = ax.get_legend_handles_labels()[0] + [
             Line2D([], [], color="black", label=dev, **DEVICE_STYLE[dev]) for dev in devices]
-        ax.legend(handles=handles, fontsize=7)
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -272,6 +305,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = [find_record(a) for a in args.inputs or sorted(glob.glob(DEFAULT_GLOB))]
+    if not args.inputs:  # a run that has just started has written no record yet: not an error
+        for path in [p for p in paths if not p.exists()]:
+            print(f"warning: {path.parent}: no run record yet; left out", file=sys.stderr)
+        paths = [p for p in paths if p.exists()]
     if not paths:
         print(f"error: no checkpoints given and none match {DEFAULT_GLOB}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ def model_words(r: dict) -> str:
 def checkpoints(d: dict) -> list[str]:
     res = d["results"]
     rows = [[f"`{Path(r['file']).name}`", model_words(r), r["data"]["name"],
-             f"{r['step']:,} steps ({r['epoch']:.1f} epochs)" + (f", {r['hours']:.1f} h" if r.get("hours") is not None else ""), nll_text(r), paper_text(r)]
+             training_text(r), nll_text(r), paper_text(r)]
             for r in res.values()]
     binary = {n: r for n, r in res.items() if r["data"]["name"] == PAPER_DATA and not is_background(r)}
     best = min(binary.values(), key=lambda r: r["valid_nll_nats"]) if binary else None
@@ -117,6 +117,18 @@ VARIANT = {"eager": "eager", "compile": "compile", "channels_last": "channels-la
            "channels_last_compile": "channels-last + compile",
            "after": "eager", "after_compile": "compile", "after_channels_last": "channels-last",
            "after_channels_last_compile": "channels-last + compile"}
+
+
+def training_text(r: dict) -> str:
+    """Steps, epochs and hours; a new cycle (train --init-from) also gives the hours behind its start."""
+    text = f"{r['step']:,} steps ({r['epoch']:.1f} epochs)"
+    if r.get("hours") is None:
+        return text
+    if r.get("parent_hours"):
+        parent = Path(r["init_from"]).parent.name
+        return (f"{text}, {r['hours']:.1f} h, a new cycle from `{parent}` ({r['parent_hours']:.1f} h): "
+                f"{r['hours'] + r['parent_hours']:.1f} h in all")
+    return f"{text}, {r['hours']:.1f} h"
 
 
 def shipped_size(r: dict, shipped: list[dict]) -> bool:
