@@ -31,14 +31,20 @@ def describe(path: Path) -> dict:
     return {
         "file": shown(path),
         "sha256": file_sha256(path), "arch": ckpt["arch"],
-        "size": {k: cfg[k] for k in ("hidden", "layers", "kernel", "num_classes", "levels") if k in cfg},
+        "size": size(cfg),
         "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "hours": ckpt.get("hours"),
         # A new cycle (train --init-from) continues other weights: the run it started from and the
         # hours behind those weights, so the table does not show the last cycle as all of it.
         "init_from": init_from(ckpt), "parent_hours": parent_hours(ckpt) if init_from(ckpt) else None,
         "valid_nll_nats": score["nll_nats"], "valid_bits_per_dim": score["bits_per_dim"],
         "valid_images": score["n_images"], "data": score["data"],
+        **({"members": [dict(m, size=size(c["config"])) for m, c in zip(ckpt["members"], cfg["members"])]}
+           if ckpt["arch"] == "ensemble" else {}),
     }
+
+
+def size(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("hidden", "layers", "kernel", "num_classes", "levels") if k in cfg}
 
 
 def kept_entries(json_path: Path, paths: list[Path]) -> dict:

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("pixelrnn.training.train", "train a model on a named data set (resumable)", "full"),
     "evaluate": ("pixelrnn.training.evaluate", "NLL of a checkpoint on a data split", "full"),
+    "ensemble": ("pixelrnn.training.ensemble", "one model from trained checkpoints, their conditionals averaged", "full"),
     "ship": ("pixelrnn.training.ship", "a run's checkpoint without its resume state, to ship", "full"),
     "curves": ("pixelrnn.training.curves", "validation NLL against hours of training, for runs", "full"),
     "sample": ("pixelrnn.export.sample", "sample or complete images from a checkpoint, in process", "full"),

@@ -28,6 +28,10 @@ CASES = {
     "gated-grey-4-labels": ("gated_pixelcnn", dict(hidden=6, layers=2, kernel=3), 1, 4, 3),
     "multiscale-gated-labels": ("multiscale", dict(base_arch="gated_pixelcnn", hidden=6, layers=2, small_config=dict(kernel=3), big_config=dict(kernel=3)), 1, 4, 2),
     "multiscale-pixelcnn-bernoulli": ("multiscale", dict(base_arch="pixelcnn", hidden=6, layers=1, small_config=dict(input_kernel=3), big_config=dict(input_kernel=3)), 1, 2, 0),
+    "ensemble-grey-4": ("ensemble", dict(members=[{"arch": "pixelcnn", "config": dict(hidden=6, layers=1, input_kernel=3)},
+                                                  {"arch": "row_lstm", "config": dict(hidden=6, layers=1)}]), 1, 4, 0),
+    "ensemble-bernoulli-labels": ("ensemble", dict(members=[{"arch": "gated_pixelcnn", "config": dict(hidden=6, layers=2, kernel=3)},
+                                                            {"arch": "gated_pixelcnn", "config": dict(hidden=3, layers=1, kernel=5)}]), 1, 2, 3),
 }
 
 

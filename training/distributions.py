@@ -22,11 +22,16 @@ def logits_per_channel(levels: int) -> int:
     return 1 if levels == 2 else levels
 
 
+def log_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """log sigmoid(z) = -softplus(-z), written out: an exported Log(Sigmoid(z)) goes through
+    onnxruntime's approximate sigmoid, whose error in tiny probabilities reaches 1e-2 in the log."""
+    return -(F.relu(-z) + torch.log1p(torch.exp(-z.abs())))
+
+
 def bernoulli_log_prob(logit: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """log p(value) with p(1) = sigmoid(logit), as -softplus(+-logit) written out so that it
     stays finite for large logits in every backend (an exported BCE can turn into log(0) * 0)."""
-    z = torch.where(value.bool(), -logit, logit)
-    return -(F.relu(z) + torch.log1p(torch.exp(-z.abs())))
+    return log_sigmoid(torch.where(value.bool(), logit, -logit))
 
 
 def log_prob(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -47,3 +52,20 @@ def nll_nats(logits: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor
 def nats_to_bits_per_dim(nats: torch.Tensor | float, dims: int):
     """Convert a per-image NLL in nats to bits per sub-pixel (C*H*W dimensions)."""
     return nats / (dims * LN2)
+
+
+def average_conditionals(member_logits: list[torch.Tensor], levels: int, dim: int) -> torch.Tensor:
+    """Logits of the average of several models' conditional distributions at each sub-pixel.
+
+    member_logits: same-shaped logits, K = logits_per_channel(levels) along `dim`. The result has
+    the same shape and layout: for the Bernoulli head the logit of the mean p(1), log(mean p(1)) -
+    log(mean p(0)); for the softmax head the log of the mean probabilities (a softmax of them gives
+    the mean back). Both in log space (logsigmoid, log_softmax, logsumexp): finite for any logits.
+    """
+    n = len(member_logits)
+    stacked = torch.stack([z.float() for z in member_logits])  # (n, ...)
+    if levels == 2:
+        log_p1 = torch.logsumexp(log_sigmoid(stacked), dim=0)
+        log_p0 = torch.logsumexp(log_sigmoid(-stacked), dim=0)
+        return log_p1 - log_p0  # the 1/n cancels
+    return torch.logsumexp(F.log_softmax(stacked, dim=dim + 1), dim=0) - math.log(n)

@@ -39,6 +39,9 @@ from pixelrnn.training.checkpoint import (CheckpointError, build_checkpoint_mode
                                  remove_stale_temp_files, save_checkpoint)
 from pixelrnn.training.distributed import Dist, all_sum, distribute, setup_distributed
 from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
+
+# An ensemble is built from trained checkpoints (python -m pixelrnn.training.ensemble), not trained.
+TRAINABLE = sorted(a for a in ARCHITECTURES if a != "ensemble")
 from pixelrnn.training.models.base import IMAGE_FIELDS
 from pixelrnn.training.run_outputs import nll_units, plot_loss_curve, write_json
 
@@ -52,7 +55,7 @@ RESUMED_FLAGS = ("steps", "epochs", "batch_size", "lr", "grad_clip", "seed", "va
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pixelrnn.training.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="architecture (optional with --resume)")
+    p.add_argument("--arch", choices=TRAINABLE, help="architecture (optional with --resume)")
     add_data_arguments(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, curve, metrics)")
     p.add_argument("--epochs", type=float, help="passes over the training set (default 1)")

@@ -17,7 +17,7 @@ MACHINE_KEYS = ("date", "cpu", "cpu_count", "load_average_1_5_15")  # every resu
 MACHINE_OPTIONAL = frozenset({"long_runs.json"})
 
 ARCH = {"pixelcnn": "PixelCNN", "row_lstm": "Row LSTM", "diagonal_bilstm": "Diagonal BiLSTM",
-        "gated_pixelcnn": "Gated PixelCNN", "multiscale": "multi-scale PixelRNN"}
+        "gated_pixelcnn": "Gated PixelCNN", "multiscale": "multi-scale PixelRNN", "ensemble": "ensemble"}
 # van den Oord et al. 2016, "Pixel Recurrent Neural Networks", binarized-MNIST test NLL in nats
 # (literature, not a measurement of ours; training/curves.py draws the same reference lines). The
 # paper has no Gated PixelCNN on binarized MNIST; its PixelCNN is the nearest figure.

@@ -28,6 +28,9 @@ def paper_text(r: dict) -> str:
 
 
 def model_words(r: dict) -> str:
+    if r.get("members"):  # an ensemble: what it averages
+        parts = [f"{ARCH.get(m['arch'], m['arch'])} {size_text(m['size'])}" for m in r["members"]]
+        return "ensemble of " + " and ".join(parts) + ", averaged per sub-pixel"
     words = ARCH.get(r["arch"], r["arch"])
     if r["size"].get("num_classes"):
         words = "class-conditional " + words
@@ -43,8 +46,12 @@ def checkpoints(d: dict) -> list[str]:
     best = min(binary.values(), key=lambda r: r["valid_nll_nats"]) if binary else None
     targets = []
     if best:
+        single = min((r for r in binary.values() if not r.get("members")), key=lambda r: r["valid_nll_nats"], default=None)
+        alone = (f"; the best single model {single['valid_nll_nats']:.2f}, {ARCH[single['arch']]}"
+                 if single and single is not best else "")
         targets.append(f"best binarized-MNIST model <= 80.8 nats: {met(best['valid_nll_nats'] <= 80.8)} "
-                       f"({best['valid_nll_nats']:.2f}, {ARCH[best['arch']]}; the paper's PixelCNN 81.30, Row LSTM 80.54)")
+                       f"({best['valid_nll_nats']:.2f}, {ARCH[best['arch']]}{alone}; the paper's PixelCNN 81.30, "
+                       "Row LSTM 80.54)")
     for arch, limit in (("row_lstm", 83.0), ("diagonal_bilstm", 82.0)):
         for r in binary.values():
             if r["arch"] == arch:
@@ -60,7 +67,8 @@ def checkpoints(d: dict) -> list[str]:
              "the same figure as `pixelrnn evaluate --checkpoint checkpoints/NAME.pt --split valid`. The "
              "file also records each checkpoint's sha256, so every figure traces to exact weights. All were "
              "trained on the project's CPU (batch 64, Adam, cosine schedule); each is the best checkpoint of "
-             "its long run (Long training runs, below). The paper's column is the PixelRNN paper's "
+             "its long run (Long training runs, below), and an ensemble averages trained ones at every "
+             "sub-pixel (`pixelrnn ensemble`), with equal weights, fitted to nothing. The paper's column is the PixelRNN paper's "
              "binarized-MNIST test NLL (van den Oord et al. 2016), for models trained for days on GPUs with "
              "far larger networks."),
         table(["checkpoint", "model", "data", "trained", "valid NLL", "paper (nats)"], rows),
@@ -121,6 +129,9 @@ VARIANT = {"eager": "eager", "compile": "compile", "channels_last": "channels-la
 
 def training_text(r: dict) -> str:
     """Steps, epochs and hours; a new cycle (train --init-from) also gives the hours behind its start."""
+    if r.get("members"):
+        files = " + ".join(f"`{m['file']}`" for m in r["members"])
+        return f"no training of its own: {files}, {r['hours']:.1f} h in all"
     text = f"{r['step']:,} steps ({r['epoch']:.1f} epochs)"
     if r.get("hours") is None:
         return text

@@ -9,6 +9,7 @@ import torch
 
 from pixelrnn.export.cells.base import RowCell
 from pixelrnn.export.cells.diagonal_bilstm import DiagonalBiLSTMCell
+from pixelrnn.export.cells.ensemble import EnsembleCell
 from pixelrnn.export.cells.gated_pixelcnn import GatedPixelCNNCell
 from pixelrnn.export.cells.multiscale import MultiScaleSampler
 from pixelrnn.export.cells.pixelcnn import PixelCNNCell
@@ -16,6 +17,7 @@ from pixelrnn.export.cells.row_lstm import RowLSTMCell
 from pixelrnn.runtime import rowloop
 from pixelrnn.runtime.rowloop import SampleSpec, Stage
 from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTM
+from pixelrnn.training.models.ensemble import Ensemble
 from pixelrnn.training.models.gated_pixelcnn import GatedPixelCNN
 from pixelrnn.training.models.multiscale import MultiScale
 from pixelrnn.training.models.pixelcnn import PixelCNN
@@ -26,6 +28,7 @@ CELLS: dict[type, type[RowCell]] = {
     GatedPixelCNN: GatedPixelCNNCell,
     RowLSTM: RowLSTMCell,
     DiagonalBiLSTM: DiagonalBiLSTMCell,
+    Ensemble: EnsembleCell,
     MultiScale: MultiScaleSampler,  # two cells, not a RowCell: dispatched below
 }
 

@@ -9,6 +9,7 @@ import dataclasses
 
 from pixelrnn.training.models.base import ImageModel, ModelConfig
 from pixelrnn.training.models.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMConfig
+from pixelrnn.training.models.ensemble import Ensemble, EnsembleConfig
 from pixelrnn.training.models.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from pixelrnn.training.models.multiscale import MultiScale, MultiScaleConfig
 from pixelrnn.training.models.pixelcnn import PixelCNN, PixelCNNConfig
@@ -20,6 +21,7 @@ ARCHITECTURES: dict[str, tuple[type[ModelConfig], type[ImageModel]]] = {
     "diagonal_bilstm": (DiagonalBiLSTMConfig, DiagonalBiLSTM),
     "gated_pixelcnn": (GatedPixelCNNConfig, GatedPixelCNN),
     "multiscale": (MultiScaleConfig, MultiScale),
+    "ensemble": (EnsembleConfig, Ensemble),
 }
 
 
