@@ -19,6 +19,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pixelrnn.runtime import ood  # noqa: E402
+from pixelrnn.runtime.manifest import model_params  # noqa: E402
 from pixelrnn.runtime import protocol as p  # noqa: E402
 from pixelrnn.runtime.request import score_images  # noqa: E402
 
@@ -30,7 +31,7 @@ class ScoringFailed(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_params(config)
         self.foreground, self.background = params["foreground_model"], params["background_model"]
         self.levels, self.num_classes = int(params["levels"]), int(params["num_classes"])
         self.threshold = ood.Threshold.from_json(json.loads(params["threshold"]))

@@ -80,5 +80,9 @@ def model_folder(args: dict) -> ModelFolder:
     """Parse the `args` of a Triton Python model's initialize and read its manifest."""
     config = json.loads(args["model_config"])
     folder = Path(args["model_repository"]) / args["model_version"]
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    return ModelFolder(config, folder, params, read_manifest(folder))
+    return ModelFolder(config, folder, model_params(config), read_manifest(folder))
+
+
+def model_params(config: dict) -> dict[str, str]:
+    """config.pbtxt's parameters (as Triton hands the config over in JSON): name -> string value."""
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
