@@ -1,7 +1,7 @@
-"""End to end on a real tritonserver (loopback, free ports), one server for the module: two tiny
+"""End to end on a real tritonserver (loopback, free ports), one server for the module: three tiny
 checkpoints (a class-conditional RGB Gated PixelCNN exported with `export/build_engine.py
---repository`, and a grey multi-scale model with a short sequence idle timeout) sampled over raw
-gRPC streams (client/stream.py) and scored with plain tritonclient."""
+--repository`, a grey multi-scale model with a short sequence idle timeout, and an ensemble of a
+PixelCNN and a Row LSTM) sampled over raw gRPC streams (client/stream.py) and scored with plain tritonclient."""
 import queue
 import re
 import shutil
@@ -29,6 +29,10 @@ pytestmark = pytest.mark.triton
 GATED = dict(in_channels=3, height=5, width=4, levels=4, num_classes=2, hidden=6, layers=1, kernel=3)
 MULTISCALE = dict(in_channels=1, height=6, width=4, levels=3, base_arch="gated_pixelcnn", hidden=6, layers=1,
                   small_config=dict(kernel=3), big_config=dict(kernel=3))
+# An ensemble (training/models/ensemble.py) of two architectures: served like any one model.
+ENSEMBLE = dict(in_channels=1, height=5, width=4, levels=3, members=[
+    {"arch": "pixelcnn", "config": dict(hidden=6, layers=1, input_kernel=3)},
+    {"arch": "row_lstm", "config": dict(hidden=6, layers=1)}])
 IDLE_S = 2.0  # the multi-scale sampler's sequence idle timeout, short for the expiry test
 WAIT_S = 60.0  # bound of any one answer: far above what a busy machine needs, short of a hang
 
@@ -38,7 +42,8 @@ def deployed(tmp_path_factory):
     """(server, {name: Exported}) with both models served."""
     root = tmp_path_factory.mktemp("triton")
     models = export_models(root, [Tiny("gated", "gated_pixelcnn", GATED),
-                                  Tiny("ms", "multiscale", MULTISCALE, writer=dict(sequence_idle_s=IDLE_S))], root / "repository")
+                                  Tiny("ms", "multiscale", MULTISCALE, writer=dict(sequence_idle_s=IDLE_S)),
+                                  Tiny("ens", "ensemble", ENSEMBLE)], root / "repository")
     with serve(root / "repository", root / "triton.log") as server:
         yield server, models
 
@@ -97,9 +102,20 @@ def test_rows_stream_in_order_and_make_sample_cached_images(deployed, client):
     np.testing.assert_array_equal(image(rows, 0), full[:, :, ::2, ::2])  # the small image streamed first
 
 
+def test_an_ensemble_streams_the_full_models_images(deployed, client):
+    """The ensemble's served cell draws what its forward pass (the reference sampler) draws."""
+    from pixelrnn.training.sample import sample_reference
+
+    model = deployed[1]["ens"].model
+    start(client, "ens_sample", 13, end=True, batch=4, seed=5)
+    rows, errors = client.collect()
+    assert not errors
+    np.testing.assert_array_equal(image(rows, 0), sample_reference(model, 4, seed=5))
+
+
 def test_scores_are_the_models_nll(deployed, scorer):
     _, models = deployed
-    for name, labels in (("gated", np.array([0, 1, 1, 0, 1])), ("ms", None)):
+    for name, labels in (("gated", np.array([0, 1, 1, 0, 1])), ("ms", None), ("ens", None)):
         model, manifest = models[name].model, models[name].manifest
         images = np.random.default_rng(3).integers(0, manifest["levels"], (5, *manifest["shape"])).astype(np.uint8)
         inputs = [tensor(p.IMAGES, images, "UINT8")] + ([tensor(p.LABELS, labels[:, None], "INT64")] if labels is not None else [])
