@@ -162,3 +162,27 @@ def test_the_average_exports_exactly_for_confident_members(levels, tmp_path):
     torch.onnx.export(Average(), (a, b), str(path), input_names=["a", "b"], output_names=["out"], dynamo=False)
     got = onnxruntime.InferenceSession(str(path)).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
     np.testing.assert_allclose(got, Average()(a, b).numpy(), rtol=0, atol=1e-4)
+
+
+def test_the_bench_compares_the_ensemble_with_its_members_and_their_mixture(trained, tmp_path, capsys):
+    from bench import ensembles
+
+    out = tmp_path / "ensemble.pt"
+    members = [trained / "pixelcnn" / "last.pt", trained / "row_lstm" / "last.pt"]
+    assert builder.main([*map(str, members), "--out", str(out)]) == 0
+    assert ensembles.main([str(out), "--json", str(tmp_path / "e.json")]) == 0
+    r = json.loads((tmp_path / "e.json").read_text())["results"]["ensemble"]
+    assert [m["arch"] for m in r["members"]] == ["pixelcnn", "row_lstm"]
+    model, _ = load_model(out)
+    from pixelrnn.runtime.datasets import load
+
+    split = load(load_checkpoint(out)["data"], "valid")
+    with torch.no_grad():
+        x = torch.from_numpy(split.images).long()
+        assert r["ensemble_nll_nats"] == pytest.approx(float(model.nll(x).mean()), abs=1e-3)
+        alone = [float(m.nll(x).mean()) for m in model.members]
+    assert [m["valid_nll_nats"] for m in r["members"]] == pytest.approx(alone, abs=1e-3)
+    # A mixture of whole images is within log(2) of its best member per image, so on average too.
+    assert r["mixture_nll_nats"] <= min(alone) + np.log(2) + 1e-6
+    assert ensembles.main([str(members[0]), "--json", str(tmp_path / "x.json")]) == 2
+    assert "is not an ensemble" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from bench.report.cells import cell_graphs, engine_batching, sampling
 from bench.report.common import (MACHINE_KEYS, MACHINE_OPTIONAL, OUT, RESULTS, ROOT, load, para, served_models,
                                  slug)
 from bench.report.ood import ood
-from bench.report.models import checkpoints, long_runs, nll_text, paper_text, training
+from bench.report.models import checkpoints, ensembles, long_runs, nll_text, paper_text, training
 from bench.report.reliability import abandoned_streams, overload
 from bench.report.traffic import cluster, load_16_streams, load_run
 from bench.report.triton import deployment, perf_analyzer, serving, serving_gated_pixelcnn, serving_no_window
@@ -45,7 +45,7 @@ __all__ = ["MACHINE_KEYS", "MACHINE_OPTIONAL", "OUT", "RESULTS", "SECTIONS", "lo
 # -- the document ---------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable] = {
-    "checkpoints.json": checkpoints, "long_runs.json": long_runs, "training.json": training,
+    "checkpoints.json": checkpoints, "ensembles.json": ensembles, "long_runs.json": long_runs, "training.json": training,
     "sampling.json": sampling, "cell_graphs.json": cell_graphs, "deployment.json": deployment,
     "perf_analyzer.json": perf_analyzer, "serving.json": serving, "serving_no_window.json": serving_no_window,
     "serving_gated_pixelcnn.json": serving_gated_pixelcnn, "engine_batching.json": engine_batching,

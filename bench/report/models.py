@@ -76,6 +76,25 @@ def checkpoints(d: dict) -> list[str]:
     ]
 
 
+def ensembles(d: dict) -> list[str]:
+    rows = []
+    for r in d["results"].values():
+        for m in r["members"]:
+            rows.append([f"`{m['file']}`", ARCH.get(m["arch"], m["arch"]), f"{m['valid_nll_nats']:.2f}"])
+        rows.append([f"`{Path(r['file']).name}`", "mixture of whole images, p(x) = mean of the members' p(x)",
+                     f"{r['mixture_nll_nats']:.2f}"])
+        rows.append([f"`{Path(r['file']).name}`", "ensemble: each sub-pixel's distribution the mean of the members'",
+                     f"**{r['ensemble_nll_nats']:.2f}**"])
+    images = sorted({r["images"] for r in d["results"].values()})
+    return header("Ensembles", "ensembles.json", d, "`python -m bench.ensembles`") + [
+        para(f"Two ways to average trained models, on the full validation split ({' / '.join(f'{n:,}' for n in images)} "
+             "images), in nats per image, from one pass of each member: a mixture of whole images, and the "
+             "ensemble that `pixelrnn ensemble` builds, which averages the members' conditional distributions "
+             "at every sub-pixel (equal weights, fitted to nothing). The ensemble is what ships."),
+        table(["checkpoint", "model", "valid NLL (nats)"], rows),
+    ]
+
+
 # -- training ------------------------------------------------------------------------------------
 
 def long_runs(runs) -> list[str]:
