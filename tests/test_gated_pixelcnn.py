@@ -91,3 +91,22 @@ def test_vertical_link_sees_only_rows_above():
         rows = grad[0, 0].abs().sum(1) > 0
         assert not rows[3:].any() and rows[2]
         v = torch.tanh(v_pre[:, :6]) * torch.sigmoid(v_pre[:, 6:])
+
+
+def test_dropout_acts_in_training_only_and_keeps_causality():
+    """--model-arg dropout=P: random in train mode, identity in eval mode (what cells and exports
+    are built from), elementwise so the masks stay causal."""
+    cfg = dict(in_channels=3, height=5, width=5, levels=4, hidden=6, layers=3, kernel=3)
+    torch.manual_seed(0)
+    plain = build_model("gated_pixelcnn", cfg)
+    dropped = build_model("gated_pixelcnn", dict(cfg, dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())  # no weights of its own
+    x = torch.randint(0, 4, (2, 3, 5, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+        dropped.train()
+        assert not torch.allclose(dropped(x), dropped(x))
+    report = check_model(dropped, 3, 5, 5, 4)
+    assert report.ok, report.describe()
+    with pytest.raises(ValueError, match="dropout must be in"):
+        build_model("gated_pixelcnn", dict(cfg, dropout=1.0))

@@ -32,6 +32,7 @@ class GatedPixelCNNConfig(ModelConfig):
     hidden: int = 36  # features per stack (a multiple of 3 for RGB)
     layers: int = 6  # gated layers (each one vertical + one horizontal step)
     kernel: int = 5  # odd; vertical kernel (k//2+1) x k, horizontal kernel 1 x k (masked to k//2+1 taps)
+    dropout: float = 0.0  # on each layer's gated horizontal features, in training only (a regulariser)
 
     def validate(self) -> None:
         super().validate()
@@ -41,6 +42,8 @@ class GatedPixelCNNConfig(ModelConfig):
             raise ValueError(f"layers must be at least 1, got {self.layers}")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def gate(pre: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,8 @@ class GatedLayer(nn.Module):
     """One layer of both stacks. A row-by-row cell can call `vertical` on a window of the last
     k//2+1 rows of its vertical input and `horizontal` on the current row, with the same weights."""
 
-    def __init__(self, in_channels: int, hidden: int, kernel: int, mask_type: str, groups: int, num_classes: int, residual: bool):
+    def __init__(self, in_channels: int, hidden: int, kernel: int, mask_type: str, groups: int, num_classes: int, residual: bool,
+                 dropout: float = 0.0):
         super().__init__()
         self.pad = kernel // 2
         # tanh channel k and sigmoid channel k must share a colour group so the product stays causal.
@@ -76,6 +80,9 @@ class GatedLayer(nn.Module):
         self.h_out = MaskedConv2d(hidden, hidden, 1, "B", colour_groups=groups)
         self.embed = nn.Embedding(num_classes, 2 * hidden) if num_classes else None
         self.residual = residual
+        # Elementwise, so it keeps the masks' causality; identity in eval mode, so the row cells and
+        # the exported graphs (built from an eval model) never see it.
+        self.drop = nn.Dropout(dropout)
 
     def vertical(self, v: torch.Tensor) -> torch.Tensor:
         """Vertical pre-activations (B, 2h, H, W): row i from input rows i-k//2 .. i."""
@@ -83,7 +90,7 @@ class GatedLayer(nn.Module):
 
     def horizontal(self, h: torch.Tensor, v_above: torch.Tensor, bias: torch.Tensor | float) -> torch.Tensor:
         """Next horizontal features from this row's input `h` and the shifted vertical pre-activations."""
-        out = self.h_out(gate(self.h_conv(h) + self.v_to_h(v_above) + bias))
+        out = self.h_out(self.drop(gate(self.h_conv(h) + self.v_to_h(v_above) + bias)))
         return out + h if self.residual else out
 
     def forward(self, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +105,8 @@ class GatedPixelCNN(ImageModel):
         super().__init__(config)
         c, hid, g = config.in_channels, config.hidden, config.in_channels
         self.layers = nn.ModuleList(
-            GatedLayer(c if i == 0 else hid, hid, config.kernel, "A" if i == 0 else "B", g, config.num_classes, residual=i > 0)
+            GatedLayer(c if i == 0 else hid, hid, config.kernel, "A" if i == 0 else "B", g, config.num_classes, residual=i > 0,
+                       dropout=config.dropout)
             for i in range(config.layers)
         )
         self.head1 = MaskedConv2d(hid, hid, 1, "B", colour_groups=g)
