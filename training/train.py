@@ -43,6 +43,7 @@ from pixelrnn.training.models import ARCHITECTURES, build_model, config_class
 # An ensemble is built from trained checkpoints (python -m pixelrnn.training.ensemble), not trained.
 TRAINABLE = sorted(a for a in ARCHITECTURES if a != "ensemble")
 from pixelrnn.training.models.base import IMAGE_FIELDS
+from pixelrnn.training.models.pixelrnn import PixelRNN, deepen
 from pixelrnn.training.run_outputs import nll_units, plot_loss_curve, write_json
 
 # Flags that shape the run's trajectory: --resume takes them from the checkpoint unless given again,
@@ -73,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "raw weights and keep whichever is better in best.pt (default 0: off)")
     p.add_argument("--init-from", metavar="CKPT",
                    help="start a new run (fresh optimizer and schedule) from CKPT's weights, architecture and data: "
-                        "a second learning-rate cycle after a finished run")
+                        "a second learning-rate cycle after a finished run; with --layers N, a Row LSTM or Diagonal BiLSTM "
+                        "deepened to N layers that starts out computing the same function")
     p.add_argument("--hidden", type=int, help="features per layer (arch field 'hidden')")
     p.add_argument("--layers", type=int, help="depth (arch field 'layers')")
     p.add_argument("--conditional", action="store_true", help="condition on the data's class labels")
@@ -401,8 +403,7 @@ def train(args: argparse.Namespace) -> dict:
     if ckpt:
         model = build_checkpoint_model(last, ckpt)
     elif init:
-        model = build_checkpoint_model(*init)
-        load_weights(init[0], model, init[1]["model"])
+        model = init_model(args, *init)
     else:
         model = build_model(arch, model_fields(arch, args, train_set))
     model = model.to(dist.device)
@@ -515,6 +516,24 @@ def open_init(args) -> tuple[str, dict] | None:
     if args.arch is not None and args.arch != init["arch"]:
         raise ValueError(f"--init-from: {path} holds a {init['arch']} model, not {args.arch}")
     return path, init
+
+
+def init_model(args, path: str, init: dict):
+    """The model --init-from starts from: the checkpoint's, with --model-arg fields that keep its
+    weights' shapes (e.g. dropout) and --layers deeper than it (a Row LSTM / Diagonal BiLSTM
+    deepened so that it computes the same function; see models.pixelrnn.deepen)."""
+    if args.hidden is not None and args.hidden != init["config"].get("hidden"):
+        raise ValueError(f"--init-from: --hidden {args.hidden} differs from {path}'s {init['config'].get('hidden')}; "
+                         "a new run starts from a checkpoint's weights only at its width")
+    extra = parse_key_values(args.model_arg, "--model-arg")
+    model = build_checkpoint_model(path, {**init, "config": {**init["config"], **extra}})
+    load_weights(path, model, init["model"])
+    if args.layers is not None and args.layers != model.config.layers:
+        if not isinstance(model, PixelRNN):
+            raise ValueError(f"--init-from: --layers {args.layers}: only a Row LSTM or Diagonal BiLSTM can be deepened "
+                             f"({path} holds a {init['arch']})")
+        model = deepen(model, args.layers)
+    return model
 
 
 def should_stop(args, step: int, started: float, dist: Dist) -> bool:

@@ -2,6 +2,8 @@
 7x7 mask-A convolution, residual recurrent layers, then ReLU + 1x1 mask-B convolution twice."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,3 +35,25 @@ class PixelRNN(ImageModel):
             h = layer(h)
         out = self.head2(F.relu(self.head1(F.relu(h))))  # (B, C*K, H, W)
         return self.to_logits(out)
+
+
+def deepen(model: PixelRNN, layers: int) -> PixelRNN:
+    """A copy of `model` with `layers` recurrent layers that computes exactly the same function.
+
+    The new layers go on top of the old ones with their residual convolutions zeroed, so each
+    passes its input through (x + 0) until training moves it: a deeper model warm-started from a
+    trained shallower one (Net2DeeperNet, Chen et al. 2016) instead of hours from scratch. The
+    zero residual gets a gradient at once; the new layer's LSTM weights follow once it is nonzero.
+    """
+    old = model.config.layers
+    if layers <= old:
+        raise ValueError(f"deepen: the model has {old} layers already; ask for more than that, not {layers}")
+    config = dataclasses.replace(model.config, layers=layers)
+    deeper = type(model)(config)
+    missing, unexpected = deeper.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("layers.") and int(k.split(".")[1]) >= old for k in missing), missing
+    with torch.no_grad():
+        for layer in deeper.layers[old:]:
+            layer.residual.weight.zero_()
+            layer.residual.bias.zero_()
+    return deeper
