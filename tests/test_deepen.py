@@ -71,3 +71,22 @@ def test_init_from_with_more_layers_starts_a_deeper_run(tmp_path, capsys):
     capsys.readouterr()
     assert train.main(["--init-from", str(pcnn / "last.pt"), "--layers", "2", "--out", str(tmp_path / "p"), "--steps", "1", *TINY]) == 2
     assert "only a Row LSTM or Diagonal BiLSTM can be deepened" in capsys.readouterr().err
+
+
+def test_init_from_takes_model_args_that_keep_the_weights(tmp_path, capsys):
+    """--init-from with --model-arg dropout=P: the same weights under a new config; a field that
+    changes the weights' shapes is a one-line error naming the mismatch."""
+    source = tmp_path / "gated"
+    assert train.main(["--arch", "gated_pixelcnn", "--hidden", "6", "--layers", "1", "--model-arg", "kernel=3",
+                       "--out", str(source), "--steps", "1", *TINY]) == 0
+    cycle = tmp_path / "cycle"
+    assert train.main(["--init-from", str(source / "last.pt"), "--model-arg", "dropout=0.2", "--out", str(cycle),
+                       "--steps", "0", *TINY]) == 0
+    ckpt = load_checkpoint(cycle / "last.pt")
+    assert ckpt["config"]["dropout"] == 0.2
+    for key, value in load_checkpoint(source / "last.pt")["model"].items():
+        assert torch.equal(ckpt["model"][key], value), key
+    capsys.readouterr()
+    assert train.main(["--init-from", str(source / "last.pt"), "--model-arg", "kernel=5", "--out", str(tmp_path / "k"),
+                       "--steps", "1", *TINY]) == 2
+    assert "does not match the weights" in capsys.readouterr().err
