@@ -57,21 +57,27 @@ def roc_points(in_scores: np.ndarray, out_scores: np.ndarray, points: int = 101)
 
 def cached_nll(checkpoint: str, data: tuple[str, str], limit: int, cache: Path | None) -> np.ndarray:
     """Per-image NLL of the first `limit` images (0: all) of data split under the checkpoint."""
+    from pixelrnn.runtime.datasets import load
+
+    images = load(data[0], data[1]).images
+    return cached_images_nll(checkpoint, f"{data[0]}-{data[1]}-{limit}", images[:limit] if limit else images, cache)
+
+
+def cached_images_nll(checkpoint: str, key: str, images: np.ndarray, cache: Path | None) -> np.ndarray:
+    """Per-image NLL of `images` under the checkpoint, cached as CHECKPOINT-SHA-KEY.npy: `key`
+    names the images (data set, split, how many, any transformation)."""
     import torch
 
-    from pixelrnn.runtime.datasets import load
     from pixelrnn.training.checkpoint import load_model
     from pixelrnn.training.ood import image_nll
 
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
-    path = cache / f"{Path(checkpoint).stem}-{digest}-{data[0]}-{data[1]}-{limit}.npy" if cache else None
+    path = cache / f"{Path(checkpoint).stem}-{digest}-{key}.npy" if cache else None
     if path and path.exists():
         return np.load(path)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, _ = load_model(checkpoint)
-    images = load(data[0], data[1]).images
-    images = images[:limit] if limit else images
-    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {data[0]}/{data[1]}")
+    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {key}")
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, nll)

@@ -1,0 +1,55 @@
+"""bench.ood and bench.ood_select on a few images of the real data with the shipped models."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bench import ood, ood_select
+
+
+def test_bench_ood_scores_a_pair_and_caches_its_nlls(tmp_path):
+    out, cache = tmp_path / "ood.json", tmp_path / "cache"
+    assert ood.main(["--pairs", "binary", "--limit", "16", "--json", str(out), "--cache", str(cache)]) == 0
+    r = json.loads(out.read_text())["results"]["binary"]
+    assert r["in"]["images"] == r["out"]["images"] == 16
+    assert set(r["scores"]) == {"nll", "complexity", "llr"}
+    assert all(0 <= m["auroc"] <= 1 for m in r["scores"].values())
+    assert len(list(cache.glob("*.npy"))) == 4  # model and background, on each side
+
+
+def test_semantic_shift_turns_and_flips_and_keeps_the_pixels():
+    images = np.arange(4 * 1 * 3 * 3).reshape(4, 1, 3, 3)
+    shifted = ood_select.semantic_shift(images)
+    assert np.array_equal(shifted[0], np.rot90(images[0], axes=(1, 2)))
+    assert np.array_equal(shifted[1], images[1, :, ::-1])
+    assert np.array_equal(np.sort(shifted.ravel()), np.sort(images.ravel()))
+
+
+def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, capsys):
+    shipped = "checkpoints/pixelcnn_binarized_mnist_background.pt"
+    copy = tmp_path / "copy.pt"
+    shutil.copy(shipped, copy)
+    out = tmp_path / "select.json"
+    assert ood_select.main([shipped, str(copy), "--pair", "binary", "--images", "12", "--json", str(out),
+                            "--cache", str(tmp_path / "cache")]) == 0
+    r = json.loads(out.read_text())
+    assert r["data"] == "binarized-mnist/valid" and r["images"] == {"in": 12, "shifted": 12}
+    assert set(r["candidates"]) == {shipped, str(copy)} and r["chosen"] in r["candidates"]
+    # The same weights under two names score the same: only the weights decide.
+    assert r["candidates"][shipped]["auroc"] == r["candidates"][str(copy)]["auroc"]
+    assert "<- chosen" in capsys.readouterr().out
+    assert ood_select.main([str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt not found" in capsys.readouterr().err
+    assert ood_select.main([shipped, "--pair", "binary", "--images", "6000"]) == 2
+    assert "fewer than 2 x 6000" in capsys.readouterr().err
+
+
+def test_bench_ood_refuses_an_unknown_pair_or_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        ood.main(["--pairs", "nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
+    assert ood.main(["--pairs", "binary", "--background", "binary=missing.pt"]) == 2
+    assert "missing.pt not found" in capsys.readouterr().err
