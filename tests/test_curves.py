@@ -184,3 +184,13 @@ def test_a_new_cycle_continues_its_parents_curve_and_shows_the_average(runs, tmp
     averaged = [h["ema_valid_nll_nats"] for h in record["history"] if "ema_valid_nll_nats" in h]
     assert row["best_ema_valid_nll_nats"] == min(averaged) and row["init_from"] == str(binary / "last.pt")
     assert curves.main(["--out", str(tmp_path / "c.png"), str(binary), str(cycle)]) == 0
+
+
+def test_a_deepened_run_says_so(tmp_path):
+    """A run started from a shallower model (--init-from --layers) is labelled as deepened from it."""
+    source, deeper = tmp_path / "shallow_row", tmp_path / "deep_row"
+    assert train.main(["--arch", "row_lstm", "--bits", "1", *TINY, "--layers", "1", "--steps", "2", "--out", str(source)]) == 0
+    assert train.main(["--init-from", str(source / "last.pt"), "--layers", "2", "--steps", "2", "--valid-images", "32",
+                       "--threads", "1", "--out", str(deeper)]) == 0
+    run = curves.read_run(curves.find_record(str(deeper)))
+    assert "deepened from the 1-layer shallow_row" in run.label

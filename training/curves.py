@@ -72,7 +72,7 @@ class Run:
         # A background model (trained on perturbed images) is not a candidate model: say so.
         background = f", perturbed {self.perturb:g}" if self.perturb else ""
         parent = init_from(self.ckpt)
-        cycle = f", new cycle from {Path(parent).parent.name}" if parent else ""
+        cycle = f", {parent_relation(self.ckpt)} {Path(parent).parent.name}" if parent else ""
         epochs = self.ckpt.get("epoch")
         length = f", {epochs:.3g} epochs" if epochs else ""  # tells apart runs of one size
         return f"{self.ckpt['arch']} ({size}), {data.get('name', '?')}{bits}{length}{background}{cycle}"
@@ -81,6 +81,16 @@ class Run:
 def init_from(record: dict) -> str | None:
     """The checkpoint a run started from (training.train --init-from), if any."""
     return record.get("init_from") or (record.get("train_args") or {}).get("init_from")
+
+
+def parent_relation(record: dict) -> str:
+    """How a run grew from the run it started from: a new cycle of the same model, or deepened."""
+    try:
+        found, _ = load_record(find_record(str(Path(init_from(record)).parent)))
+    except CheckpointError:
+        return "new cycle from"
+    deeper = found["config"].get("layers") != record["config"].get("layers")
+    return f"deepened from the {found['config'].get('layers')}-layer" if deeper else "new cycle from"
 
 
 def parent_hours(record: dict) -> float:
