@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.common import finish, reexec_with_malloc_env, result
 from bench.ood import PAIRS, cached_images_nll, metrics
+from pixelrnn.runtime.manifest import file_sha256
 
 
 def semantic_shift(images: np.ndarray) -> np.ndarray:
@@ -54,7 +55,7 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     for path in candidates:
         background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, shifted))]
         scored[path] = {**metrics(model[0] - background[0], model[1] - background[1]),
-                        "valid_nll_nats": float(background[0].mean())}
+                        "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path))}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
     return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},
             "reference": {s: metrics(reference[0][s], reference[1][s]) for s in ("nll", "complexity")},

@@ -29,3 +29,19 @@ def ood(d: dict) -> list[str]:
                       "Measured: " + "; ".join(targets) + "."))
     lines.append("![ROC curves of the three scores](ood_roc.png)")
     return lines
+
+
+def ood_select(d: dict) -> list[str]:
+    lines = header("Choosing the background model", "ood_select.json", {**d, "model": None},
+                   "`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/ood_select.json`")
+    lines.append(para(
+        f"No out-of-distribution set chooses the background model. Each candidate's likelihood ratio under "
+        f"`{d['model']}` is measured on in-distribution data only: the first {d['images']['in']:,} images of "
+        f"{d['data']} (in) against the next {d['images']['shifted']:,}, half turned by 90 degrees and half upside "
+        "down (out): the same pixels and strokes, no longer arranged as the data's objects. The highest AUROC is "
+        "chosen and shipped; raw NLL and input complexity on the same images are given for reference."))
+    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else ""), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f}"]
+            for path, m in d["candidates"].items()]
+    rows += [[f"reference: {NAMES[s]}", "-", f"{m['auroc']:.3f}"] for s, m in d["reference"].items()]
+    lines.append(table(["background model", "its mean NLL on the in images (nats)", "AUROC, in vs turned"], rows))
+    return lines
