@@ -10,7 +10,9 @@ kept, half turned by 90 degrees and half turned upside down. That is what a like
 claims to see and raw likelihood cannot: the same pixels, arranged as nothing the data holds.
 Each candidate is scored by its likelihood ratio's AUROC between the first N validation images
 (in) and the next N, transformed (out); the highest wins. Raw NLL and input complexity are
-reported on the same images for reference. Per-image NLLs are cached as in bench.ood.
+reported on the same images for reference, and for each candidate how much its ratio on the
+in-distribution images still spreads and follows their share of empty pixels (the population
+statistics a background model is there to cancel). Per-image NLLs are cached as in bench.ood.
 """
 from __future__ import annotations
 
@@ -43,6 +45,16 @@ def selection_sets(data: str, n: int) -> tuple[np.ndarray, np.ndarray, int]:
     return valid.images[:n], semantic_shift(valid.images[n:2 * n]), valid.levels
 
 
+def diagnostics(llr: np.ndarray, images: np.ndarray) -> dict:
+    """How far the ratio on in-distribution images still follows their population statistics,
+    which it exists to cancel: its spread and its rank correlation with the share of empty
+    (level 0) sub-pixels. Reported beside the AUROC, not used to choose."""
+    from scipy.stats import spearmanr
+
+    empty = (np.asarray(images) == 0).reshape(len(images), -1).mean(axis=1)
+    return {"llr_std_in": float(np.std(llr)), "llr_rank_corr_empty": float(spearmanr(llr, empty)[0])}
+
+
 def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     from pixelrnn.runtime import ood
 
@@ -55,6 +67,7 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     for path in candidates:
         background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, shifted))]
         scored[path] = {**metrics(model[0] - background[0], model[1] - background[1]),
+                        **diagnostics(model[0] - background[0], inside),
                         "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path))}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
     return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},
@@ -65,7 +78,8 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
 def report(r: dict) -> str:
     lines = [f"{r['data']}: {r['images']['in']} images vs {r['images']['shifted']} turned; likelihood-ratio AUROC per background:"]
     for path, m in r["candidates"].items():
-        lines.append(f"  {m['auroc']:.3f}  {path}{'  <- chosen' if path == r['chosen'] else ''}")
+        lines.append(f"  {m['auroc']:.3f}  (in: spread {m['llr_std_in']:.1f} nats, rank correlation with empty pixels "
+                     f"{m['llr_rank_corr_empty']:+.2f})  {path}{'  <- chosen' if path == r['chosen'] else ''}")
     lines += [f"  reference {s}: AUROC {m['auroc']:.3f}" for s, m in r["reference"].items()]
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, cap
     # The same weights under two names score the same: only the weights decide.
     assert r["candidates"][shipped]["auroc"] == r["candidates"][str(copy)]["auroc"]
     assert r["candidates"][shipped]["sha256"] == r["candidates"][str(copy)]["sha256"]
+    assert r["candidates"][shipped]["llr_std_in"] > 0 and -1 <= r["candidates"][shipped]["llr_rank_corr_empty"] <= 1
     assert "<- chosen" in capsys.readouterr().out
     assert ood_select.main([str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt not found" in capsys.readouterr().err

@@ -40,8 +40,12 @@ def ood_select(d: dict) -> list[str]:
         f"{d['data']} (in) against the next {d['images']['shifted']:,}, half turned by 90 degrees and half upside "
         "down (out): the same pixels and strokes, no longer arranged as the data's objects. The highest AUROC is "
         "chosen and shipped; raw NLL and input complexity on the same images are given for reference."))
-    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else ""), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f}"]
-            for path, m in d["candidates"].items()]
-    rows += [[f"reference: {NAMES[s]}", "-", f"{m['auroc']:.3f}"] for s, m in d["reference"].items()]
-    lines.append(table(["background model", "its mean NLL on the in images (nats)", "AUROC, in vs turned"], rows))
+    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else ""), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f}",
+             f"{m['llr_std_in']:.1f}", f"{m['llr_rank_corr_empty']:+.2f}"] for path, m in d["candidates"].items()]
+    rows += [[f"reference: {NAMES[s]}", "-", f"{m['auroc']:.3f}", "-", "-"] for s, m in d["reference"].items()]
+    lines.append(table(["background model", "its mean NLL on the in images (nats)", "AUROC, in vs turned",
+                        "ratio's spread on the in images (std, nats)", "its rank correlation with empty pixels"], rows))
+    lines.append(para("The last two columns are diagnostics, not the criterion: a background model that cancels the "
+                      "population statistics leaves a ratio that spreads little over in-distribution images and "
+                      "does not follow how much of an image is empty."))
     return lines
