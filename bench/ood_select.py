@@ -66,8 +66,8 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     scored = {}
     for path in candidates:
         background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, shifted))]
-        scored[path] = {**metrics(model[0] - background[0], model[1] - background[1]),
-                        **diagnostics(model[0] - background[0], inside),
+        llr_in, llr_out = model[0] - background[0], model[1] - background[1]
+        scored[path] = {**metrics(llr_in, llr_out), **diagnostics(llr_in, inside),
                         "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path))}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
     return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},

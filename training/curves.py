@@ -83,26 +83,31 @@ def init_from(record: dict) -> str | None:
     return record.get("init_from") or (record.get("train_args") or {}).get("init_from")
 
 
-def parent_relation(record: dict) -> str:
-    """How a run grew from the run it started from: a new cycle of the same model, or deepened."""
-    try:
-        found, _ = load_record(find_record(str(Path(init_from(record)).parent)))
-    except CheckpointError:
-        return "new cycle from"
-    deeper = found["config"].get("layers") != record["config"].get("layers")
-    return f"deepened from the {found['config'].get('layers')}-layer" if deeper else "new cycle from"
-
-
-def parent_hours(record: dict) -> float:
-    """Hours already spent on the weights a run started from: its curve continues that run's."""
+def parent_record(record: dict) -> dict | None:
+    """The record of the run a run started from (--init-from), or None: none, or its record is gone."""
     parent = init_from(record)
     if not parent:
-        return 0.0
+        return None
     try:
         found, _ = load_record(find_record(str(Path(parent).parent)))
     except CheckpointError:
-        return 0.0  # the parent's record is gone: the curve starts at 0
-    return float(found.get("hours") or 0.0) + parent_hours(found)
+        return None
+    return found
+
+
+def parent_relation(record: dict) -> str:
+    """How a run grew from the run it started from: a new cycle of the same model, or deepened."""
+    found = parent_record(record)
+    if found is None or found["config"].get("layers") == record["config"].get("layers"):
+        return "new cycle from"
+    return f"deepened from the {found['config'].get('layers')}-layer"
+
+
+def parent_hours(record: dict) -> float:
+    """Hours already spent on the weights a run started from: its curve continues that run's
+    (0 when its record is gone)."""
+    found = parent_record(record)
+    return 0.0 if found is None else float(found.get("hours") or 0.0) + parent_hours(found)
 
 
 # ---------------------------------------------------------------------------- reading
