@@ -13,6 +13,10 @@ Each candidate is scored by its likelihood ratio's AUROC between the first N val
 reported on the same images for reference, and for each candidate how much its ratio on the
 in-distribution images still spreads and follows their share of empty pixels (the population
 statistics a background model is there to cancel). Per-image NLLs are cached as in bench.ood.
+
+With --audit, once the choice is made, every candidate is also measured on the pair's held-out test
+sets (bench.ood's out-of-distribution set included): whether the in-distribution criterion ranks
+the candidates as the held-out sets would. The audit is reported beside the choice, never feeds it.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import finish, reexec_with_malloc_env, result
-from bench.ood import PAIRS, cached_images_nll, metrics
+from bench.ood import PAIRS, cached_images_nll, metrics, run_pair
 from pixelrnn.runtime.manifest import file_sha256
 
 
@@ -43,6 +47,14 @@ def selection_sets(data: str, n: int) -> tuple[np.ndarray, np.ndarray, int]:
     if 2 * n > len(valid.images):
         raise ValueError(f"--images {n}: {data}/valid has {len(valid.images)} images, fewer than 2 x {n}")
     return valid.images[:n], semantic_shift(valid.images[n:2 * n]), valid.levels
+
+
+def auroc_standard_error(auroc: float, n_in: int, n_out: int) -> float:
+    """The AUROC's standard error (Hanley and McNeil 1982): how far apart two candidates' AUROCs on
+    these few images must be before the difference is more than sampling noise."""
+    q1, q2 = auroc / (2 - auroc), 2 * auroc ** 2 / (1 + auroc)
+    var = (auroc * (1 - auroc) + (n_out - 1) * (q1 - auroc ** 2) + (n_in - 1) * (q2 - auroc ** 2)) / (n_in * n_out)
+    return float(np.sqrt(max(var, 0.0)))
 
 
 def diagnostics(llr: np.ndarray, images: np.ndarray) -> dict:
@@ -67,7 +79,9 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     for path in candidates:
         background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, shifted))]
         llr_in, llr_out = model[0] - background[0], model[1] - background[1]
-        scored[path] = {**metrics(llr_in, llr_out), **diagnostics(llr_in, inside),
+        m = metrics(llr_in, llr_out)
+        scored[path] = {**m, "auroc_se": auroc_standard_error(m["auroc"], len(llr_in), len(llr_out)),
+                        **diagnostics(llr_in, inside),
                         "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path))}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
     return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},
@@ -75,12 +89,39 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
             "candidates": scored, "chosen": chosen}
 
 
+def audit(pair: dict, candidates: list[str], limit: int, cache: Path | None) -> dict:
+    """Each candidate's likelihood-ratio AUROC on the pair's test sets, and how well the in-distribution
+    criterion's ranking follows it (Spearman over the candidates). Run after the choice is made."""
+    held_out = {path: run_pair({**pair, "background": path}, limit, cache) for path in candidates}
+    first = next(iter(held_out.values()))
+    return {"data": {"in": first["in"]["data"], "out": first["out"]["data"]}, "images": first["in"]["images"],
+            "llr_auroc": {path: r["scores"]["llr"]["auroc"] for path, r in held_out.items()}}
+
+
+def audit_agreement(r: dict) -> float | None:
+    """Spearman rank correlation between the criterion and the held-out AUROC over the candidates."""
+    from scipy.stats import spearmanr
+
+    paths = list(r["candidates"])
+    criterion = [r["candidates"][p]["auroc"] for p in paths]
+    held_out = [r["audit"]["llr_auroc"][p] for p in paths]
+    if len(paths) < 3 or len(set(criterion)) < 2 or len(set(held_out)) < 2:
+        return None  # no ranking to compare
+    return float(spearmanr(criterion, held_out)[0])
+
+
 def report(r: dict) -> str:
     lines = [f"{r['data']}: {r['images']['in']} images vs {r['images']['shifted']} turned; likelihood-ratio AUROC per background:"]
     for path, m in r["candidates"].items():
-        lines.append(f"  {m['auroc']:.3f}  (in: spread {m['llr_std_in']:.1f} nats, rank correlation with empty pixels "
+        lines.append(f"  {m['auroc']:.3f} +- {m['auroc_se']:.3f}  (in: spread {m['llr_std_in']:.1f} nats, rank correlation with empty pixels "
                      f"{m['llr_rank_corr_empty']:+.2f})  {path}{'  <- chosen' if path == r['chosen'] else ''}")
     lines += [f"  reference {s}: AUROC {m['auroc']:.3f}" for s, m in r["reference"].items()]
+    if "audit" in r:
+        a = r["audit"]
+        lines.append(f"audit, after the choice: likelihood-ratio AUROC on {a['data']['in']} vs {a['data']['out']}:")
+        lines += [f"  {auroc:.3f}  {path}" for path, auroc in a["llr_auroc"].items()]
+        if a["rank_agreement"] is not None:
+            lines.append(f"  rank correlation with the criterion: {a['rank_agreement']:+.2f}")
     return "\n".join(lines)
 
 
@@ -91,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="validation images on each side")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--cache", default="build/ood_cache", help="folder of cached per-image NLLs ('' : none)")
+    p.add_argument("--audit", action="store_true",
+                   help="after choosing, measure every candidate on the pair's held-out test sets too (reported, never used)")
+    p.add_argument("--audit-images", type=int, default=0, help="test images per side for --audit (0: the full splits)")
     args = p.parse_args(argv)
     if args.images < 2:
         p.error(f"--images must be at least 2, got {args.images}")
@@ -98,11 +142,15 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: candidate checkpoint {missing[0]} not found", file=sys.stderr)
         return 2
+    cache = Path(args.cache) if args.cache else None
     try:
-        r = run(PAIRS[args.pair], args.candidates, args.images, Path(args.cache) if args.cache else None)
+        r = run(PAIRS[args.pair], args.candidates, args.images, cache)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.audit:  # only now, with the choice fixed
+        r["audit"] = audit(PAIRS[args.pair], args.candidates, args.audit_images, cache)
+        r["audit"]["rank_agreement"] = audit_agreement(r)
     finish(result("ood_select", pair=args.pair, **r), args.json, report(r))
     return 0
 

@@ -28,6 +28,19 @@ def test_semantic_shift_turns_and_flips_and_keeps_the_pixels():
     assert np.array_equal(np.sort(shifted.ravel()), np.sort(images.ravel()))
 
 
+def test_auroc_standard_error_shrinks_with_more_images_and_vanishes_at_perfect_separation():
+    # Against the spread of AUROCs measured on many draws of 200 + 200 scores (binormal, AUROC about 0.8).
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(200), np.ones(200)]
+    draws = [roc_auc_score(y, np.r_[rng.normal(0, 1, 200), rng.normal(1.19, 1, 200)]) for _ in range(400)]
+    predicted = ood_select.auroc_standard_error(float(np.mean(draws)), 200, 200)
+    assert abs(predicted / np.std(draws) - 1) < 0.15
+    assert ood_select.auroc_standard_error(0.7, 4000, 4000) < ood_select.auroc_standard_error(0.7, 1000, 1000) / 1.9
+    assert ood_select.auroc_standard_error(1.0, 1000, 1000) == 0.0
+
+
 def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, capsys):
     shipped = "checkpoints/pixelcnn_binarized_mnist_background.pt"
     copy = tmp_path / "copy.pt"
@@ -41,12 +54,34 @@ def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, cap
     # The same weights under two names score the same: only the weights decide.
     assert r["candidates"][shipped]["auroc"] == r["candidates"][str(copy)]["auroc"]
     assert r["candidates"][shipped]["sha256"] == r["candidates"][str(copy)]["sha256"]
+    assert 0 < r["candidates"][shipped]["auroc_se"] < 0.5
     assert r["candidates"][shipped]["llr_std_in"] > 0 and -1 <= r["candidates"][shipped]["llr_rank_corr_empty"] <= 1
     assert "<- chosen" in capsys.readouterr().out
+    assert "audit" not in r
     assert ood_select.main([str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt not found" in capsys.readouterr().err
     assert ood_select.main([shipped, "--pair", "binary", "--images", "6000"]) == 2
     assert "fewer than 2 x 6000" in capsys.readouterr().err
+
+
+def test_ood_select_audit_measures_every_candidate_on_the_held_out_pair_after_choosing(tmp_path, capsys):
+    shipped = "checkpoints/pixelcnn_binarized_mnist_background.pt"
+    copy = tmp_path / "copy.pt"
+    shutil.copy(shipped, copy)
+    other = "checkpoints/pixelcnn_binarized_mnist.pt"  # a model of the same data, trained without noise
+    out = tmp_path / "select.json"
+    args = [shipped, str(copy), other, "--pair", "binary", "--images", "8", "--json", str(out), "--cache", str(tmp_path / "cache")]
+    assert ood_select.main(args) == 0
+    unaudited = json.loads(out.read_text())
+    assert ood_select.main(args + ["--audit", "--audit-images", "10"]) == 0
+    r = json.loads(out.read_text())
+    assert r["chosen"] == unaudited["chosen"]  # the audit never changes the choice
+    a = r["audit"]
+    assert a["data"] == {"in": "binarized-mnist/valid", "out": "fashion-mnist-binary/test"} and a["images"] == 10
+    assert set(a["llr_auroc"]) == set(r["candidates"])
+    assert a["llr_auroc"][shipped] == a["llr_auroc"][str(copy)] != a["llr_auroc"][other]
+    assert -1 <= a["rank_agreement"] <= 1
+    assert "audit, after the choice" in capsys.readouterr().out
 
 
 def test_bench_ood_refuses_an_unknown_pair_or_checkpoint(capsys):

@@ -14,9 +14,10 @@ def ood(d: dict) -> list[str]:
         "by the model alone (raw NLL), by its NLL in bits minus a lossless compression's bits (input "
         "complexity), and by its NLL minus a background model's (likelihood ratio; the background model is "
         "trained on the same data with each sub-pixel replaced by a random level, or flipped, with "
-        "probability mu, fixed beforehand). Out-of-distribution is the positive class; AUROC 0.5 is chance, "
-        "below it the score ranks the wrong way. FPR at 95% TPR: the share of in-distribution images flagged "
-        "when 95% of the others are. A class-conditional model is scored by its marginal over the classes."))
+        "probability mu; which background ships is chosen on in-distribution data only, below). "
+        "Out-of-distribution is the positive class; AUROC 0.5 is chance, below it the score ranks the wrong "
+        "way. FPR at 95% TPR: the share of in-distribution images flagged when 95% of the others are. "
+        "A class-conditional model is scored by its marginal over the classes."))
     for pair, r in d["results"].items():
         lines.append(para(f"**{r['in']['data']}** ({r['in']['images']:,} images, mean NLL {r['in']['mean_nll_nats']:.1f} "
                           f"nats) in, **{r['out']['data']}** ({r['out']['images']:,}, mean NLL "
@@ -39,13 +40,25 @@ def ood_select(d: dict) -> list[str]:
         f"`{d['model']}` is measured on in-distribution data only: the first {d['images']['in']:,} images of "
         f"{d['data']} (in) against the next {d['images']['shifted']:,}, half turned by 90 degrees and half upside "
         "down (out): the same pixels and strokes, no longer arranged as the data's objects. The highest AUROC is "
-        "chosen and shipped; raw NLL and input complexity on the same images are given for reference."))
-    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else ""), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f}",
-             f"{m['llr_std_in']:.1f}", f"{m['llr_rank_corr_empty']:+.2f}"] for path, m in d["candidates"].items()]
-    rows += [[f"reference: {NAMES[s]}", "-", f"{m['auroc']:.3f}", "-", "-"] for s, m in d["reference"].items()]
+        "chosen and shipped; raw NLL and input complexity on the same images are given for reference. The ± is the "
+        "AUROC's standard error (Hanley and McNeil 1982): differences smaller than it are sampling noise."))
+    audit = d.get("audit")
+    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else ""), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f} ± {m['auroc_se']:.3f}",
+             f"{m['llr_std_in']:.1f}", f"{m['llr_rank_corr_empty']:+.2f}"] + ([f"{audit['llr_auroc'][path]:.3f}"] if audit else [])
+            for path, m in d["candidates"].items()]
+    rows += [[f"reference: {NAMES[s]}", "-", f"{m['auroc']:.3f}", "-", "-"] + (["-"] if audit else [])
+             for s, m in d["reference"].items()]
     lines.append(table(["background model", "its mean NLL on the in images (nats)", "AUROC, in vs turned",
-                        "ratio's spread on the in images (std, nats)", "its rank correlation with empty pixels"], rows))
-    lines.append(para("The last two columns are diagnostics, not the criterion: a background model that cancels the "
+                        "ratio's spread on the in images (std, nats)", "its rank correlation with empty pixels"]
+                       + ([f"audit: AUROC, {audit['data']['in']} vs {audit['data']['out']}"] if audit else []), rows))
+    lines.append(para("The spread and the correlation are diagnostics, not the criterion: a background model that cancels the "
                       "population statistics leaves a ratio that spreads little over in-distribution images and "
                       "does not follow how much of an image is empty."))
+    if audit:
+        agreement = audit["rank_agreement"]
+        lines.append(para(
+            f"The audit column was measured after the choice (`--audit`), on {audit['images']:,} held-out images a side, "
+            "and did not feed it: it shows whether the in-distribution criterion ranks the candidates as a real "
+            "out-of-distribution set does"
+            + (f" (Spearman rank correlation over the candidates: {agreement:+.2f})." if agreement is not None else ".")))
     return lines
