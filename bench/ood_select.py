@@ -67,6 +67,16 @@ def diagnostics(llr: np.ndarray, images: np.ndarray) -> dict:
     return {"llr_std_in": float(np.std(llr)), "llr_rank_corr_empty": float(spearmanr(llr, empty)[0])}
 
 
+def recipe(path: str) -> dict:
+    """How a candidate was trained, from its checkpoint: size, noise rate, L2 penalty, epochs."""
+    from pixelrnn.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    args = ckpt.get("train_args") or {}
+    return {"arch": ckpt["arch"], "hidden": ckpt["config"].get("hidden"), "layers": ckpt["config"].get("layers"),
+            "perturb": args.get("perturb"), "weight_decay": args.get("weight_decay"), "epochs": ckpt.get("epoch")}
+
+
 def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
     from pixelrnn.runtime import ood
 
@@ -82,11 +92,13 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
         m = metrics(llr_in, llr_out)
         scored[path] = {**m, "auroc_se": auroc_standard_error(m["auroc"], len(llr_in), len(llr_out)),
                         **diagnostics(llr_in, inside),
-                        "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path))}
+                        "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path)),
+                        "recipe": recipe(path)}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
     return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},
             "reference": {s: metrics(reference[0][s], reference[1][s]) for s in ("nll", "complexity")},
-            "candidates": scored, "chosen": chosen}
+            "candidates": scored, "chosen": chosen,
+            "shipped": {"file": pair["background"], "sha256": file_sha256(Path(pair["background"]))}}
 
 
 def audit(pair: dict, candidates: list[str], limit: int, cache: Path | None) -> dict:
@@ -113,8 +125,9 @@ def audit_agreement(r: dict) -> float | None:
 def report(r: dict) -> str:
     lines = [f"{r['data']}: {r['images']['in']} images vs {r['images']['shifted']} turned; likelihood-ratio AUROC per background:"]
     for path, m in r["candidates"].items():
+        marks = ("  <- chosen" if path == r["chosen"] else "") + ("  (shipped)" if m["sha256"] == r["shipped"]["sha256"] else "")
         lines.append(f"  {m['auroc']:.3f} +- {m['auroc_se']:.3f}  (in: spread {m['llr_std_in']:.1f} nats, rank correlation with empty pixels "
-                     f"{m['llr_rank_corr_empty']:+.2f})  {path}{'  <- chosen' if path == r['chosen'] else ''}")
+                     f"{m['llr_rank_corr_empty']:+.2f})  {path}{marks}")
     lines += [f"  reference {s}: AUROC {m['auroc']:.3f}" for s, m in r["reference"].items()]
     if "audit" in r:
         a = r["audit"]

@@ -41,6 +41,9 @@ def test_auroc_standard_error_shrinks_with_more_images_and_vanishes_at_perfect_s
     assert ood_select.auroc_standard_error(1.0, 1000, 1000) == 0.0
 
 
+PAIRS_BINARY_BACKGROUND = ood.PAIRS["binary"]["background"]
+
+
 def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, capsys):
     shipped = "checkpoints/pixelcnn_binarized_mnist_background.pt"
     copy = tmp_path / "copy.pt"
@@ -57,6 +60,9 @@ def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, cap
     assert 0 < r["candidates"][shipped]["auroc_se"] < 0.5
     assert r["candidates"][shipped]["llr_std_in"] > 0 and -1 <= r["candidates"][shipped]["llr_rank_corr_empty"] <= 1
     assert "<- chosen" in capsys.readouterr().out
+    assert r["shipped"]["file"] == shipped == PAIRS_BINARY_BACKGROUND
+    assert r["candidates"][shipped]["recipe"]["perturb"] == 0.1 and r["candidates"][shipped]["recipe"]["layers"] == 4
+    assert r["shipped"]["sha256"] == r["candidates"][shipped]["sha256"]  # the report marks it "(shipped)"
     assert "audit" not in r
     assert ood_select.main([str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt not found" in capsys.readouterr().err
@@ -90,3 +96,25 @@ def test_bench_ood_refuses_an_unknown_pair_or_checkpoint(capsys):
     assert "unknown ['nope']" in capsys.readouterr().err
     assert ood.main(["--pairs", "binary", "--background", "binary=missing.pt"]) == 2
     assert "missing.pt not found" in capsys.readouterr().err
+
+
+def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit_ranks_it_backwards():
+    from bench.report.ood import ood_select as section
+
+    def candidate(auroc, sha):
+        return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
+                "valid_nll_nats": 1800.0, "sha256": sha,
+                "recipe": {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": 0.15, "weight_decay": 0.0, "epochs": 4.0}}
+
+    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
+                                                  "load_average_1_5_15": [0, 0, 0]},
+         "model": "m.pt", "data": "fashion-mnist/valid", "images": {"in": 1000, "shifted": 1000},
+         "reference": {"nll": {"auroc": 0.58}}, "chosen": "big.pt", "shipped": {"file": "bg.pt", "sha256": "s"},
+         "candidates": {"small.pt": candidate(0.69, "s"), "mid.pt": candidate(0.70, "m"), "big.pt": candidate(0.71, "b")},
+         "audit": {"data": {"in": "fashion-mnist/test", "out": "mnist/test"}, "images": 10000, "rank_agreement": -1.0,
+                   "llr_auroc": {"small.pt": 0.94, "mid.pt": 0.90, "big.pt": 0.84}}}
+    text = "\n".join(section(d))
+    assert "`small.pt` (shipped) | h32 x 4, mu 0.15, 4.0 epochs |" in text and "`big.pt` (chosen)" in text
+    assert "its choice does not ship" in text and "-1.00" in text
+    d["audit"]["rank_agreement"] = 1.0
+    assert "does not ship" not in "\n".join(section(d))
