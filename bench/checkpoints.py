@@ -19,7 +19,7 @@ from bench.common import PROJECT_ROOT as ROOT, result, shown, write_json
 from pixelrnn.runtime.manifest import file_sha256
 from pixelrnn.training import evaluate
 from pixelrnn.training.checkpoint import load_checkpoint
-from pixelrnn.training.curves import init_from, parent_hours
+from pixelrnn.training.curves import init_from, parent_hours, parent_relation
 
 
 def describe(path: Path) -> dict:
@@ -36,6 +36,7 @@ def describe(path: Path) -> dict:
         # A new cycle (train --init-from) continues other weights: the run it started from and the
         # hours behind those weights, so the table does not show the last cycle as all of it.
         "init_from": init_from(ckpt), "parent_hours": parent_hours(ckpt) if init_from(ckpt) else None,
+        "parent_relation": parent_relation(ckpt) if init_from(ckpt) else None,
         "valid_nll_nats": score["nll_nats"], "valid_bits_per_dim": score["bits_per_dim"],
         "valid_images": score["n_images"], "data": score["data"],
         **({"members": [dict(m, size=size(c["config"])) for m, c in zip(ckpt["members"], cfg["members"])]}

@@ -99,7 +99,7 @@ def parent_relation(record: dict) -> str:
     """How a run grew from the run it started from: a new cycle of the same model, or deepened."""
     found = parent_record(record)
     if found is None or found["config"].get("layers") == record["config"].get("layers"):
-        return "new cycle from"
+        return "a new cycle from"
     return f"deepened from the {found['config'].get('layers')}-layer"
 
 

@@ -156,7 +156,8 @@ def training_text(r: dict) -> str:
         return text
     if r.get("parent_hours"):
         parent = Path(r["init_from"]).parent.name
-        return (f"{text}, {r['hours']:.1f} h, a new cycle from `{parent}` ({r['parent_hours']:.1f} h): "
+        relation = r.get("parent_relation") or "a new cycle from"
+        return (f"{text}, {r['hours']:.1f} h, {relation} `{parent}` ({r['parent_hours']:.1f} h): "
                 f"{r['hours'] + r['parent_hours']:.1f} h in all")
     return f"{text}, {r['hours']:.1f} h"
 
