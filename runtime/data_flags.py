@@ -29,7 +29,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="directory of the data files (default: the source's own)")
     p.add_argument("--bits", type=int, help="quantization of grey/colour data: levels = 2**bits (default 8)")
     p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="other DataSpec field (size, channels, count, binarize, seed); repeatable")
+                   help="other DataSpec field (size, channels, count, binarize, seed, classes=[0,1]); repeatable")
 
 
 def data_spec_from_args(args: argparse.Namespace, base: dict | None = None) -> DataSpec:

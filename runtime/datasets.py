@@ -56,6 +56,9 @@ class DataSpec:
     channels: int = 1  # synthetic only
     count: int = 0  # rgb-patches / synthetic: images per split (0 = source default)
     seed: int = 0  # stochastic binarization, patch positions, synthetic content
+    # Only the images of these classes (labelled sources), labels unchanged: a model of part of a
+    # data set, whose other classes then stand in for images it has never seen.
+    classes: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -301,4 +304,17 @@ def load(spec: DataSpec | dict | str, split: str) -> ImageSet:
     if not 1 <= spec.bits <= 8:
         raise DataError(f"bits must be in 1..8, got {spec.bits}")
     _check_split(split)
-    return SOURCES[spec.name](spec, split)
+    loaded = SOURCES[spec.name](spec, split)
+    return loaded if spec.classes is None else only_classes(loaded, spec.classes, spec.name)
+
+
+def only_classes(loaded: ImageSet, classes, name: str) -> ImageSet:
+    if loaded.labels is None:
+        raise DataError(f"classes={classes!r}: {name} has no class labels")
+    wanted = sorted({int(c) for c in (classes if isinstance(classes, (list, tuple)) else [classes])})
+    bad = [c for c in wanted if not 0 <= c < loaded.num_classes]
+    if not wanted or bad:
+        raise DataError(f"classes={classes!r}: {name} has classes 0..{loaded.num_classes - 1}")
+    keep = np.isin(loaded.labels, wanted)
+    return ImageSet(loaded.images[keep], loaded.labels[keep], loaded.levels, loaded.num_classes,
+                    f"{loaded.description}, classes {', '.join(map(str, wanted))}")

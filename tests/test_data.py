@@ -138,6 +138,20 @@ def test_fashion_mnist_from_the_debian_package():
     assert binary.levels == 2 and np.array_equal(binary.images, (valid.images >= 128).astype(np.uint8))
 
 
+def test_a_subset_of_classes_keeps_their_images_and_labels_and_refuses_what_cannot_be():
+    valid = data.load("fashion-mnist", "valid")
+    part = data.load(DataSpec("fashion-mnist", classes=[4, 0, 2]), "valid")
+    keep = np.isin(valid.labels, [0, 2, 4])
+    assert np.array_equal(part.images, valid.images[keep]) and np.array_equal(part.labels, valid.labels[keep])
+    assert part.num_classes == 10 and "classes 0, 2, 4" in part.description  # labels keep their meaning
+    with pytest.raises(DataError, match="binarized-mnist has no class labels"):
+        data.load(DataSpec("binarized-mnist", classes=[0]), "valid")
+    with pytest.raises(DataError, match=r"fashion-mnist has classes 0\.\.9"):
+        data.load(DataSpec("fashion-mnist", classes=[3, 10]), "valid")
+    with pytest.raises(DataError, match=r"fashion-mnist has classes 0\.\.9"):
+        data.load(DataSpec("fashion-mnist", classes=[]), "valid")
+
+
 def test_fashion_mnist_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: file not found"):
         data.load(DataSpec("fashion-mnist", data_dir=str(tmp_path)), "train")
