@@ -76,8 +76,9 @@ def cached_images_nll(checkpoint: str, key: str, images: np.ndarray, cache: Path
     if path and path.exists():
         return np.load(path)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, _ = load_model(checkpoint)
-    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {key}")
+    model, ckpt = load_model(checkpoint)
+    trained_classes = (ckpt.get("data") or {}).get("classes")  # a model of some classes sums over those
+    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {key}", classes=trained_classes)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, nll)

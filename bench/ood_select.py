@@ -9,7 +9,10 @@ semantics are broken while their low-level statistics (pixel histogram, strokes,
 kept, half turned by 90 degrees and half turned upside down. That is what a likelihood ratio
 claims to see and raw likelihood cannot: the same pixels, arranged as nothing the data holds.
 Each candidate is scored by its likelihood ratio's AUROC between the first N validation images
-(in) and the next N, transformed (out); the highest wins. Raw NLL and input complexity are
+(in) and the next N, transformed (out); the highest wins. With --criterion held-out-classes the
+stand-in outliers are instead classes that neither the model (--model, trained on some classes
+only: `--data-arg classes=[...]`) nor the candidates saw: each candidate then stands for a recipe
+(noise rate, size, length) to train again on all of the data. Raw NLL and input complexity are
 reported on the same images for reference, and for each candidate how much its ratio on the
 in-distribution images still spreads and follows their share of empty pixels (the population
 statistics a background model is there to cancel). Per-image NLLs are cached as in bench.ood.
@@ -39,14 +42,31 @@ def semantic_shift(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def selection_sets(data: str, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(in, out, levels): validation images [0, n) as they are and [n, 2n) shifted."""
+CRITERIA = ("turned", "held-out-classes")
+
+
+def selection_sets(data: str, n: int, criterion: str = "turned", classes: list[int] | None = None):
+    """(in, out, levels, keys, what): the in-distribution validation images a criterion compares.
+    turned: images [0, n) as they are against [n, 2n) turned. held-out-classes: the first n images
+    of the classes the model was trained on against the first n of the others."""
     from pixelrnn.runtime.datasets import load
 
     valid = load(data, "valid")
-    if 2 * n > len(valid.images):
-        raise ValueError(f"--images {n}: {data}/valid has {len(valid.images)} images, fewer than 2 x {n}")
-    return valid.images[:n], semantic_shift(valid.images[n:2 * n]), valid.levels
+    if criterion == "turned":
+        if 2 * n > len(valid.images):
+            raise ValueError(f"--images {n}: {data}/valid has {len(valid.images)} images, fewer than 2 x {n}")
+        return (valid.images[:n], semantic_shift(valid.images[n:2 * n]), valid.levels,
+                (f"{data}-valid-first{n}", f"{data}-valid-next{n}-shifted"), "turned")
+    if not classes:
+        raise ValueError("held-out-classes: the model must be trained on some classes only (its data spec's classes)")
+    known = np.isin(valid.labels, classes)
+    inside, outside = valid.images[known][:n], valid.images[~known][:n]
+    if min(len(inside), len(outside)) < n:
+        raise ValueError(f"--images {n}: {data}/valid has {len(inside)} images of classes {classes} and "
+                         f"{len(outside)} of the others, fewer than {n}")
+    name = "-".join(map(str, classes))
+    return (inside, outside, valid.levels, (f"{data}-valid-classes{name}-first{n}", f"{data}-valid-not{name}-first{n}"),
+            f"classes other than {', '.join(map(str, classes))}")
 
 
 def auroc_standard_error(auroc: float, n_in: int, n_out: int) -> float:
@@ -77,17 +97,18 @@ def recipe(path: str) -> dict:
             "perturb": args.get("perturb"), "weight_decay": args.get("weight_decay"), "epochs": ckpt.get("epoch")}
 
 
-def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
+def run(pair: dict, candidates: list[str], n: int, cache: Path | None, criterion: str = "turned") -> dict:
     from pixelrnn.runtime import ood
+    from pixelrnn.training.checkpoint import load_checkpoint
 
     data = pair["in"][0]
-    inside, shifted, levels = selection_sets(data, n)
-    keys = (f"{data}-valid-first{n}", f"{data}-valid-next{n}-shifted")
-    model = [cached_images_nll(pair["model"], key, images, cache) for key, images in zip(keys, (inside, shifted))]
-    reference = [ood.scores(nll, images, levels) for nll, images in zip(model, (inside, shifted))]
+    classes = (load_checkpoint(pair["model"]).get("data") or {}).get("classes")
+    inside, outside, levels, keys, out_what = selection_sets(data, n, criterion, classes)
+    model = [cached_images_nll(pair["model"], key, images, cache) for key, images in zip(keys, (inside, outside))]
+    reference = [ood.scores(nll, images, levels) for nll, images in zip(model, (inside, outside))]
     scored = {}
     for path in candidates:
-        background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, shifted))]
+        background = [cached_images_nll(path, key, images, cache) for key, images in zip(keys, (inside, outside))]
         llr_in, llr_out = model[0] - background[0], model[1] - background[1]
         m = metrics(llr_in, llr_out)
         scored[path] = {**m, "auroc_se": auroc_standard_error(m["auroc"], len(llr_in), len(llr_out)),
@@ -95,7 +116,8 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None) -> dict:
                         "valid_nll_nats": float(background[0].mean()), "sha256": file_sha256(Path(path)),
                         "recipe": recipe(path)}
     chosen = max(scored, key=lambda c: scored[c]["auroc"])
-    return {"model": pair["model"], "data": f"{data}/valid", "images": {"in": n, "shifted": n},
+    return {"model": pair["model"], "data": f"{data}/valid", "criterion": criterion, "out": out_what,
+            "images": {"in": n, "out": n},
             "reference": {s: metrics(reference[0][s], reference[1][s]) for s in ("nll", "complexity")},
             "candidates": scored, "chosen": chosen,
             "shipped": {"file": pair["background"], "sha256": file_sha256(Path(pair["background"]))}}
@@ -123,7 +145,7 @@ def audit_agreement(r: dict) -> float | None:
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['data']}: {r['images']['in']} images vs {r['images']['shifted']} turned; likelihood-ratio AUROC per background:"]
+    lines = [f"{r['data']}: {r['images']['in']} images vs {r['images']['out']} {r['out']}; likelihood-ratio AUROC per background:"]
     for path, m in r["candidates"].items():
         marks = ("  <- chosen" if path == r["chosen"] else "") + ("  (shipped)" if m["sha256"] == r["shipped"]["sha256"] else "")
         lines.append(f"  {m['auroc']:.3f} +- {m['auroc_se']:.3f}  (in: spread {m['llr_std_in']:.1f} nats, rank correlation with empty pixels "
@@ -143,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("candidates", nargs="+", help="background model checkpoints to choose from")
     p.add_argument("--pair", default="fashion", choices=sorted(PAIRS), help="whose model and data (bench.ood's pairs)")
     p.add_argument("--images", type=int, default=1000, help="validation images on each side")
+    p.add_argument("--criterion", default="turned", choices=CRITERIA,
+                   help="what stands in for foreign images: the data turned, or classes the --model never saw")
+    p.add_argument("--model", help="another model for the pair (held-out-classes: one trained on some classes only)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--cache", default="build/ood_cache", help="folder of cached per-image NLLs ('' : none)")
     p.add_argument("--audit", action="store_true",
@@ -156,13 +181,21 @@ def main(argv=None) -> int:
         print(f"error: candidate checkpoint {missing[0]} not found", file=sys.stderr)
         return 2
     cache = Path(args.cache) if args.cache else None
+    pair = dict(PAIRS[args.pair], **({"model": args.model} if args.model else {}))
+    if not Path(pair["model"]).is_file():
+        print(f"error: model checkpoint {pair['model']} not found", file=sys.stderr)
+        return 2
+    if args.audit and args.criterion != "turned":
+        print("error: --audit measures backgrounds of the pair's own model; the held-out-classes candidates are "
+              "trained on part of the data (train the chosen recipe on all of it, then audit that)", file=sys.stderr)
+        return 2
     try:
-        r = run(PAIRS[args.pair], args.candidates, args.images, cache)
+        r = run(pair, args.candidates, args.images, cache, args.criterion)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.audit:  # only now, with the choice fixed
-        r["audit"] = audit(PAIRS[args.pair], args.candidates, args.audit_images, cache)
+        r["audit"] = audit(pair, args.candidates, args.audit_images, cache)
         r["audit"]["rank_agreement"] = audit_agreement(r)
     finish(result("ood_select", pair=args.pair, **r), args.json, report(r))
     return 0

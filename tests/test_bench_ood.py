@@ -52,7 +52,7 @@ def test_ood_select_scores_every_candidate_on_validation_data_only(tmp_path, cap
     assert ood_select.main([shipped, str(copy), "--pair", "binary", "--images", "12", "--json", str(out),
                             "--cache", str(tmp_path / "cache")]) == 0
     r = json.loads(out.read_text())
-    assert r["data"] == "binarized-mnist/valid" and r["images"] == {"in": 12, "shifted": 12}
+    assert r["data"] == "binarized-mnist/valid" and r["images"] == {"in": 12, "out": 12}
     assert set(r["candidates"]) == {shipped, str(copy)} and r["chosen"] in r["candidates"]
     # The same weights under two names score the same: only the weights decide.
     assert r["candidates"][shipped]["auroc"] == r["candidates"][str(copy)]["auroc"]
@@ -90,6 +90,32 @@ def test_ood_select_audit_measures_every_candidate_on_the_held_out_pair_after_ch
     assert "audit, after the choice" in capsys.readouterr().out
 
 
+def test_ood_select_held_out_classes_compares_the_models_classes_with_the_others(tmp_path, capsys):
+    from pixelrnn.runtime.datasets import load
+    from pixelrnn.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint("checkpoints/gated_pixelcnn_fashion_mnist.pt")
+    model = tmp_path / "classes01.pt"  # stands in for a model trained on classes 0 and 1 only
+    save_checkpoint(model, dict(ckpt, data=dict(ckpt["data"], classes=[0, 1])))
+    background = "checkpoints/gated_pixelcnn_fashion_mnist_background.pt"
+    out = tmp_path / "select.json"
+    cache = tmp_path / "cache"
+    args = [background, "--model", str(model), "--criterion", "held-out-classes", "--images", "4", "--cache", str(cache)]
+    assert ood_select.main(args + ["--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["criterion"] == "held-out-classes" and r["out"] == "classes other than 0, 1" and r["model"] == str(model)
+    assert sorted(p.name.split("-valid-")[1] for p in cache.glob("classes01-*.npy")) == ["classes0-1-first4.npy", "not0-1-first4.npy"]
+    valid = load("fashion-mnist", "valid")
+    inside, outside, *_ = ood_select.selection_sets("fashion-mnist", 4, "held-out-classes", [0, 1])
+    assert np.array_equal(inside, valid.images[np.isin(valid.labels, [0, 1])][:4])
+    assert np.array_equal(outside, valid.images[~np.isin(valid.labels, [0, 1])][:4])
+    capsys.readouterr()
+    assert ood_select.main(args + ["--audit"]) == 2
+    assert "train the chosen recipe on all of it" in capsys.readouterr().err
+    assert ood_select.main([background, "--criterion", "held-out-classes", "--images", "4"]) == 2  # the pair's model saw every class
+    assert "trained on some classes only" in capsys.readouterr().err
+
+
 def test_bench_ood_refuses_an_unknown_pair_or_checkpoint(capsys):
     with pytest.raises(SystemExit):
         ood.main(["--pairs", "nope"])
@@ -108,7 +134,8 @@ def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit
 
     d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
                                                   "load_average_1_5_15": [0, 0, 0]},
-         "model": "m.pt", "data": "fashion-mnist/valid", "images": {"in": 1000, "shifted": 1000},
+         "model": "m.pt", "data": "fashion-mnist/valid", "criterion": "turned", "out": "turned",
+         "images": {"in": 1000, "out": 1000},
          "reference": {"nll": {"auroc": 0.58}}, "chosen": "big.pt", "shipped": {"file": "bg.pt", "sha256": "s"},
          "candidates": {"small.pt": candidate(0.69, "s"), "mid.pt": candidate(0.70, "m"), "big.pt": candidate(0.71, "b")},
          "audit": {"data": {"in": "fashion-mnist/test", "out": "mnist/test"}, "images": 10000, "rank_agreement": -1.0,

@@ -57,6 +57,8 @@ def test_image_nll_of_a_class_conditional_model_sums_over_its_classes():
         x = torch.from_numpy(images).long()
         per_class = torch.stack([model.nll(x, torch.full((5,), k)) for k in range(3)], 1).double()
     assert np.allclose(got, -(torch.logsumexp(-per_class, 1) - math.log(3)).numpy())
+    some = image_nll(model, images, classes=[0, 2])  # a model trained on classes 0 and 2 only
+    assert np.allclose(some, -(torch.logsumexp(-per_class[:, [0, 2]], 1) - math.log(2)).numpy())
     plain = build_model("pixelcnn", dict(in_channels=1, height=5, width=4, levels=2, hidden=6, layers=1))
     binary = images % 2
     with torch.no_grad():

@@ -44,13 +44,17 @@ def recipe_text(r: dict | None) -> str:
 def ood_select(d: dict) -> list[str]:
     lines = header("Choosing the background model", "ood_select.json", {**d, "model": None},
                    "`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/ood_select.json`")
+    turned = d["criterion"] == "turned"
+    out_images = d["images"]["out"]
+    stand_in = (f"against the next {out_images:,}, half turned by 90 degrees and half upside down (out): the same "
+                "pixels and strokes, no longer arranged as the data's objects" if turned else
+                f"of the classes the model was trained on, against {out_images:,} of the {d['out']} (out), which "
+                "neither the model nor the candidates saw; each candidate stands for a recipe to train on all the data")
     lines.append(para(
         f"No out-of-distribution set chooses the background model. Each candidate's likelihood ratio under "
         f"`{d['model']}` is measured on in-distribution data only: the first {d['images']['in']:,} images of "
-        f"{d['data']} (in) against the next {d['images']['shifted']:,}, half turned by 90 degrees and half upside "
-        "down (out): the same pixels and strokes, no longer arranged as the data's objects. The highest AUROC is "
-        "the criterion's choice; raw NLL and input complexity on the same images are given for reference. The ± is the "
-        "AUROC's standard error (Hanley and McNeil 1982): differences smaller than it are sampling noise."))
+        f"{d['data']} (in) {stand_in}. The highest AUROC is the criterion's choice; raw NLL and input complexity "
+        "on the same images are given for reference. The ± is the AUROC's standard error (Hanley and McNeil 1982): differences smaller than it are sampling noise."))
     audit = d.get("audit")
     shipped = d.get("shipped", {}).get("sha256")
     rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else "") + (" (shipped)" if m["sha256"] == shipped else ""),
@@ -59,7 +63,8 @@ def ood_select(d: dict) -> list[str]:
             for path, m in d["candidates"].items()]
     rows += [[f"reference: {NAMES[s]}", "-", "-", f"{m['auroc']:.3f}", "-", "-"] + (["-"] if audit else [])
              for s, m in d["reference"].items()]
-    lines.append(table(["background model", "trained", "its mean NLL on the in images (nats)", "AUROC, in vs turned",
+    lines.append(table(["background model", "trained", "its mean NLL on the in images (nats)",
+                        "AUROC, in vs turned" if turned else "AUROC, in vs held-out classes",
                         "ratio's spread on the in images (std, nats)", "its rank correlation with empty pixels"]
                        + ([f"audit: AUROC, {audit['data']['in']} vs {audit['data']['out']}"] if audit else []), rows))
     lines.append(para("The spread and the correlation are diagnostics, not the criterion: how much of the population "
