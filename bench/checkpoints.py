@@ -25,6 +25,7 @@ from pixelrnn.training.curves import init_from, parent_hours, parent_relation
 def describe(path: Path) -> dict:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    parent = init_from(ckpt)
     args = argparse.Namespace(checkpoint=str(path), data=None, data_dir=None, bits=None, data_arg=[], split="valid",
                               limit=None, batch_size=256, threads=None)
     score = evaluate.run(args)
@@ -35,8 +36,8 @@ def describe(path: Path) -> dict:
         "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "hours": ckpt.get("hours"),
         # A new cycle (train --init-from) continues other weights: the run it started from and the
         # hours behind those weights, so the table does not show the last cycle as all of it.
-        "init_from": init_from(ckpt), "parent_hours": parent_hours(ckpt) if init_from(ckpt) else None,
-        "parent_relation": parent_relation(ckpt) if init_from(ckpt) else None,
+        "init_from": parent, "parent_hours": parent_hours(ckpt) if parent else None,
+        "parent_relation": parent_relation(ckpt) if parent else None,
         "valid_nll_nats": score["nll_nats"], "valid_bits_per_dim": score["bits_per_dim"],
         "valid_images": score["n_images"], "data": score["data"],
         **({"members": [dict(m, size=size(c["config"])) for m, c in zip(ckpt["members"], cfg["members"])]}

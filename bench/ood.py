@@ -69,7 +69,7 @@ def cached_images_nll(checkpoint: str, key: str, images: np.ndarray, cache: Path
     import torch
 
     from pixelrnn.training.checkpoint import load_model
-    from pixelrnn.training.ood import image_nll
+    from pixelrnn.training.ood import image_nll, trained_classes
 
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     path = cache / f"{Path(checkpoint).stem}-{digest}-{key}.npy" if cache else None
@@ -77,8 +77,7 @@ def cached_images_nll(checkpoint: str, key: str, images: np.ndarray, cache: Path
         return np.load(path)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, ckpt = load_model(checkpoint)
-    trained_classes = (ckpt.get("data") or {}).get("classes")  # a model of some classes sums over those
-    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {key}", classes=trained_classes)
+    nll = image_nll(model, images, desc=f"{Path(checkpoint).stem} on {key}", classes=trained_classes(ckpt))
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, nll)

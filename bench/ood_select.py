@@ -100,9 +100,10 @@ def recipe(path: str) -> dict:
 def run(pair: dict, candidates: list[str], n: int, cache: Path | None, criterion: str = "turned") -> dict:
     from pixelrnn.runtime import ood
     from pixelrnn.training.checkpoint import load_checkpoint
+    from pixelrnn.training.ood import trained_classes
 
     data = pair["in"][0]
-    classes = (load_checkpoint(pair["model"]).get("data") or {}).get("classes")
+    classes = trained_classes(load_checkpoint(pair["model"]))
     inside, outside, levels, keys, out_what = selection_sets(data, n, criterion, classes)
     model = [cached_images_nll(pair["model"], key, images, cache) for key, images in zip(keys, (inside, outside))]
     reference = [ood.scores(nll, images, levels) for nll, images in zip(model, (inside, outside))]

@@ -14,6 +14,11 @@ from tqdm import tqdm
 from pixelrnn.runtime import ood
 
 
+def trained_classes(ckpt: dict) -> list[int] | None:
+    """The classes a checkpoint's model was trained on when only some (its data spec's `classes`)."""
+    return (ckpt.get("data") or {}).get("classes")
+
+
 @torch.no_grad()
 def image_nll(model, images: np.ndarray, batch_size: int = 128, desc: str | None = None,
               classes: list[int] | None = None) -> np.ndarray:

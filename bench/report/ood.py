@@ -32,9 +32,7 @@ def ood(d: dict) -> list[str]:
     return lines
 
 
-def recipe_text(r: dict | None) -> str:
-    if not r:
-        return "-"
+def recipe_text(r: dict) -> str:
     parts = [f"h{r['hidden']} x {r['layers']}", f"mu {r['perturb']:g}" if r.get("perturb") is not None else None,
              f"L2 {r['weight_decay']:g}" if r.get("weight_decay") else None,
              f"{r['epochs']:.1f} epochs" if r.get("epochs") is not None else None]
@@ -54,11 +52,12 @@ def ood_select(d: dict) -> list[str]:
         f"No out-of-distribution set chooses the background model. Each candidate's likelihood ratio under "
         f"`{d['model']}` is measured on in-distribution data only: the first {d['images']['in']:,} images of "
         f"{d['data']} (in) {stand_in}. The highest AUROC is the criterion's choice; raw NLL and input complexity "
-        "on the same images are given for reference. The ± is the AUROC's standard error (Hanley and McNeil 1982): differences smaller than it are sampling noise."))
+        "on the same images are given for reference. The ± is the AUROC's standard error (Hanley and McNeil "
+        "1982): differences smaller than it are sampling noise."))
     audit = d.get("audit")
-    shipped = d.get("shipped", {}).get("sha256")
+    shipped = d["shipped"]["sha256"]
     rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else "") + (" (shipped)" if m["sha256"] == shipped else ""),
-             recipe_text(m.get("recipe")), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f} ± {m['auroc_se']:.3f}",
+             recipe_text(m["recipe"]), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f} ± {m['auroc_se']:.3f}",
              f"{m['llr_std_in']:.1f}", f"{m['llr_rank_corr_empty']:+.2f}"] + ([f"{audit['llr_auroc'][path]:.3f}"] if audit else [])
             for path, m in d["candidates"].items()]
     rows += [[f"reference: {NAMES[s]}", "-", "-", f"{m['auroc']:.3f}", "-", "-"] + (["-"] if audit else [])
