@@ -121,7 +121,8 @@ def run(pair: dict, candidates: list[str], n: int, cache: Path | None, criterion
             "images": {"in": n, "out": n},
             "reference": {s: metrics(reference[0][s], reference[1][s]) for s in ("nll", "complexity")},
             "candidates": scored, "chosen": chosen,
-            "shipped": {"file": pair["background"], "sha256": file_sha256(Path(pair["background"]))}}
+            "shipped": {"file": pair["background"], "sha256": file_sha256(Path(pair["background"])),
+                        "recipe": recipe(pair["background"])}}
 
 
 def audit(pair: dict, candidates: list[str], limit: int, cache: Path | None) -> dict:

@@ -145,3 +145,26 @@ def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit
     assert "its choice does not ship" in text and "-1.00" in text
     d["audit"]["rank_agreement"] = 1.0
     assert "does not ship" not in "\n".join(section(d))
+
+
+def test_measurements_say_whether_the_shipped_background_is_the_recipe_the_held_out_classes_chose():
+    from bench.report.ood import ood_select_classes as section
+
+    def recipe(mu, epochs):
+        return {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": mu, "weight_decay": 0.0, "epochs": epochs}
+
+    def candidate(auroc, mu, epochs):
+        return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
+                "valid_nll_nats": 1800.0, "sha256": f"{mu}-{epochs}", "recipe": recipe(mu, epochs)}
+
+    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
+                                                  "load_average_1_5_15": [0, 0, 0]},
+         "model": "classes.pt", "data": "fashion-mnist/valid", "criterion": "held-out-classes",
+         "out": "classes other than 0, 1", "images": {"in": 1000, "out": 1000}, "reference": {"nll": {"auroc": 0.3}},
+         "candidates": {"a.pt": candidate(0.9, 0.05, 1.0), "b.pt": candidate(0.8, 0.15, 4.0)}, "chosen": "a.pt",
+         "shipped": {"file": "bg.pt", "sha256": "full", "recipe": recipe(0.05, 1.0)}}
+    text = " ".join(" ".join(section(d)).split())  # paragraphs are wrapped
+    assert "## Choosing the background recipe on held-out classes" in text and "--model classes.pt" in text
+    assert "The chosen recipe is h32 x 4, mu 0.05, 1.0 epochs. The shipped background `bg.pt` is that recipe" in text
+    d["shipped"]["recipe"] = recipe(0.15, 4.0)
+    assert "`bg.pt` (h32 x 4, mu 0.15, 4.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())

@@ -39,10 +39,21 @@ def recipe_text(r: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def ood_select(d: dict) -> list[str]:
-    lines = header("Choosing the background model", "ood_select.json", {**d, "model": None},
-                   "`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/ood_select.json`")
+RECIPE_KEYS = ("arch", "hidden", "layers", "perturb", "weight_decay")
+
+
+def same_recipe(a: dict, b: dict) -> bool:
+    """Trained the same way (size, noise rate, L2, length), whatever the data."""
+    return all(a.get(k) == b.get(k) for k in RECIPE_KEYS) and round(a.get("epochs") or 0, 1) == round(b.get("epochs") or 0, 1)
+
+
+def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
     turned = d["criterion"] == "turned"
+    command = (f"`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/{name}`" if turned else
+               f"`python -m bench.ood_select CANDIDATE.pt ... --criterion held-out-classes --model {d['model']} "
+               f"--json bench/results/{name}`")
+    lines = header("Choosing the background model" if turned else "Choosing the background recipe on held-out classes",
+                   name, {**d, "model": None}, command)
     out_images = d["images"]["out"]
     stand_in = (f"against the next {out_images:,}, half turned by 90 degrees and half upside down (out): the same "
                 "pixels and strokes, no longer arranged as the data's objects" if turned else
@@ -85,4 +96,16 @@ def ood_select(d: dict) -> list[str]:
                 f"`{d['shipped']['file']}` stays the one whose noise rate, size and length were fixed before any "
                 "choosing. Choosing without an outside set needs a criterion that simulates a foreign set the "
                 "background model has not seen either, such as classes held out of both models' training."))
+    if not turned:
+        chosen, shipped_recipe = d["candidates"][d["chosen"]]["recipe"], d["shipped"].get("recipe") or {}
+        lines.append(para(
+            f"The chosen recipe is {recipe_text(chosen)}. "
+            + (f"The shipped background `{d['shipped']['file']}` is that recipe trained again on all of the training "
+               "data; the pair's test sets, including the foreign one, measured it only after this choice." if
+               same_recipe(chosen, shipped_recipe) else
+               f"The shipped background `{d['shipped']['file']}` ({recipe_text(shipped_recipe)}) is not that recipe.")))
     return lines
+
+
+def ood_select_classes(d: dict) -> list[str]:
+    return ood_select(d, "ood_select_classes.json")
