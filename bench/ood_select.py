@@ -88,13 +88,13 @@ def diagnostics(llr: np.ndarray, images: np.ndarray) -> dict:
 
 
 def recipe(path: str) -> dict:
-    """How a candidate was trained, from its checkpoint: size, noise rate, L2 penalty, epochs."""
+    """How a candidate was trained, from its checkpoint: size, kernel, noise rate, L2 penalty, epochs."""
     from pixelrnn.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     args = ckpt.get("train_args") or {}
     return {"arch": ckpt["arch"], "hidden": ckpt["config"].get("hidden"), "layers": ckpt["config"].get("layers"),
-            "perturb": args.get("perturb"), "weight_decay": args.get("weight_decay"), "epochs": ckpt.get("epoch")}
+            "kernel": ckpt["config"].get("kernel"), "perturb": args.get("perturb"), "weight_decay": args.get("weight_decay"), "epochs": ckpt.get("epoch")}
 
 
 def run(pair: dict, candidates: list[str], n: int, cache: Path | None, criterion: str = "turned") -> dict:

@@ -150,8 +150,9 @@ def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit
 def test_measurements_say_whether_the_shipped_background_is_the_recipe_the_held_out_classes_chose():
     from bench.report.ood import ood_select_classes as section
 
-    def recipe(mu, epochs):
-        return {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": mu, "weight_decay": 0.0, "epochs": epochs}
+    def recipe(mu, epochs, kernel=5):
+        return {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "kernel": kernel, "perturb": mu,
+                "weight_decay": 0.0, "epochs": epochs}
 
     def candidate(auroc, mu, epochs):
         return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
@@ -165,6 +166,8 @@ def test_measurements_say_whether_the_shipped_background_is_the_recipe_the_held_
          "shipped": {"file": "bg.pt", "sha256": "full", "recipe": recipe(0.05, 1.0)}}
     text = " ".join(" ".join(section(d)).split())  # paragraphs are wrapped
     assert "## Choosing the background recipe on held-out classes" in text and "--model classes.pt" in text
-    assert "The chosen recipe is h32 x 4, mu 0.05, 1.0 epochs. The shipped background `bg.pt` is that recipe" in text
+    assert "The chosen recipe is h32 x 4, kernel 5, mu 0.05, 1.0 epochs. The shipped background `bg.pt` is that recipe" in text
     d["shipped"]["recipe"] = recipe(0.15, 4.0)
-    assert "`bg.pt` (h32 x 4, mu 0.15, 4.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())
+    assert "`bg.pt` (h32 x 4, kernel 5, mu 0.15, 4.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())
+    d["shipped"]["recipe"] = recipe(0.05, 1.0, kernel=3)  # a smaller context is another recipe
+    assert "`bg.pt` (h32 x 4, kernel 3, mu 0.05, 1.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())

@@ -33,13 +33,13 @@ def ood(d: dict) -> list[str]:
 
 
 def recipe_text(r: dict) -> str:
-    parts = [f"h{r['hidden']} x {r['layers']}", f"mu {r['perturb']:g}" if r.get("perturb") is not None else None,
+    parts = [f"h{r['hidden']} x {r['layers']}", f"kernel {r['kernel']}" if r.get("kernel") else None, f"mu {r['perturb']:g}" if r.get("perturb") is not None else None,
              f"L2 {r['weight_decay']:g}" if r.get("weight_decay") else None,
              f"{r['epochs']:.1f} epochs" if r.get("epochs") is not None else None]
     return ", ".join(p for p in parts if p)
 
 
-RECIPE_KEYS = ("arch", "hidden", "layers", "perturb", "weight_decay")
+RECIPE_KEYS = ("arch", "hidden", "layers", "kernel", "perturb", "weight_decay")
 
 
 def same_recipe(a: dict, b: dict) -> bool:
