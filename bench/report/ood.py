@@ -13,8 +13,8 @@ def ood(d: dict) -> list[str]:
         "Each pair: the images a model was trained on (in) against images of another data set (out), scored "
         "by the model alone (raw NLL), by its NLL in bits minus a lossless compression's bits (input "
         "complexity), and by its NLL minus a background model's (likelihood ratio; the background model is "
-        "trained on the same data with each sub-pixel replaced by a random level, or flipped, with "
-        "probability mu; which background ships is chosen on in-distribution data only, below). "
+        "a smaller model of the same data, trained with each sub-pixel replaced by a random level, or flipped, "
+        "with probability mu, which may be 0; its recipe is chosen on in-distribution data only, below). "
         "Out-of-distribution is the positive class; AUROC 0.5 is chance, below it the score ranks the wrong "
         "way. FPR at 95% TPR: the share of in-distribution images flagged when 95% of the others are. "
         "A class-conditional model is scored by its marginal over the classes."))
@@ -93,9 +93,10 @@ def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
                 "from the data in arrangement only; the criterion rewards background models that learn more of the "
                 "data (larger, trained longer), which narrow the ratio's spread on the data and, the audit "
                 "suggests, cancel more of what sets real foreign images apart too. "
-                f"`{d['shipped']['file']}` stays the one whose noise rate, size and length were fixed before any "
-                "choosing. Choosing without an outside set needs a criterion that simulates a foreign set the "
-                "background model has not seen either, such as classes held out of both models' training."))
+                f"`{d['shipped']['file']}` as measured here (sha256 {d['shipped']['sha256'][:12]}) stayed the one whose "
+                "noise rate, size and length were fixed before any choosing. Choosing without an outside set needs a "
+                "criterion that simulates a foreign set the background model has not seen either, such as classes "
+                "held out of both models' training (the held-out-classes choice, where measured, is below)."))
     if not turned:
         chosen, shipped_recipe = d["candidates"][d["chosen"]]["recipe"], d["shipped"].get("recipe") or {}
         lines.append(para(
