@@ -147,6 +147,24 @@ def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit
     assert "does not ship" not in "\n".join(section(d))
 
 
+def test_measurements_say_when_the_background_they_call_shipped_has_since_been_replaced(tmp_path):
+    from bench.report.ood import ood_select as section
+    from pixelrnn.runtime.manifest import file_sha256
+
+    shipped = tmp_path / "bg.pt"
+    shipped.write_bytes(b"measured")
+    candidate = {"auroc": 0.7, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3, "valid_nll_nats": 1800.0,
+                 "sha256": file_sha256(shipped), "recipe": {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": 0.15}}
+    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
+                                                  "load_average_1_5_15": [0, 0, 0]},
+         "model": "m.pt", "data": "fashion-mnist/valid", "criterion": "turned", "out": "turned", "images": {"in": 10, "out": 10},
+         "reference": {}, "chosen": "a.pt", "shipped": {"file": str(shipped), "sha256": file_sha256(shipped)},
+         "candidates": {"a.pt": candidate}}
+    assert "`a.pt` (chosen) (shipped) |" in "\n".join(section(d))
+    shipped.write_bytes(b"a later model")
+    assert "`a.pt` (chosen) (shipped when measured, since replaced) |" in "\n".join(section(d))
+
+
 def test_measurements_say_whether_the_shipped_background_is_the_recipe_the_held_out_classes_chose():
     from bench.report.ood import ood_select_classes as section
 

@@ -1,7 +1,10 @@
 """The out-of-distribution section: bench/ood.py's detectors on full test splits."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.report.common import header, para, table
+from pixelrnn.runtime.manifest import file_sha256
 
 NAMES = {"nll": "raw NLL", "complexity": "input complexity (Serra et al. 2020)", "llr": "likelihood ratio (Ren et al. 2019)"}
 
@@ -47,6 +50,13 @@ def same_recipe(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in RECIPE_KEYS) and round(a.get("epochs") or 0, 1) == round(b.get("epochs") or 0, 1)
 
 
+def still_shipped(shipped: dict) -> bool:
+    """Whether the file a results file calls shipped still holds what was measured (a file that is
+    not in this checkout is taken as it was recorded)."""
+    path = Path(shipped["file"])
+    return not path.is_file() or file_sha256(path) == shipped["sha256"]
+
+
 def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
     turned = d["criterion"] == "turned"
     command = (f"`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/{name}`" if turned else
@@ -67,7 +77,8 @@ def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
         "1982): differences smaller than it are sampling noise."))
     audit = d.get("audit")
     shipped = d["shipped"]["sha256"]
-    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else "") + (" (shipped)" if m["sha256"] == shipped else ""),
+    shipped_mark = " (shipped)" if still_shipped(d["shipped"]) else " (shipped when measured, since replaced)"
+    rows = [[f"`{path}`" + (" (chosen)" if path == d["chosen"] else "") + (shipped_mark if m["sha256"] == shipped else ""),
              recipe_text(m["recipe"]), f"{m['valid_nll_nats']:.1f}", f"{m['auroc']:.3f} ± {m['auroc_se']:.3f}",
              f"{m['llr_std_in']:.1f}", f"{m['llr_rank_corr_empty']:+.2f}"] + ([f"{audit['llr_auroc'][path]:.3f}"] if audit else [])
             for path, m in d["candidates"].items()]
