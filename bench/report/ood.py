@@ -61,7 +61,7 @@ def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
     turned = d["criterion"] == "turned"
     command = (f"`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/{name}`" if turned else
                f"`python -m bench.ood_select CANDIDATE.pt ... --criterion held-out-classes --model {d['model']} "
-               f"--json bench/results/{name}`")
+               f"--images {d['images']['in']} --json bench/results/{name}`")
     lines = header("Choosing the background model" if turned else "Choosing the background recipe on held-out classes",
                    name, {**d, "model": None}, command)
     out_images = d["images"]["out"]
