@@ -1,9 +1,7 @@
 """The out-of-distribution section: bench/ood.py's detectors on full test splits."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from bench.report.common import header, para, table
+from bench.report.common import ROOT, header, para, table
 from pixelrnn.runtime.manifest import file_sha256
 
 NAMES = {"nll": "raw NLL", "complexity": "input complexity (Serra et al. 2020)", "llr": "likelihood ratio (Ren et al. 2019)"}
@@ -52,8 +50,9 @@ def same_recipe(a: dict, b: dict) -> bool:
 
 def still_shipped(shipped: dict) -> bool:
     """Whether the file a results file calls shipped still holds what was measured (a file that is
-    not in this checkout is taken as it was recorded)."""
-    path = Path(shipped["file"])
+    not in this checkout is taken as it was recorded). A relative path is the checkout's, wherever
+    the report is run from."""
+    path = ROOT / shipped["file"]
     return not path.is_file() or file_sha256(path) == shipped["sha256"]
 
 
