@@ -97,6 +97,15 @@ def recipe(path: str) -> dict:
             "kernel": ckpt["config"].get("kernel"), "perturb": args.get("perturb"), "weight_decay": args.get("weight_decay"), "epochs": ckpt.get("epoch")}
 
 
+RECIPE_FIELDS = ("arch", "hidden", "layers", "kernel", "perturb", "weight_decay")
+
+
+def recipe_key(r: dict) -> tuple:
+    """What makes two candidates the same recipe whatever data they were trained on (epochs to a
+    tenth: an epoch of a smaller split is a different number of steps)."""
+    return tuple(r.get(k) for k in RECIPE_FIELDS) + (round(r.get("epochs") or 0, 1),)
+
+
 def run(pair: dict, candidates: list[str], n: int, cache: Path | None, criterion: str = "turned") -> dict:
     from pixelrnn.runtime import ood
     from pixelrnn.training.checkpoint import load_checkpoint

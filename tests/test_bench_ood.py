@@ -124,22 +124,38 @@ def test_bench_ood_refuses_an_unknown_pair_or_checkpoint(capsys):
     assert "missing.pt not found" in capsys.readouterr().err
 
 
+MACHINE = {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2, "load_average_1_5_15": [0, 0, 0]}
+
+
+def recipe(hidden=32, layers=4, kernel=5, mu=0.15, epochs=4.0) -> dict:
+    return {"arch": "gated_pixelcnn", "hidden": hidden, "layers": layers, "kernel": kernel, "perturb": mu,
+            "weight_decay": 0.0, "epochs": epochs}
+
+
+def candidate(auroc: float, sha: str, **trained) -> dict:
+    return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
+            "valid_nll_nats": 1800.0, "sha256": sha, "recipe": recipe(**trained)}
+
+
+def selection(candidates: dict, chosen: str, criterion: str = "turned", **fields) -> dict:
+    """A bench.ood_select result as the report reads it."""
+    return {"benchmark": "ood_select", "machine": MACHINE, "model": "m.pt", "data": "fashion-mnist/valid",
+            "criterion": criterion, "out": "turned" if criterion == "turned" else "classes other than 0, 1",
+            "images": {"in": 1000, "out": 1000}, "reference": {"nll": {"auroc": 0.58}},
+            "candidates": candidates, "chosen": chosen, "shipped": {"file": "bg.pt", "sha256": "s", "recipe": recipe()},
+            **fields}
+
+
+def flat(lines: list[str]) -> str:
+    return " ".join(" ".join(lines).split())  # paragraphs are wrapped
+
+
 def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit_ranks_it_backwards():
     from bench.report.ood import ood_select as section
 
-    def candidate(auroc, sha):
-        return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
-                "valid_nll_nats": 1800.0, "sha256": sha,
-                "recipe": {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": 0.15, "weight_decay": 0.0, "epochs": 4.0}}
-
-    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
-                                                  "load_average_1_5_15": [0, 0, 0]},
-         "model": "m.pt", "data": "fashion-mnist/valid", "criterion": "turned", "out": "turned",
-         "images": {"in": 1000, "out": 1000},
-         "reference": {"nll": {"auroc": 0.58}}, "chosen": "big.pt", "shipped": {"file": "bg.pt", "sha256": "s"},
-         "candidates": {"small.pt": candidate(0.69, "s"), "mid.pt": candidate(0.70, "m"), "big.pt": candidate(0.71, "b")},
-         "audit": {"data": {"in": "fashion-mnist/test", "out": "mnist/test"}, "images": 10000, "rank_agreement": -1.0,
-                   "llr_auroc": {"small.pt": 0.94, "mid.pt": 0.90, "big.pt": 0.84}}}
+    d = selection({"small.pt": candidate(0.69, "s", kernel=None), "mid.pt": candidate(0.70, "m"), "big.pt": candidate(0.71, "b")},
+                  "big.pt", audit={"data": {"in": "fashion-mnist/test", "out": "mnist/test"}, "images": 10000,
+                                   "rank_agreement": -1.0, "llr_auroc": {"small.pt": 0.94, "mid.pt": 0.90, "big.pt": 0.84}})
     text = "\n".join(section(d))
     assert "`small.pt` (shipped) | h32 x 4, mu 0.15, 4.0 epochs |" in text and "`big.pt` (chosen)" in text
     assert "its choice does not ship" in text and "-1.00" in text
@@ -148,44 +164,82 @@ def test_measurements_say_why_the_criterions_choice_does_not_ship_when_the_audit
 
 
 def test_measurements_say_when_the_background_they_call_shipped_has_since_been_replaced(tmp_path):
-    from bench.report.ood import ood_select as section
+    from bench.report.ood import ood_select as section, ood_select_classes
     from pixelrnn.runtime.manifest import file_sha256
 
     shipped = tmp_path / "bg.pt"
     shipped.write_bytes(b"measured")
-    candidate = {"auroc": 0.7, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3, "valid_nll_nats": 1800.0,
-                 "sha256": file_sha256(shipped), "recipe": {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "perturb": 0.15}}
-    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
-                                                  "load_average_1_5_15": [0, 0, 0]},
-         "model": "m.pt", "data": "fashion-mnist/valid", "criterion": "turned", "out": "turned", "images": {"in": 10, "out": 10},
-         "reference": {}, "chosen": "a.pt", "shipped": {"file": str(shipped), "sha256": file_sha256(shipped)},
-         "candidates": {"a.pt": candidate}}
+    d = selection({"a.pt": candidate(0.7, file_sha256(shipped))}, "a.pt",
+                  shipped={"file": str(shipped), "sha256": file_sha256(shipped), "recipe": recipe()})
     assert "`a.pt` (chosen) (shipped) |" in "\n".join(section(d))
+    assert "is that recipe trained again" in flat(ood_select_classes(dict(d, criterion="held-out-classes")))
     shipped.write_bytes(b"a later model")
     assert "`a.pt` (chosen) (shipped when measured, since replaced) |" in "\n".join(section(d))
+    text = flat(ood_select_classes(dict(d, criterion="held-out-classes")))
+    assert "has since been replaced" in text and "is that recipe" not in text
 
 
 def test_measurements_say_whether_the_shipped_background_is_the_recipe_the_held_out_classes_chose():
     from bench.report.ood import ood_select_classes as section
 
-    def recipe(mu, epochs, kernel=5):
-        return {"arch": "gated_pixelcnn", "hidden": 32, "layers": 4, "kernel": kernel, "perturb": mu,
-                "weight_decay": 0.0, "epochs": epochs}
-
-    def candidate(auroc, mu, epochs):
-        return {"auroc": auroc, "auroc_se": 0.01, "llr_std_in": 50.0, "llr_rank_corr_empty": 0.3,
-                "valid_nll_nats": 1800.0, "sha256": f"{mu}-{epochs}", "recipe": recipe(mu, epochs)}
-
-    d = {"benchmark": "ood_select", "machine": {"date": "2026-12-06T00:00:00+00:00", "cpu": "x", "cpu_count": 2,
-                                                  "load_average_1_5_15": [0, 0, 0]},
-         "model": "classes.pt", "data": "fashion-mnist/valid", "criterion": "held-out-classes",
-         "out": "classes other than 0, 1", "images": {"in": 1000, "out": 1000}, "reference": {"nll": {"auroc": 0.3}},
-         "candidates": {"a.pt": candidate(0.9, 0.05, 1.0), "b.pt": candidate(0.8, 0.15, 4.0)}, "chosen": "a.pt",
-         "shipped": {"file": "bg.pt", "sha256": "full", "recipe": recipe(0.05, 1.0)}}
-    text = " ".join(" ".join(section(d)).split())  # paragraphs are wrapped
+    d = selection({"a.pt": candidate(0.9, "a", mu=0.05, epochs=1.0), "b.pt": candidate(0.8, "b", mu=0.15, epochs=4.0)},
+                  "a.pt", criterion="held-out-classes", model="classes.pt",
+                  shipped={"file": "bg.pt", "sha256": "full", "recipe": recipe(mu=0.05, epochs=1.0)})
+    text = flat(section(d))
     assert "## Choosing the background recipe on held-out classes" in text and "--model classes.pt" in text
     assert "The chosen recipe is h32 x 4, kernel 5, mu 0.05, 1.0 epochs. The shipped background `bg.pt` is that recipe" in text
-    d["shipped"]["recipe"] = recipe(0.15, 4.0)
-    assert "`bg.pt` (h32 x 4, kernel 5, mu 0.15, 4.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())
-    d["shipped"]["recipe"] = recipe(0.05, 1.0, kernel=3)  # a smaller context is another recipe
-    assert "`bg.pt` (h32 x 4, kernel 3, mu 0.05, 1.0 epochs) is not that recipe" in " ".join(" ".join(section(d)).split())
+    d["shipped"]["recipe"] = recipe(mu=0.15, epochs=4.0)
+    assert "`bg.pt` (h32 x 4, kernel 5, mu 0.15, 4.0 epochs) is not that recipe" in flat(section(d))
+    d["shipped"]["recipe"] = recipe(mu=0.05, epochs=1.0, kernel=3)  # a smaller context is another recipe
+    assert "`bg.pt` (h32 x 4, kernel 3, mu 0.05, 1.0 epochs) is not that recipe" in flat(section(d))
+
+
+def held_out_split(model: str, scores: dict[str, float], chosen: str) -> dict:
+    """A held-out-classes result whose candidates (named by recipe) scored `scores`."""
+    sizes = {"small": dict(hidden=16, layers=2), "mid": dict(hidden=32, layers=2), "big": dict(hidden=64, layers=2)}
+    return selection({f"{model}/{name}.pt": candidate(a, name, mu=0.0, epochs=1.0, kernel=3, **sizes[name])
+                      for name, a in scores.items()}, f"{model}/{chosen}.pt", criterion="held-out-classes", model=model,
+                     shipped={"file": "bg.pt", "sha256": "mid", "recipe": recipe(hidden=32, layers=2, kernel=3, mu=0.0, epochs=1.0)})
+
+
+def test_ood_select_mean_ranks_the_recipes_by_their_mean_over_the_splits(tmp_path, capsys):
+    from bench import ood_select_mean
+    from bench.report.ood import ood_select_mean as section
+
+    files = {"c04.json": held_out_split("c04", {"small": 0.80, "mid": 0.82, "big": 0.81}, "mid"),
+             "c59.json": held_out_split("c59", {"mid": 0.70, "big": 0.75}, "big")}  # small was not trained on c59
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(d))
+    paths = [str(tmp_path / n) for n in files]
+    out = tmp_path / "mean.json"
+    assert ood_select_mean.main(paths + ["--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(x["recipe"]["hidden"], x["auroc"]) for x in r["recipes"]] == [(64, [0.81, 0.75]), (32, [0.82, 0.70])]
+    assert r["chosen"]["hidden"] == 64 and r["unmatched_candidates"] == 1
+    assert r["recipes"][0]["mean_auroc"] == pytest.approx(0.78) and r["recipes"][0]["mean_auroc_se"] == pytest.approx(0.01 / 2 ** 0.5)
+    text = flat(section(r))
+    assert "| h64 x 2, kernel 3, mu 0, 1.0 epochs (chosen) | 0.810 | 0.750 | 0.780 ± 0.007 |" in text
+    assert "The shipped background `bg.pt` (h32 x 2, kernel 3, mu 0, 1.0 epochs) is not that recipe" in text
+
+
+def test_ood_select_mean_refuses_what_is_not_a_set_of_in_distribution_splits(tmp_path, capsys):
+    from bench import ood_select_mean
+
+    def write(name, d):
+        (tmp_path / name).write_text(json.dumps(d))
+        return str(tmp_path / name)
+
+    split = held_out_split("c04", {"mid": 0.8}, "mid")
+    a, b = write("a.json", split), write("b.json", held_out_split("c59", {"big": 0.8}, "big"))
+    cases = [([a, write("same.json", split)], "measure the same split"),
+             ([a, write("audit.json", dict(split, model="x", audit={}))], "holds an audit"),
+             ([a, write("turned.json", dict(split, model="x", criterion="turned"))], "not held-out-classes"),
+             ([a, write("other.json", {"benchmark": "ood"})], "is not a bench.ood_select result"),
+             ([a, str(tmp_path / "missing.json")], "missing.json not found"),
+             ([a, b], "no recipe was measured in every split")]
+    for args, message in cases:
+        assert ood_select_mean.main(args) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ood_select_mean.main([a])
+    assert "at least two" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from typing import Callable
 from bench.report.cells import cell_graphs, engine_batching, sampling
 from bench.report.common import (MACHINE_KEYS, MACHINE_OPTIONAL, OUT, RESULTS, ROOT, load, para, served_models,
                                  slug)
-from bench.report.ood import ood, ood_select, ood_select_classes
+from bench.report.ood import ood, ood_select, ood_select_classes, ood_select_classes5_9, ood_select_mean
 from bench.report.models import checkpoints, ensembles, long_runs, nll_text, paper_text, training
 from bench.report.reliability import abandoned_streams, overload
 from bench.report.traffic import cluster, load_16_streams, load_run
@@ -52,7 +52,8 @@ SECTIONS: dict[str, Callable] = {
     "engine_workers.json": engine_workers,
     "load_16_streams.json": load_16_streams, "load.json": load_run, "abandoned_streams.json": abandoned_streams,
     "overload.json": overload, "cluster.json": cluster, "ood.json": ood, "ood_select.json": ood_select,
-    "ood_select_classes.json": ood_select_classes,
+    "ood_select_classes.json": ood_select_classes, "ood_select_classes5-9.json": ood_select_classes5_9,
+    "ood_select_mean.json": ood_select_mean,
 }
 def render() -> str:
     present = sorted(p.name for p in RESULTS.glob("*.json"))

@@ -1,6 +1,7 @@
 """The out-of-distribution section: bench/ood.py's detectors on full test splits."""
 from __future__ import annotations
 
+from bench.ood_select import recipe_key
 from bench.report.common import ROOT, header, para, table
 from pixelrnn.runtime.manifest import file_sha256
 
@@ -40,12 +41,9 @@ def recipe_text(r: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-RECIPE_KEYS = ("arch", "hidden", "layers", "kernel", "perturb", "weight_decay")
-
-
 def same_recipe(a: dict, b: dict) -> bool:
     """Trained the same way (size, noise rate, L2, length), whatever the data."""
-    return all(a.get(k) == b.get(k) for k in RECIPE_KEYS) and round(a.get("epochs") or 0, 1) == round(b.get("epochs") or 0, 1)
+    return recipe_key(a) == recipe_key(b)
 
 
 def still_shipped(shipped: dict) -> bool:
@@ -111,12 +109,43 @@ def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
         chosen, shipped_recipe = d["candidates"][d["chosen"]]["recipe"], d["shipped"].get("recipe") or {}
         lines.append(para(
             f"The chosen recipe is {recipe_text(chosen)}. "
-            + (f"The shipped background `{d['shipped']['file']}` is that recipe trained again on all of the training "
-               "data; the pair's test sets, including the foreign one, measured it only after this choice." if
-               same_recipe(chosen, shipped_recipe) else
-               f"The shipped background `{d['shipped']['file']}` ({recipe_text(shipped_recipe)}) is not that recipe.")))
+            + shipped_text(d["shipped"], chosen)))
     return lines
+
+
+def shipped_text(shipped: dict, chosen: dict) -> str:
+    """Whether the background shipped when a choice was measured is the chosen recipe, and still ships."""
+    recipe = shipped.get("recipe") or {}
+    if not still_shipped(shipped):
+        return (f"The background shipped when this was measured, `{shipped['file']}` ({recipe_text(recipe)}), "
+                "has since been replaced.")
+    if same_recipe(chosen, recipe):
+        return (f"The shipped background `{shipped['file']}` is that recipe trained again on all of the training "
+                "data; the pair's test sets, including the foreign one, measured it only after this choice.")
+    return f"The shipped background `{shipped['file']}` ({recipe_text(recipe)}) is not that recipe."
 
 
 def ood_select_classes(d: dict) -> list[str]:
     return ood_select(d, "ood_select_classes.json")
+
+
+def ood_select_classes5_9(d: dict) -> list[str]:
+    return ood_select(d, "ood_select_classes5-9.json")
+
+
+def ood_select_mean(d: dict) -> list[str]:
+    files = " ".join(f"bench/results/{s['file'].split('/')[-1]}" for s in d["splits"])
+    lines = header("Choosing the background recipe on held-out classes, over several splits", "ood_select_mean.json",
+                   {**d, "model": None}, f"`python -m bench.ood_select_mean {files} --json bench/results/ood_select_mean.json`")
+    splits = "; ".join(f"`{s['model']}` against {s['images']['out']:,} images of the {s['out']}" for s in d["splits"])
+    lines.append(para(
+        "One held-out split is one stand-in for foreign data, and which recipe it prefers depends on which classes "
+        f"it held out. Each split trained the same recipes on its own classes and scored them under its own foreground "
+        f"({splits}); a recipe's score is its mean AUROC over the splits, the highest is the choice. No "
+        "out-of-distribution set enters."))
+    rows = [[recipe_text(x["recipe"]) + (" (chosen)" if x["recipe"] == d["chosen"] else ""),
+             *(f"{a:.3f}" for a in x["auroc"]), f"{x['mean_auroc']:.3f} ± {x['mean_auroc_se']:.3f}"]
+            for x in d["recipes"]]
+    lines.append(table(["recipe", *(f"AUROC, {s['file'].split('/')[-1]}" for s in d["splits"]), "mean"], rows))
+    lines.append(para(f"The chosen recipe is {recipe_text(d['chosen'])}. " + shipped_text(d["shipped"], d["chosen"])))
+    return lines
