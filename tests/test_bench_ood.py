@@ -219,6 +219,9 @@ def test_ood_select_mean_ranks_the_recipes_by_their_mean_over_the_splits(tmp_pat
     assert r["recipes"][0]["mean_auroc"] == pytest.approx(0.78) and r["recipes"][0]["mean_auroc_se"] == pytest.approx(0.01 / 2 ** 0.5)
     text = flat(section(r))
     assert "| h64 x 2, kernel 3, mu 0, 1.0 epochs (chosen) | 0.810 | 0.750 | 0.780 ± 0.007 |" in text
+    assert "AUROC, held out: classes other than 0, 1 |" in text and "misranks" not in text
+    r["recipes"][0]["auroc"][1] = r["recipes"][1]["auroc"][1] = 0.4  # a split where every recipe ranks below chance
+    assert "Under `c59` every recipe ranks the classes other than 0, 1 as *more* familiar" in flat(section(r))
     assert "The shipped background `bg.pt` (h32 x 2, kernel 3, mu 0, 1.0 epochs) is not that recipe" in text
 
 

@@ -54,13 +54,13 @@ def still_shipped(shipped: dict) -> bool:
     return not path.is_file() or file_sha256(path) == shipped["sha256"]
 
 
-def ood_select(d: dict, name: str = "ood_select.json") -> list[str]:
+def ood_select(d: dict, name: str = "ood_select.json", title: str | None = None) -> list[str]:
     turned = d["criterion"] == "turned"
     command = (f"`python -m bench.ood_select CANDIDATE.pt ... --json bench/results/{name}`" if turned else
                f"`python -m bench.ood_select CANDIDATE.pt ... --criterion held-out-classes --model {d['model']} "
                f"--images {d['images']['in']} --json bench/results/{name}`")
-    lines = header("Choosing the background model" if turned else "Choosing the background recipe on held-out classes",
-                   name, {**d, "model": None}, command)
+    title = title or ("Choosing the background model" if turned else "Choosing the background recipe on held-out classes")
+    lines = header(title, name, {**d, "model": None}, command)
     out_images = d["images"]["out"]
     stand_in = (f"against the next {out_images:,}, half turned by 90 degrees and half upside down (out): the same "
                 "pixels and strokes, no longer arranged as the data's objects" if turned else
@@ -130,7 +130,7 @@ def ood_select_classes(d: dict) -> list[str]:
 
 
 def ood_select_classes5_9(d: dict) -> list[str]:
-    return ood_select(d, "ood_select_classes5-9.json")
+    return ood_select(d, "ood_select_classes5-9.json", "Choosing the background recipe on held-out classes: a second split")
 
 
 def ood_select_mean(d: dict) -> list[str]:
@@ -146,6 +146,11 @@ def ood_select_mean(d: dict) -> list[str]:
     rows = [[recipe_text(x["recipe"]) + (" (chosen)" if x["recipe"] == d["chosen"] else ""),
              *(f"{a:.3f}" for a in x["auroc"]), f"{x['mean_auroc']:.3f} ± {x['mean_auroc_se']:.3f}"]
             for x in d["recipes"]]
-    lines.append(table(["recipe", *(f"AUROC, {s['file'].split('/')[-1]}" for s in d["splits"]), "mean"], rows))
+    lines.append(table(["recipe", *(f"AUROC, held out: {s['out']}" for s in d["splits"]), "mean"], rows))
+    for i, s in enumerate(d["splits"]):
+        if all(x["auroc"][i] < 0.5 for x in d["recipes"]):
+            lines.append(para(
+                f"Under `{s['model']}` every recipe ranks the {s['out']} as *more* familiar than the model's own "
+                "(AUROC below 0.5), so that split can only reward the recipe that misranks them least."))
     lines.append(para(f"The chosen recipe is {recipe_text(d['chosen'])}. " + shipped_text(d["shipped"], d["chosen"])))
     return lines
