@@ -221,8 +221,25 @@ def test_ood_select_mean_ranks_the_recipes_by_their_mean_over_the_splits(tmp_pat
     assert "| h64 x 2, kernel 3, mu 0, 1.0 epochs (chosen) | 0.810 | 0.750 | 0.780 ± 0.007 |" in text
     assert "AUROC, held out: classes other than 0, 1 |" in text and "misranks" not in text
     r["recipes"][0]["auroc"][1] = r["recipes"][1]["auroc"][1] = 0.4  # a split where every recipe ranks below chance
-    assert "Under `c59` every recipe ranks the classes other than 0, 1 as *more* familiar" in flat(section(r))
     assert "The shipped background `bg.pt` (h32 x 2, kernel 3, mu 0, 1.0 epochs) is not that recipe" in text
+    assert "Under `c59` every recipe ranks the classes other than 0, 1 as *more* familiar" in flat(section(r))
+
+
+def test_ood_select_mean_records_the_background_shipped_now_not_when_the_splits_ran(tmp_path):
+    from bench import ood_select_mean
+    from pixelrnn.runtime.manifest import file_sha256
+
+    shipped = "checkpoints/gated_pixelcnn_fashion_mnist_background.pt"
+    paths = []
+    for model in ("c04", "c59"):
+        d = held_out_split(model, {"mid": 0.8}, "mid")
+        d["shipped"] = {"file": shipped, "sha256": "an older file", "recipe": recipe()}
+        paths.append(tmp_path / f"{model}.json")
+        paths[-1].write_text(json.dumps(d))
+    out = tmp_path / "mean.json"
+    assert ood_select_mean.main([str(p) for p in paths] + ["--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["shipped"]["sha256"] == file_sha256(shipped) and r["shipped"]["recipe"] == ood_select.recipe(shipped)
 
 
 def test_ood_select_mean_refuses_what_is_not_a_set_of_in_distribution_splits(tmp_path, capsys):
